@@ -1,0 +1,1 @@
+"""HTTP API: worklist, studies, health."""

@@ -1,0 +1,35 @@
+"""FastAPI dependencies: settings, database sessions and the broker hand-off, from app.state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.assembly import Enqueue
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_session_factory(request: Request) -> sessionmaker[Session]:
+    return request.app.state.session_factory  # type: ignore[no-any-return]
+
+
+def get_enqueue(request: Request) -> Enqueue | None:
+    return request.app.state.enqueue  # type: ignore[no-any-return]
+
+
+def get_session(factory: Annotated[sessionmaker[Session], Depends(get_session_factory)]) -> Iterator[Session]:
+    with factory() as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
+SessionDep = Annotated[Session, Depends(get_session)]
+EnqueueDep = Annotated["Enqueue | None", Depends(get_enqueue)]

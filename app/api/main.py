@@ -1,0 +1,35 @@
+"""The FastAPI application, built from settings with its collaborators injected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import __version__
+from app.api import routes_health, routes_studies
+from app.api.problems import install_problem_handlers
+from app.assembly import Enqueue
+from app.settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings, session_factory: sessionmaker[Session], enqueue: Enqueue | None) -> FastAPI:
+    """``enqueue`` hands a job to the broker (None: rescoring waits for the assembler's relay)."""
+    app = FastAPI(title="cttriage", version=__version__,
+                  description="Chest CT triage: COVID-19 identification and max-lung severity worklist.")
+    app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.enqueue = enqueue
+    install_problem_handlers(app)
+    app.include_router(routes_studies.router)
+    app.include_router(routes_health.router)
+
+    @app.get("/", include_in_schema=False)
+    def worklist_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "worklist.html", media_type="text/html")
+
+    return app

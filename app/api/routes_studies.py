@@ -1,0 +1,149 @@
+"""Studies: the worklist, one study's detail, uploads over HTTP, rescoring, quarantine."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from datetime import date, datetime, time, timezone
+from typing import Annotated
+
+import pydicom
+from fastapi import APIRouter, File, Query, UploadFile, status
+from fastapi.responses import JSONResponse
+from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from sqlalchemy import func, nulls_last, select
+from sqlalchemy.orm import selectinload
+
+from app.api.problems import problem
+from app.api.deps import EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.schemas import (
+    QuarantinedOut,
+    RescoreAccepted,
+    StudyDetail,
+    UploadedFile,
+    UploadReport,
+    Worklist,
+    WorklistItem,
+)
+from app.assembly import dispatch_pending_jobs, request_rescore
+from app.db.models import QuarantinedFile, Study, StudyState
+from app.errors import InvalidDicomError, NotFoundError
+from app.ingest import describe_instance, quarantine_bytes, store_instance
+
+router = APIRouter(prefix="/api", tags=["studies"])
+
+#: Upload limits: a whole CT study zipped is a few hundred MB at most.
+MAX_ZIP_MEMBERS = 20000
+
+
+def worklist_order() -> tuple[object, ...]:
+    """Most urgent first (priority, see app.priority); unscored studies after, oldest first."""
+    return (nulls_last(Study.priority.desc()), Study.first_received_at.asc(), Study.id.asc())
+
+
+@router.get("/worklist", response_model=Worklist)
+def get_worklist(
+    session: SessionDep,
+    state: Annotated[list[StudyState] | None, Query(description="Only these states (repeatable).")] = None,
+    received_from: Annotated[date | None, Query(description="First received on or after this day (UTC).")] = None,
+    received_to: Annotated[date | None, Query(description="First received on or before this day (UTC).")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Worklist:
+    query = select(Study)
+    if state:
+        query = query.where(Study.state.in_([s.value for s in state]))
+    if received_from:
+        query = query.where(Study.first_received_at >= datetime.combine(received_from, time.min, timezone.utc))
+    if received_to:
+        query = query.where(Study.first_received_at <= datetime.combine(received_to, time.max, timezone.utc))
+    total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+    rows = session.execute(query.order_by(*worklist_order()).limit(limit).offset(offset)).scalars().all()
+    return Worklist(items=[WorklistItem.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/studies/{study_uid}", response_model=StudyDetail)
+def get_study(study_uid: str, session: SessionDep) -> StudyDetail:
+    study = session.execute(
+        select(Study)
+        .where(Study.study_uid == study_uid)
+        .options(selectinload(Study.series), selectinload(Study.jobs), selectinload(Study.results))
+    ).scalar_one_or_none()
+    if study is None:
+        raise NotFoundError(f"no study {study_uid}")
+    return StudyDetail.model_validate(study)
+
+
+def _dicom_members(upload_name: str | None, data: bytes) -> list[tuple[str | None, bytes]]:
+    """A zip upload is unpacked (folders ignored); anything else is one file."""
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            if len(members) > MAX_ZIP_MEMBERS:
+                raise InvalidDicomError(f"zip holds {len(members)} files, more than {MAX_ZIP_MEMBERS}")
+            return [(m.filename, archive.read(m)) for m in members]
+    return [(upload_name, data)]
+
+
+def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factory: SessionFactoryDep) -> UploadedFile:
+    common = {"storage_root": settings.storage_root, "min_free_bytes": settings.min_free_bytes,
+              "session_factory": factory, "source": "upload"}
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        received = describe_instance(ds, str(ds.file_meta.TransferSyntaxUID))
+        stored = store_instance(data, received, calling_aet=None, **common)  # type: ignore[arg-type]
+    except (PydicomInvalidDicomError, InvalidDicomError, AttributeError, KeyError, ValueError, EOFError) as exc:
+        reason = f"not a readable DICOM Part 10 file: {exc}"
+        quarantine_bytes(data, reason, original_name=name, **common)  # type: ignore[arg-type]
+        return UploadedFile(filename=name, stored=False, error=reason)
+    return UploadedFile(filename=name, stored=True, study_uid=stored.study_uid,
+                        sop_instance_uid=stored.sop_instance_uid, duplicate=stored.duplicate)
+
+
+@router.post("/studies", response_model=UploadReport, status_code=status.HTTP_202_ACCEPTED,
+             responses={400: {"description": "No file was a readable DICOM instance"}})
+async def upload_study(
+    files: Annotated[list[UploadFile], File(description="DICOM Part 10 files, or zip archives of them")],
+    settings: SettingsDep,
+    factory: SessionFactoryDep,
+) -> UploadReport | JSONResponse:
+    """Same path as C-STORE: each instance is written durably and recorded; the study is scored
+    once it settles. Files that are not DICOM are quarantined with the reason."""
+    outcomes: list[UploadedFile] = []
+    for upload in files:
+        data = await upload.read()
+        try:
+            members = _dicom_members(upload.filename, data)
+        except (zipfile.BadZipFile, InvalidDicomError) as exc:
+            outcomes.append(UploadedFile(filename=upload.filename, stored=False, error=str(exc)))
+            continue
+        outcomes.extend(_store_uploaded(name, payload, settings, factory) for name, payload in members)
+    stored = sum(o.stored for o in outcomes)
+    report = UploadReport(stored=stored, rejected=len(outcomes) - stored, files=outcomes)
+    if stored == 0:
+        return problem(400, "No DICOM instance stored", "no uploaded file was a readable DICOM instance",
+                       files=[o.model_dump() for o in outcomes])
+    return report
+
+
+@router.post("/studies/{study_uid}/rescore", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)
+def rescore_study(study_uid: str, factory: SessionFactoryDep, enqueue: EnqueueDep) -> RescoreAccepted:
+    job_id = request_rescore(factory, study_uid)
+    if job_id is None:
+        raise NotFoundError(f"no study {study_uid}")
+    enqueued = bool(enqueue and dispatch_pending_jobs(factory, enqueue))
+    return RescoreAccepted(study_uid=study_uid, job_id=job_id, enqueued=enqueued)
+
+
+@router.get("/quarantine", response_model=list[QuarantinedOut])
+def list_quarantine(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[QuarantinedOut]:
+    """Received bytes that could not be attached to a study, newest first, with the reason."""
+    rows = session.execute(
+        select(QuarantinedFile).order_by(QuarantinedFile.id.desc()).limit(limit).offset(offset)
+    ).scalars().all()
+    return [QuarantinedOut.model_validate(r) for r in rows]
+

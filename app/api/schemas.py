@@ -1,0 +1,127 @@
+"""Response models of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Orm(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class WorklistItem(Orm):
+    study_uid: str
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+    patient_age: str | None
+    state: str
+    reason: str | None
+    first_received_at: datetime
+    last_received_at: datetime
+    scored_at: datetime | None
+    instance_count: int
+    identification: float | None
+    severity: float | None
+    severity_left: float | None
+    severity_right: float | None
+    severity_band: int | None
+    priority: float | None
+    method: str | None
+    model_version: str | None
+
+
+class Worklist(BaseModel):
+    items: list[WorklistItem]
+    total: int
+    limit: int
+    offset: int
+
+
+class SeriesOut(Orm):
+    series_uid: str
+    series_number: int | None
+    modality: str | None
+    description: str | None
+    instance_count: int
+    chosen: bool
+    skip_reason: str | None
+    slice_count: int | None
+    slice_spacing_mm: float | None
+
+
+class JobOut(Orm):
+    id: int
+    study_version: int
+    state: str
+    trigger: str
+    attempts: int
+    error: str | None
+    worker: str | None
+    created_at: datetime
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    timings: dict[str, Any]
+
+
+class ResultOut(Orm):
+    id: int
+    job_id: int
+    study_version: int
+    series_uid: str
+    method: str
+    model_version: str
+    identification: float | None
+    severity: float
+    severity_left: float
+    severity_right: float
+    lung_volume_left_ml: float
+    lung_volume_right_ml: float
+    lesion_volume_left_ml: float
+    lesion_volume_right_ml: float
+    timings: dict[str, Any]
+    details: dict[str, Any]
+    created_at: datetime
+
+
+class StudyDetail(WorklistItem):
+    version: int
+    chosen_series_uid: str | None
+    series: list[SeriesOut]
+    jobs: list[JobOut]
+    results: list[ResultOut]
+
+
+class UploadedFile(BaseModel):
+    filename: str | None
+    stored: bool
+    study_uid: str | None = None
+    sop_instance_uid: str | None = None
+    duplicate: bool = False
+    error: str | None = None
+
+
+class UploadReport(BaseModel):
+    stored: int
+    rejected: int
+    files: list[UploadedFile]
+
+
+class QuarantinedOut(Orm):
+    id: int
+    original_name: str | None
+    size_bytes: int
+    reason: str
+    source: str
+    calling_aet: str | None
+    received_at: datetime
+
+
+class RescoreAccepted(BaseModel):
+    study_uid: str
+    job_id: int
+    enqueued: bool

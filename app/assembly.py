@@ -1,0 +1,151 @@
+"""Study assembly: decide when a study is complete, queue it once, and hand jobs to the broker.
+
+A study is complete when no instance arrived for ``settle_seconds``. Queueing writes a job row
+(the outbox) in the same transaction that moves the study to ``queued``; a separate step hands
+pending jobs to the broker and marks them enqueued. If the broker is down the job stays pending
+and the next pass retries, so nothing that settled is ever forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Job, JobState, Study, StudyState, utcnow
+
+log = logging.getLogger(__name__)
+
+#: Hands a job id to the broker and returns the broker's task id; raises if the broker is down.
+Enqueue = Callable[[int], str]
+
+
+def create_job(session: Session, study: Study, *, trigger: str, now: datetime) -> Job:
+    """Queue ``study`` at its current version; older unfinished jobs of it are superseded."""
+    session.execute(
+        update(Job)
+        .where(Job.study_id == study.id, Job.state.in_([JobState.pending.value, JobState.enqueued.value]))
+        .values(state=JobState.superseded.value, finished_at=now)
+    )
+    job = Job(study_id=study.id, study_version=study.version, state=JobState.pending.value, trigger=trigger,
+              created_at=now)
+    session.add(job)
+    study.state = StudyState.queued.value
+    study.queued_at = now
+    study.reason = None
+    session.flush()
+    return job
+
+
+def queue_settled_studies(session_factory: sessionmaker[Session], settle_seconds: float,
+                          now: datetime | None = None) -> list[int]:
+    """Move every study quiet for ``settle_seconds`` from receiving to queued. Returns job ids."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settle_seconds)
+    job_ids: list[int] = []
+    with session_factory() as session:
+        candidates = session.execute(
+            select(Study.id, Study.version)
+            .where(Study.state == StudyState.receiving.value, Study.last_received_at <= cutoff)
+            .order_by(Study.last_received_at)
+        ).all()
+    for study_id, version in candidates:
+        with session_factory.begin() as session:
+            # Claim the study only if nothing changed since we looked (another assembler, new data).
+            claimed = session.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.version == version,
+                       Study.state == StudyState.receiving.value, Study.last_received_at <= cutoff)
+                .values(state=StudyState.queued.value)
+            ).rowcount
+            if not claimed:
+                continue
+            study = session.get(Study, study_id)
+            assert study is not None
+            # A study reopened after a job already exists for this version (unusual) bumps it.
+            if session.execute(select(Job.id).where(Job.study_id == study_id, Job.study_version == version)).first():
+                study.version = version + 1
+            job_ids.append(create_job(session, study, trigger="settled", now=now).id)
+    if job_ids:
+        log.info("studies settled and queued", extra={"count": len(job_ids)})
+    return job_ids
+
+
+def dispatch_pending_jobs(session_factory: sessionmaker[Session], enqueue: Enqueue, limit: int = 100) -> int:
+    """Hand pending jobs to the broker (the outbox relay). Returns how many were handed over."""
+    with session_factory() as session:
+        pending = session.execute(
+            select(Job.id).where(Job.state == JobState.pending.value).order_by(Job.id).limit(limit)
+        ).scalars().all()
+    sent = 0
+    for job_id in pending:
+        try:
+            task_id = enqueue(job_id)
+        except Exception as exc:  # broker down: leave the job pending for the next pass
+            log.warning("broker unavailable, job left pending", extra={"job_id": job_id, "error": type(exc).__name__})
+            break
+        with session_factory.begin() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.pending.value)
+                .values(state=JobState.enqueued.value, celery_task_id=task_id, enqueued_at=utcnow())
+            )
+        sent += 1
+    return sent
+
+
+def request_rescore(session_factory: sessionmaker[Session], study_uid: str) -> int | None:
+    """Queue a new version of a study on demand. Returns the job id, or None if unknown."""
+    now = utcnow()
+    with session_factory.begin() as session:
+        study = session.execute(select(Study).where(Study.study_uid == study_uid).with_for_update()).scalar_one_or_none()
+        if study is None:
+            return None
+        study.version += 1
+        return create_job(session, study, trigger="rescore", now=now).id
+
+
+def requeue_stale_jobs(session_factory: sessionmaker[Session], timeout_seconds: float,
+                       now: datetime | None = None) -> int:
+    """Put back jobs whose worker vanished (enqueued or running past the timeout).
+
+    Scoring is idempotent per job (one result per job id), so a job that was merely slow and is
+    delivered twice still yields one result.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=timeout_seconds)
+    with session_factory.begin() as session:
+        stale = session.execute(
+            update(Job)
+            .where(
+                ((Job.state == JobState.enqueued.value) & (Job.enqueued_at <= cutoff))
+                | ((Job.state == JobState.running.value) & (Job.started_at <= cutoff))
+            )
+            .values(state=JobState.pending.value, error="re-queued: no worker finished it in time")
+        ).rowcount
+    if stale:
+        log.warning("stale jobs re-queued", extra={"count": stale})
+    return stale
+
+
+def assembler_pass(session_factory: sessionmaker[Session], enqueue: Enqueue, settle_seconds: float,
+                   processing_timeout_seconds: float) -> None:
+    """One round of the assembler: settle, recover lost jobs, relay the outbox."""
+    queue_settled_studies(session_factory, settle_seconds)
+    requeue_stale_jobs(session_factory, processing_timeout_seconds)
+    dispatch_pending_jobs(session_factory, enqueue)
+
+
+def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, *, settle_seconds: float,
+                  processing_timeout_seconds: float, interval_seconds: float, stop: threading.Event) -> None:
+    """Loop until ``stop`` is set; a failing pass (database down) is logged and retried."""
+    while not stop.is_set():
+        try:
+            assembler_pass(session_factory, enqueue, settle_seconds, processing_timeout_seconds)
+        except Exception:
+            log.exception("assembler pass failed; retrying")
+        stop.wait(interval_seconds)

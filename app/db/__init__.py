@@ -1,0 +1,1 @@
+"""Database: typed SQLAlchemy models and session factory."""

@@ -1,0 +1,226 @@
+"""Typed SQLAlchemy 2.0 models: studies, series, instances, jobs, results, quarantined files.
+
+The study row carries its current scores (denormalised from the newest result) so the worklist
+is one indexed query; the ``results`` table keeps every scoring, rescores included.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class StudyState(str, enum.Enum):
+    receiving = "receiving"
+    queued = "queued"
+    processing = "processing"
+    scored = "scored"
+    failed = "failed"
+    rejected = "rejected"
+
+
+class JobState(str, enum.Enum):
+    pending = "pending"  # written, not yet handed to the broker (outbox)
+    enqueued = "enqueued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    superseded = "superseded"  # a newer version of the study was queued
+
+
+UID = String(64)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(128))
+    patient_age: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(4))
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.receiving.value)
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: Bumped whenever new instances arrive after queueing, or a rescore is asked for.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued_at: Mapped[datetime | None]
+    scored_at: Mapped[datetime | None]
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    chosen_series_uid: Mapped[str | None] = mapped_column(UID)
+    # current scores (from the newest result)
+    identification: Mapped[float | None] = mapped_column(Float)
+    severity: Mapped[float | None] = mapped_column(Float)
+    severity_left: Mapped[float | None] = mapped_column(Float)
+    severity_right: Mapped[float | None] = mapped_column(Float)
+    severity_band: Mapped[int | None] = mapped_column(Integer)
+    priority: Mapped[float | None] = mapped_column(Float)
+    method: Mapped[str | None] = mapped_column(String(32))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+    results: Mapped[list[Result]] = relationship(back_populates="study", order_by="Result.id")
+
+    __table_args__ = (
+        Index("ix_studies_worklist", "priority", "last_received_at"),
+        Index("ix_studies_state_received", "state", "last_received_at"),
+    )
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(String(128))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    chosen: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Why series selection passed this series over (None for the chosen one, or before selection).
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    slice_count: Mapped[int | None] = mapped_column(Integer)
+    slice_spacing_mm: Mapped[float | None] = mapped_column(Float)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: How many times this SOP instance arrived (re-sends are idempotent).
+    receive_count: Mapped[int] = mapped_column(Integer, default=1)
+    source: Mapped[str] = mapped_column(String(16))  # "dicom" or "upload"
+    calling_aet: Mapped[str | None] = mapped_column(String(16))
+    #: One SliceHeader dict per frame (models.dicom_headers), read once at receipt.
+    headers: Mapped[list[Any]] = mapped_column(JSON, default=list)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.pending.value)
+    trigger: Mapped[str] = mapped_column(String(16))  # "settled", "rescore", "sweep"
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    celery_task_id: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+
+    __table_args__ = (
+        UniqueConstraint("study_id", "study_version", name="uq_jobs_study_version"),
+        Index("ix_jobs_state", "state"),
+    )
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    #: One result per job: a redelivered task cannot write a second one.
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    series_uid: Mapped[str] = mapped_column(UID)
+    method: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str] = mapped_column(String(64))
+    identification: Mapped[float | None] = mapped_column(Float)
+    severity: Mapped[float] = mapped_column(Float)
+    severity_left: Mapped[float] = mapped_column(Float)
+    severity_right: Mapped[float] = mapped_column(Float)
+    lung_volume_left_ml: Mapped[float] = mapped_column(Float)
+    lung_volume_right_ml: Mapped[float] = mapped_column(Float)
+    lesion_volume_left_ml: Mapped[float] = mapped_column(Float)
+    lesion_volume_right_ml: Mapped[float] = mapped_column(Float)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="results")
+
+
+class QuarantinedFile(Base):
+    """Received bytes that could not be attached to any study, kept with the reason."""
+
+    __tablename__ = "quarantined_files"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    original_name: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))
+    calling_aet: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

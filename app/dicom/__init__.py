@@ -1,0 +1,1 @@
+"""DICOM networking: the C-ECHO/C-STORE listener and durable instance storage."""

@@ -1,0 +1,251 @@
+"""The DICOM listener: a pynetdicom Storage + Verification SCP, modelled on ``apps/storescp``.
+
+One handler per DIMSE service (C-ECHO, C-STORE) plus one that reports what an association
+delivered when its connection closes. ``handle_store`` writes the dataset exactly as the peer
+encoded it (``event.encoded_dataset()``, never decoded and re-encoded), durably, records it in
+the database, and only then answers success. Every failure is turned into a C-STORE status in
+one place (:func:`handle_store`): typed errors answer their ``dicom_status``, anything else
+answers 0xC000 and the listener keeps serving.
+
+Logs are structured (``extra``) and carry no patient data: calling AE titles, statuses and
+counts at info, study/series UIDs at debug only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.errors import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, CtTriageError, InvalidDicomError
+from app.ingest import ReceivedInstance, describe_instance, quarantine_bytes, store_instance
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Transfer syntaxes accepted for every storage SOP class (and Verification), preferred first.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,  # 1.2.840.10008.1.2.4.50
+    JPEGExtended12Bit,  # 4.51
+    JPEGLossless,  # 4.57
+    JPEGLosslessSV1,  # 4.70
+    JPEGLSLossless,  # 4.80
+    JPEGLSNearLossless,  # 4.81
+    JPEG2000Lossless,  # 4.90
+    JPEG2000,  # 4.91
+    RLELossless,  # 1.2.840.10008.1.2.5
+)
+
+SOURCE = "dicom"
+
+
+class _Tally:
+    """What each open association has delivered so far, reported at info when it closes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[int, Counter[str]] = {}
+
+    def add(self, assoc: Any, outcome: str) -> None:
+        with self._lock:
+            self._counts.setdefault(id(assoc), Counter())[outcome] += 1
+
+    def pop(self, assoc: Any) -> Counter[str]:
+        with self._lock:
+            return self._counts.pop(id(assoc), Counter())
+
+
+@dataclass(frozen=True)
+class ListenerContext:
+    """What the C-STORE handler needs, bound once when the server starts."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    tally: _Tally = field(default_factory=_Tally, compare=False)
+
+    def ingest_kwargs(self, calling_aet: str) -> dict[str, Any]:
+        """Where and how ``store_instance`` and ``quarantine_bytes`` keep what this listener receives."""
+        return {
+            "storage_root": self.settings.storage_root,
+            "min_free_bytes": self.settings.min_free_bytes,
+            "session_factory": self.session_factory,
+            "source": SOURCE,
+            "calling_aet": calling_aet,
+        }
+
+
+# --- the application entity ------------------------------------------------------------------
+
+
+def build_ae(settings: Settings) -> AE:
+    """An AE that accepts Verification and every storage SOP class in :data:`TRANSFER_SYNTAXES`."""
+    ae = AE(ae_title=settings.ae_title)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+    ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES))
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(settings.allowed_calling_aets)  # empty: any
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.network_timeout = settings.network_timeout
+    return ae
+
+
+def _handlers(context: ListenerContext) -> list[Any]:
+    return [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [context]),
+        (evt.EVT_CONN_CLOSE, handle_close, [context]),
+    ]
+
+
+def _start(settings: Settings, session_factory: sessionmaker[Session], *, block: bool) -> Any:
+    context = ListenerContext(settings, session_factory)
+    settings.storage_root.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "DICOM listener starting",
+        extra={"ae_title": settings.ae_title, "host": settings.dicom_host, "port": settings.dicom_port},
+    )
+    return build_ae(settings).start_server(
+        (settings.dicom_host, settings.dicom_port), block=block, evt_handlers=_handlers(context)
+    )
+
+
+def start_listener(settings: Settings, session_factory: sessionmaker[Session]) -> ThreadedAssociationServer:
+    """Serve in background threads; the caller stops it with ``.shutdown()``."""
+    server: ThreadedAssociationServer = _start(settings, session_factory, block=False)
+    return server
+
+
+def serve_listener(settings: Settings, session_factory: sessionmaker[Session]) -> None:
+    """Serve until interrupted (the ``cttriage dicom`` process)."""
+    _start(settings, session_factory, block=True)
+
+
+# --- handlers ----------------------------------------------------------------------------------
+
+
+def _calling_aet(event: Event) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
+
+
+def handle_echo(event: Event) -> int:
+    log.debug("C-ECHO", extra={"calling_aet": _calling_aet(event)})
+    return STATUS_SUCCESS
+
+
+def handle_close(event: Event, context: ListenerContext) -> None:
+    counts = context.tally.pop(event.assoc)
+    if counts:
+        log.info(
+            "association closed",
+            extra={
+                "calling_aet": _calling_aet(event),
+                "stored": counts["stored"],
+                "duplicates": counts["duplicate"],
+                "failed": counts["failed"],
+            },
+        )
+
+
+def handle_store(event: Event, context: ListenerContext) -> int:
+    """Store one instance durably and record it; the one place errors become C-STORE statuses."""
+    calling_aet = _calling_aet(event)
+    try:
+        received = _describe(event)
+        stored = store_instance(event.encoded_dataset(), received, **context.ingest_kwargs(calling_aet))
+    except CtTriageError as exc:
+        if isinstance(exc, InvalidDicomError):  # retrying will not help: keep the bytes for an admin
+            _quarantine(event, context, str(exc), calling_aet)
+        return _failed(context, event, exc.dicom_status, type(exc).__name__, str(exc), calling_aet)
+    except Exception as exc:  # noqa: BLE001 - the listener must keep serving
+        # The message of an arbitrary exception may quote element values: log the stack only.
+        log.error(
+            "unexpected error while storing an instance",
+            extra={
+                "calling_aet": calling_aet,
+                "error": type(exc).__name__,
+                "stack": "".join(traceback.format_tb(exc.__traceback__)),
+            },
+        )
+        return _failed(context, event, STATUS_CANNOT_UNDERSTAND, type(exc).__name__, None, calling_aet)
+    context.tally.add(event.assoc, "duplicate" if stored.duplicate else "stored")
+    log.debug(
+        "stored instance",
+        extra={
+            "calling_aet": calling_aet,
+            "study_uid": received.study_uid,
+            "series_uid": received.series_uid,
+            "duplicate": stored.duplicate,
+        },
+    )
+    return STATUS_SUCCESS
+
+
+def _describe(event: Event) -> ReceivedInstance:
+    """Decode the dataset and read what we index on; any decoding failure is InvalidDicomError.
+
+    pydicom decodes lazily, so a malformed element only fails when it is first read, which is
+    inside :func:`describe_instance`.
+    """
+    try:
+        ds = event.dataset
+        # As storescp does: the received dataset has no file meta, and header readers look for
+        # the transfer syntax there.
+        ds.file_meta = event.file_meta
+        return describe_instance(ds, event.context.transfer_syntax)
+    except CtTriageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on bad bytes
+        raise InvalidDicomError(f"dataset cannot be decoded ({type(exc).__name__})") from exc
+
+
+def _quarantine(event: Event, context: ListenerContext, reason: str, calling_aet: str) -> None:
+    """Keep bytes we could not attach to a study, when there is room and a database for them."""
+    try:
+        quarantine_bytes(
+            event.encoded_dataset(),
+            reason,
+            original_name=str(event.request.AffectedSOPInstanceUID or "") or None,
+            **context.ingest_kwargs(calling_aet),
+        )
+    except Exception as exc:  # noqa: BLE001 - the answer is 0xC000 either way
+        log.warning("could not quarantine an instance", extra={"calling_aet": calling_aet, "error": type(exc).__name__})
+
+
+def _failed(
+    context: ListenerContext, event: Event, status: int, error: str, reason: str | None, calling_aet: str
+) -> int:
+    context.tally.add(event.assoc, "failed")
+    log.warning(
+        "C-STORE failed",
+        extra={"calling_aet": calling_aet, "status": f"0x{status:04X}", "error": error, "reason": reason},
+    )
+    return status

@@ -1,0 +1,35 @@
+"""C-STORE SCU: send files to a DICOM node (the demo, `cttriage push`, tests and benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+
+class AssociationFailed(RuntimeError):
+    pass
+
+
+def push_files(paths: Sequence[Path], *, host: str, port: int, called_aet: str = "CTTRIAGE",
+               calling_aet: str = "CTTRIAGE_SCU") -> list[int]:
+    """Send every file over one association; returns the C-STORE status of each (-1: no answer)."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    ae = AE(ae_title=calling_aet)
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(build_context(sop_class, [syntax]).abstract_syntax, syntax)
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        raise AssociationFailed(f"association with {called_aet}@{host}:{port} was not established")
+    statuses: list[int] = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            statuses.append(int(status.Status) if status and "Status" in status else -1)
+    finally:
+        assoc.release()
+    return statuses

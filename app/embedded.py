@@ -1,0 +1,162 @@
+"""The service's processes, each started from settings: API, DICOM listener, assembler, worker.
+
+``cttriage serve`` (the embedded default) runs the API, the listener and the assembler in this
+process and one Celery worker as a supervised child process, all on SQLite (database and broker),
+so it needs no external server. Production runs the same pieces as separate processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from app.api.main import create_app
+from app.assembly import Enqueue, run_assembler
+from app.db.migrate import upgrade_to_head
+from app.db.session import make_session_factory
+from app.settings import Settings
+from worker.celery_app import create_celery, enqueue_scoring
+
+log = logging.getLogger(__name__)
+
+
+def prepare(settings: Settings) -> None:
+    """Create folders and bring the schema to head (idempotent)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.storage_root.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head(settings.sqlalchemy_url)
+
+
+def make_enqueue(settings: Settings) -> Enqueue:
+    celery_app = create_celery(settings)
+    return lambda job_id: enqueue_scoring(celery_app, settings, job_id)
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """Environment for a worker child: the parent's resolved URLs, so both see the same state."""
+    env = dict(os.environ)
+    env.update({
+        "CTTRIAGE_DATABASE_URL": settings.sqlalchemy_url,
+        "CTTRIAGE_BROKER_URL": settings.celery_broker_url,
+        "CTTRIAGE_STORAGE_DIR": str(settings.storage_root.resolve()),
+        "CTTRIAGE_DATA_DIR": str(settings.data_dir.resolve()),
+    })
+    return env
+
+
+def worker_command(settings: Settings, concurrency: int, queues: list[str], device: str = "cpu") -> list[str]:
+    pool = ["--pool=solo"] if concurrency == 1 else ["--pool=prefork", f"--concurrency={concurrency}"]
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_main", "worker", *pool,
+            "-Q", ",".join(queues), "--loglevel=INFO", "--without-gossip", "--without-mingle",
+            "-n", f"cttriage-{device.replace(':', '')}@%h"]
+
+
+@dataclass
+class SupervisedProcess:
+    """A child process restarted when it dies, until stopped."""
+
+    command: list[str]
+    env: dict[str, str]
+    restart_delay: float = 2.0
+    _proc: subprocess.Popen[bytes] | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._proc = subprocess.Popen(self.command, env=self.env)
+            code = self._proc.wait()
+            if not self._stop.is_set():
+                log.warning("worker process exited; restarting", extra={"exit_code": code})
+                self._stop.wait(self.restart_delay)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self._stop.set()
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+
+def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+    """Run everything on this machine until interrupted."""
+    from app.dicom.listener import start_listener
+
+    prepare(settings)
+    session_factory = make_session_factory(settings)
+    enqueue = make_enqueue(settings)
+    stop = threading.Event()
+    worker = SupervisedProcess(
+        worker_command(settings, settings.embedded_worker_concurrency, [settings.scoring_queue, "default"]),
+        worker_environment(settings),
+    )
+    worker.start()
+    listener = start_listener(settings, session_factory)
+    assembler = threading.Thread(
+        target=run_assembler, name="assembler", daemon=True,
+        kwargs={"session_factory": session_factory, "enqueue": enqueue, "settle_seconds": settings.settle_seconds,
+                "processing_timeout_seconds": settings.processing_timeout_seconds,
+                "interval_seconds": settings.assembler_interval_seconds, "stop": stop},
+    )
+    assembler.start()
+    log.info("cttriage embedded service started", extra={
+        "dicom": f"{settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}",
+        "http": f"http://{settings.api_host}:{settings.api_port}/"})
+    if on_ready is not None:
+        threading.Thread(target=on_ready, name="on-ready", daemon=True).start()
+    try:
+        uvicorn.run(create_app(settings, session_factory, enqueue), host=settings.api_host, port=settings.api_port,
+                    log_config=None, access_log=False)
+    finally:
+        stop.set()
+        listener.shutdown()
+        worker.stop()
+        assembler.join(timeout=5)
+
+
+def serve_api(settings: Settings) -> None:
+    upgrade_to_head(settings.sqlalchemy_url)
+    settings.storage_root.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings, make_session_factory(settings), make_enqueue(settings))
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False)
+
+
+def serve_dicom(settings: Settings) -> None:
+    """The listener and the assembler (settling studies, relaying the outbox) in one process."""
+    from app.dicom.listener import start_listener
+
+    settings.storage_root.mkdir(parents=True, exist_ok=True)
+    session_factory = make_session_factory(settings)
+    listener = start_listener(settings, session_factory)
+    stop = threading.Event()
+    try:
+        run_assembler(session_factory, make_enqueue(settings), settle_seconds=settings.settle_seconds,
+                      processing_timeout_seconds=settings.processing_timeout_seconds,
+                      interval_seconds=settings.assembler_interval_seconds, stop=stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.shutdown()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

@@ -1,0 +1,131 @@
+"""Typed errors of cttriage, and the one place where they map to DICOM statuses and HTTP problems.
+
+Every failure the service can name is a subclass of :class:`CtTriageError`. Each class carries
+``dicom_status`` (what a C-STORE answers when it is raised while receiving) and ``http_status``
+(what the API answers). A study that fails processing keeps ``str(error)`` as its reason, so the
+message must be useful to an admin and must never contain patient data.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+# DICOM C-STORE statuses (PS3.4 B.2.3, PS3.7 C.4.2).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+class CtTriageError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    dicom_status: ClassVar[int] = STATUS_PROCESSING_FAILURE
+    http_status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+    #: True where retrying the same work later can succeed (database or broker down).
+    transient: ClassVar[bool] = False
+
+
+# --- receiving -------------------------------------------------------------------------------
+
+
+class InvalidDicomError(CtTriageError):
+    """Bytes that are not a readable DICOM instance, or lack the UIDs we key storage on."""
+
+    dicom_status = STATUS_CANNOT_UNDERSTAND
+    http_status = 400
+    title = "Invalid DICOM"
+
+
+class StorageFullError(CtTriageError):
+    """The storage root has too little free space to keep what was sent."""
+
+    dicom_status = STATUS_OUT_OF_RESOURCES
+    http_status = 507
+    title = "Storage full"
+    transient = True
+
+
+class StorageWriteError(CtTriageError):
+    """Writing an instance durably failed for a reason other than space."""
+
+    dicom_status = STATUS_OUT_OF_RESOURCES
+    http_status = 500
+    title = "Storage write failed"
+    transient = True
+
+
+class DatabaseUnavailableError(CtTriageError):
+    """The database could not record what was received; the sender must retry."""
+
+    dicom_status = STATUS_OUT_OF_RESOURCES
+    http_status = 503
+    title = "Database unavailable"
+    transient = True
+
+
+# --- processing: the study itself is unusable (no retry) -----------------------------------
+
+
+class StudyRejectedError(CtTriageError):
+    """A study that cannot be scored by design (no usable series, unreadable volume)."""
+
+    http_status = 422
+    title = "Study rejected"
+
+
+class NoUsableSeriesError(StudyRejectedError):
+    """Series selection passed over every series of the study."""
+
+    title = "No usable series"
+
+
+class VolumeError(StudyRejectedError):
+    """The chosen series cannot be stacked into a volume."""
+
+    title = "Volume cannot be built"
+
+
+class MissingPixelDataError(VolumeError):
+    title = "Missing pixel data"
+
+
+class PixelDecodeError(VolumeError):
+    title = "Pixel data cannot be decoded"
+
+
+class SliceGapError(VolumeError):
+    title = "Missing slices"
+
+
+class DuplicatePositionError(VolumeError):
+    title = "Duplicate slice positions"
+
+
+class MixedGeometryError(VolumeError):
+    title = "Mixed slice geometry"
+
+
+class GantryTiltError(VolumeError):
+    title = "Gantry tilt"
+
+
+class SegmentationError(StudyRejectedError):
+    """The image was read but no lungs could be found in it."""
+
+    title = "Lungs not found"
+
+
+# --- API -------------------------------------------------------------------------------------
+
+
+class NotFoundError(CtTriageError):
+    http_status = 404
+    title = "Not found"
+
+
+class ConflictError(CtTriageError):
+    http_status = 409
+    title = "Conflict"

@@ -1,0 +1,44 @@
+"""Worklist priority: one documented function of both triage scores, computed here only.
+
+Order of urgency, most urgent first:
+
+1. The severity band of the worse lung, after the Moscow CT-0..CT-4 grading used for Mosmed-1110
+   (Goncharov et al. 2021, section 3.1): CT-0 = 0 %, CT-1 = (0, 25) %, CT-2 = [25, 50) %,
+   CT-3 = [50, 75) %, CT-4 = [75, 100] %. Band edges are configurable (``severity_band_edges``).
+2. Within a band, the identification probability (COVID-19 likely first). Where identification
+   is unknown (the threshold method gives none), it counts as 0.5: neither pushed up nor down.
+3. Within equal scores, the exact severity percentage.
+
+``priority = band * 1000 + identification * 100 + severity / 100`` keeps the three levels apart
+(identification * 100 <= 100 < 1000; severity / 100 <= 1), so a single indexed float column
+sorts the worklist. Studies without scores have no priority and sort after scored ones, oldest
+first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+UNKNOWN_IDENTIFICATION = 0.5
+
+
+def severity_band(severity_percent: float, edges: Sequence[float] = (0.0, 25.0, 50.0, 75.0)) -> int:
+    """CT-0..CT-4 band of a max-lung severity in percent (0 only for exactly no lesions)."""
+    zero, *upper_edges = edges
+    if severity_percent <= zero:
+        return 0
+    band = 1
+    for edge in upper_edges:
+        if severity_percent >= edge:
+            band += 1
+    return band
+
+
+def priority_score(
+    severity_percent: float,
+    identification: float | None,
+    edges: Sequence[float] = (0.0, 25.0, 50.0, 75.0),
+) -> float:
+    band = severity_band(severity_percent, edges)
+    ident = UNKNOWN_IDENTIFICATION if identification is None else min(max(identification, 0.0), 1.0)
+    return band * 1000.0 + ident * 100.0 + min(max(severity_percent, 0.0), 100.0) / 100.0

@@ -1,0 +1,81 @@
+"""All configuration of cttriage, read once from ``CTTRIAGE_*`` environment variables.
+
+The defaults are the embedded mode: SQLite and a SQLite-backed Celery broker under ``data_dir``,
+so one command runs the whole service on a laptop. Production sets ``CTTRIAGE_DATABASE_URL``
+(PostgreSQL) and ``CTTRIAGE_BROKER_URL`` (Redis).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTTRIAGE_", env_file=None, extra="ignore")
+
+    # --- where things live ---
+    data_dir: Path = Field(Path("./data"), description="Root for the embedded database, broker and storage.")
+    storage_dir: Path | None = Field(None, description="Received DICOM; defaults to data_dir/storage.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; defaults to SQLite in data_dir.")
+    broker_url: str | None = Field(None, description="Celery broker; defaults to SQLite in data_dir.")
+    #: Refuse C-STORE with 0xA700 (out of resources) below this much free space.
+    min_free_bytes: int = 512 * 1024 * 1024
+
+    # --- DICOM listener ---
+    ae_title: str = "CTTRIAGE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    #: Calling AE titles allowed to associate; empty means any.
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    max_pdu: int = 0  # unlimited
+    network_timeout: float = 60.0
+
+    # --- HTTP API ---
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    # --- study assembly and scoring ---
+    #: A study is complete when no instance arrived for this long.
+    settle_seconds: float = 30.0
+    #: How often the assembler looks for settled studies.
+    assembler_interval_seconds: float = 1.0
+    min_slices: int = 32
+    #: In-plane spacing the pipeline resamples to before segmentation (the paper's 2x2 mm).
+    inplane_spacing_mm: float = 2.0
+    #: A processing study older than this is assumed lost by its worker and re-queued.
+    processing_timeout_seconds: float = 1800.0
+    #: Celery queue of the scoring task (GPU workers in production).
+    scoring_queue: str = "gpu"
+    #: Worker processes in the embedded mode.
+    embedded_worker_concurrency: int = 1
+
+    # --- priority: Moscow CT-0..CT-4 severity bands (percent of the worse lung) ---
+    severity_band_edges: list[float] = Field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0])
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @cached_property
+    def storage_root(self) -> Path:
+        return self.storage_dir or self.data_dir / "storage"
+
+    @cached_property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'cttriage.sqlite').resolve()}"
+
+    @cached_property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.celery_broker_url.startswith("sqla+")
+
+
+def get_settings() -> Settings:
+    """Read the environment now; callers pass the result down instead of re-reading it."""
+    return Settings()

@@ -1,0 +1,226 @@
+"""C-STORE ingest throughput: cttriage's listener against pynetdicom's bare ``storescp``.
+
+A hand-run benchmark, not a test::
+
+    python bench/ingest.py                 # 300 slices of 512x512, 3 repeats
+    python bench/ingest.py --slices 100 --repeat 5
+
+It writes one synthetic CT study (``models.phantom``, 512x512 slices), then, for each repeat and
+each server, starts the server in a subprocess on a free port and sends the whole study over one
+association with a pynetdicom SCU, timing from the first C-STORE request to the last response.
+The page cache is flushed (``os.sync``) before each timing, since the baseline does not fsync.
+The servers:
+
+* ``baseline``: ``python -m pynetdicom storescp`` writing files to a temporary folder (no fsync,
+  no database);
+* ``cttriage``: :func:`app.dicom.listener.serve_listener` with a fresh SQLite database, writing
+  each instance with fsync and committing its record before answering.
+
+Both get the same maximum PDU (``--max-pdu``; 0, unlimited, is the listener's default). The SCU
+streams each file's dataset bytes as they are (no decode and re-encode on the sending side), so
+the timing is dominated by the receiving server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pydicom  # noqa: E402
+from pynetdicom import AE, _config  # noqa: E402
+from pynetdicom.sop_class import Verification  # noqa: E402
+
+CALLED_AET = "BENCH_SCP"
+CALLING_AET = "BENCH_SCU"
+
+OUR_LISTENER = textwrap.dedent(
+    """
+    from app.db.models import Base
+    from app.db.session import make_session_factory
+    from app.dicom.listener import serve_listener
+    from app.settings import Settings
+
+    settings = Settings()  # from the CTTRIAGE_* environment the benchmark sets
+    factory = make_session_factory(settings)
+    Base.metadata.create_all(factory.kw["bind"])
+    serve_listener(settings, factory)
+    """
+)
+
+
+# --- the study -----------------------------------------------------------------------------
+
+
+def write_study(out_dir: Path, slices: int) -> list[Path]:
+    """The benchmark study: one axial series of the project's chest phantom."""
+    from models.phantom import PhantomSpec, write_phantom
+
+    write_phantom(out_dir, PhantomSpec(slices=slices, rows=512, columns=512))
+    return sorted(out_dir.glob("*.dcm"))
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    #: (port, work folder, max PDU) -> command and extra environment
+    command: Callable[[int, Path, int], tuple[list[str], dict[str, str]]]
+    #: work folder -> how many instances it kept
+    kept: Callable[[Path], int]
+
+
+def _baseline_command(port: int, work: Path, max_pdu: int) -> tuple[list[str], dict[str, str]]:
+    out = work / "out"
+    return (
+        [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-aet", CALLED_AET, "-ba", "127.0.0.1",
+         "-pdu", str(max_pdu), "-od", str(out), "-q"],
+        {},
+    )
+
+
+def _ours_command(port: int, work: Path, max_pdu: int) -> tuple[list[str], dict[str, str]]:
+    env = {
+        "CTTRIAGE_DATA_DIR": str(work),
+        "CTTRIAGE_AE_TITLE": CALLED_AET,
+        "CTTRIAGE_DICOM_HOST": "127.0.0.1",
+        "CTTRIAGE_DICOM_PORT": str(port),
+        "CTTRIAGE_MAX_PDU": str(max_pdu),
+    }
+    return [sys.executable, "-c", OUR_LISTENER], env
+
+
+def _ours_kept(work: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(work / "cttriage.sqlite") as db:
+        return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
+
+
+SERVERS = (
+    Server("baseline", _baseline_command, lambda work: sum(1 for _ in (work / "out").iterdir())),
+    Server("cttriage", _ours_command, _ours_kept),
+)
+
+
+@contextmanager
+def running(server: Server, work: Path, max_pdu: int) -> Iterator[int]:
+    port = free_port()
+    command, env = server.command(port, work, max_pdu)
+    log_path = work / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_listening(port, proc, log_path)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_until_listening(port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> None:
+    ae = AE(ae_title=CALLING_AET)
+    ae.add_requested_context(Verification)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        assoc = ae.associate("127.0.0.1", port, ae_title=CALLED_AET)
+        if assoc.is_established:
+            assoc.release()
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"server on port {port} did not start in {timeout:.0f} s")
+
+
+# --- the measurement -----------------------------------------------------------------------
+
+
+def send_study(port: int, paths: list[Path]) -> float:
+    """Send every file over one association; seconds from first request to last response."""
+    meta = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    ae = AE(ae_title=CALLING_AET)
+    ae.add_requested_context(meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
+    ae.maximum_pdu_size = 0
+    assoc = ae.associate("127.0.0.1", port, ae_title=CALLED_AET)
+    if not assoc.is_established:
+        raise RuntimeError("association was not established")
+    try:
+        started = time.perf_counter()
+        failed = [p.name for p in paths if assoc.send_c_store(p).get("Status") != 0]  # None: aborted
+        elapsed = time.perf_counter() - started
+    finally:
+        assoc.release()
+    if failed:
+        raise RuntimeError(f"{len(failed)} C-STORE failures, first {failed[0]}")
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300, help="slices in the study (default 300)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per server (default 3)")
+    parser.add_argument("--max-pdu", type=int, default=0, help="both servers' maximum PDU (default 0: unlimited)")
+    parser.add_argument("--workdir", type=Path, help="keep the study and the received files here")
+    args = parser.parse_args(argv)
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send file bytes as they are
+    with tempfile.TemporaryDirectory(prefix="cttriage-bench-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        started = time.perf_counter()
+        paths = write_study(workdir / "study", args.slices)
+        os.sync()  # no dirty pages left over to slow down the first server's fsyncs
+        total_mb = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"study: {len(paths)} instances, {total_mb:.1f} MB (written in {time.perf_counter() - started:.1f} s)")
+
+        times: dict[str, list[float]] = {server.name: [] for server in SERVERS}
+        for repeat in range(args.repeat):
+            for server in SERVERS:  # interleaved, so drift hits both alike
+                work = workdir / f"{server.name}-{repeat}"
+                work.mkdir(parents=True)
+                with running(server, work, args.max_pdu) as port:
+                    times[server.name].append(send_study(port, paths))
+                os.sync()  # the baseline does not fsync: flush its writes outside the next timing
+                kept = server.kept(work)
+                if kept != len(paths):
+                    raise RuntimeError(f"{server.name} kept {kept} of {len(paths)} instances")
+
+        print(f"\n{'server':<10} {'run':>4} {'seconds':>8} {'inst/s':>8} {'MB/s':>8}")
+        for name, runs in times.items():
+            for i, seconds in enumerate(runs):
+                print(f"{name:<10} {i + 1:>4} {seconds:>8.2f} {len(paths) / seconds:>8.1f} {total_mb / seconds:>8.1f}")
+            median = statistics.median(runs)
+            print(f"{name:<10} {'med':>4} {median:>8.2f} {len(paths) / median:>8.1f} {total_mb / median:>8.1f}")
+        ratio = statistics.median(times["baseline"]) / statistics.median(times["cttriage"])
+        print(f"\nratio cttriage/baseline (instances/s, medians): {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

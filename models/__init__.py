@@ -1,0 +1,1 @@
+"""Image models: volume loading, segmentation, severity, CT phantoms."""

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install cttriage and what it needs on a fresh Debian-like machine with Python 3.11.
+# torch goes first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q -e '.[test]'
+# dcmtk: a real PACS-side DICOM client/node (storescu/storescp) for tests and manual checks.
+if [ ! -x /usr/bin/storescu ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq dcmtk) >/dev/null || echo "warning: dcmtk not installed" >&2
+fi

@@ -1,0 +1,112 @@
+"""Shared fixtures: migrated databases (SQLite and the real PostgreSQL), Redis, phantoms, ports.
+
+PostgreSQL and Redis are real servers on this machine (scripts/services.sh starts them); a test
+that needs one fails, rather than skips, when it is missing, because CI must exercise that path.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.migrate import upgrade_to_head
+from app.db.session import make_engine
+from app.settings import Settings
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS_TEST_DB = 11
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path: Path) -> Settings:
+    settings = Settings(data_dir=tmp_path / "data", dicom_port=free_port(), api_port=free_port(),
+                        settle_seconds=1.0, min_free_bytes=0)
+    settings.data_dir.mkdir(parents=True)
+    upgrade_to_head(settings.sqlalchemy_url)
+    return settings
+
+
+@pytest.fixture
+def sqlite_factory(sqlite_settings: Settings) -> sessionmaker[Session]:
+    return sessionmaker(make_engine(sqlite_settings.sqlalchemy_url), expire_on_commit=False)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run, migrated to head, dropped afterwards."""
+    name = f"cttriage_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - environment problem, reported loudly
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required (run scripts/services.sh): {exc}")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    upgrade_to_head(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    import redis
+
+    url = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except Exception as exc:  # pragma: no cover
+        pytest.fail(f"Redis at 127.0.0.1:6379 is required (run scripts/services.sh): {exc}")
+    yield url
+    client.flushdb()
+
+
+def write_phantom_study(out: Path, **spec_kwargs: object) -> dict:  # type: ignore[type-arg]
+    from models.phantom import PhantomSpec, write_phantom
+
+    return write_phantom(out, PhantomSpec(**spec_kwargs))  # type: ignore[arg-type]
+
+
+#: storescu's option proposing a compressed syntax first (it cannot re-encode compressed files).
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.5": "-xr",  # RLE Lossless
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS Lossless
+}
+
+
+def dcmtk_storescu(files: list[Path], port: int, called_aet: str = "CTTRIAGE") -> subprocess.CompletedProcess[str]:
+    """Send with dcmtk's storescu (a real PACS-side client), proposing the files' own syntax."""
+    import pydicom
+
+    syntax = str(pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    propose = [STORESCU_PROPOSE[syntax]] if syntax in STORESCU_PROPOSE else []
+    return subprocess.run(
+        ["/usr/bin/storescu", "-aet", "DCMTK_SCU", "-aec", called_aet, *propose, "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def read_truth(folder: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((folder / "truth.json").read_text())

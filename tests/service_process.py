@@ -1,0 +1,91 @@
+"""Running cttriage processes for tests: start, wait until they answer, stop, read their logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class ServiceProcess:
+    """A child process with its log file; stopped (and its children) on exit."""
+
+    args: list[str]
+    env: Mapping[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log: Any = field(default=None, repr=False)
+
+    def start(self) -> ServiceProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.args, env={**os.environ, **self.env}, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self._log:
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def cttriage(*args: str) -> list[str]:
+    return [sys.executable, "-m", "app.cli", *args]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.3,
+               logs: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # not up yet
+            last_error = exc
+        time.sleep(interval)
+    tail = logs()[-4000:] if logs else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})\n{tail}")
+
+
+def wait_healthy(base_url: str, timeout: float = 60.0, logs: Callable[[], str] | None = None) -> None:
+    wait_until(lambda: httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200, timeout, "the API", logs=logs)
+
+
+def wait_for_state(base_url: str, study_uid: str, states: tuple[str, ...] = ("scored", "failed", "rejected"),
+                   timeout: float = 240.0, logs: Callable[[], str] | None = None) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        response = httpx.get(f"{base_url}/api/studies/{study_uid}", timeout=5)
+        if response.status_code != 200:
+            return None
+        body: dict[str, Any] = response.json()
+        return body if body["state"] in states else None
+
+    return wait_until(done, timeout, f"study to reach {states}", interval=0.5, logs=logs)  # type: ignore[no-any-return]

@@ -1,0 +1,129 @@
+"""Study assembly on both databases: settle, queue once, outbox relay, reopen on new instances."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.assembly import dispatch_pending_jobs, queue_settled_studies, request_rescore, requeue_stale_jobs
+from app.db.models import Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
+from app.db.session import make_engine
+from app.ingest import ReceivedInstance, record_instance
+
+
+def received(study: str, sop: str, series: str = "1.2.3.1") -> ReceivedInstance:
+    return ReceivedInstance(
+        study_uid=study, series_uid=f"{study}.{series}", sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", series_number=2, series_description="axial",
+        accession_number="A1", study_date="20260101", study_description="CT chest", patient_age="054Y",
+        patient_sex="F", headers=[],
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    if request.param == "sqlite":
+        from app.db.migrate import upgrade_to_head
+
+        url = f"sqlite:///{tmp_path / 'a.sqlite'}"
+        upgrade_to_head(url)
+    else:
+        url = request.getfixturevalue("pg_url")
+    engine = make_engine(url)
+    maker = sessionmaker(engine, expire_on_commit=False)
+    yield maker
+    with maker.begin() as session:  # the PostgreSQL database is shared by the run
+        for model in (Result, Job, Instance, Series, Study):
+            session.execute(delete(model))
+    engine.dispose()
+
+
+def add(factory: sessionmaker[Session], item: ReceivedInstance, when_offset: float = 0.0) -> bool:
+    with factory.begin() as session:
+        return record_instance(session, item, path=Path("/nonexistent"), size_bytes=10, source="dicom",
+                               calling_aet="X", now=utcnow() + timedelta(seconds=when_offset))
+
+
+def study(factory: sessionmaker[Session], uid: str) -> Study:
+    with factory() as session:
+        return session.execute(select(Study).where(Study.study_uid == uid)).scalar_one()
+
+
+def test_resend_is_idempotent(factory: sessionmaker[Session]) -> None:
+    assert add(factory, received("1.9.1", "1.9.1.1")) is False
+    assert add(factory, received("1.9.1", "1.9.1.1")) is True
+    with factory() as session:
+        inst = session.execute(select(Instance)).scalar_one()
+    assert inst.receive_count == 2
+    assert study(factory, "1.9.1").instance_count == 1
+
+
+def test_settles_once_after_quiet_period(factory: sessionmaker[Session]) -> None:
+    add(factory, received("1.9.2", "1.9.2.1"))
+    add(factory, received("1.9.2", "1.9.2.2"))
+    assert queue_settled_studies(factory, settle_seconds=30) == []  # still receiving
+    later = utcnow() + timedelta(seconds=31)
+    jobs = queue_settled_studies(factory, settle_seconds=30, now=later)
+    assert len(jobs) == 1
+    assert queue_settled_studies(factory, settle_seconds=30, now=later) == []  # queued once
+    assert study(factory, "1.9.2").state == StudyState.queued.value
+
+
+def test_outbox_keeps_jobs_when_broker_is_down(factory: sessionmaker[Session]) -> None:
+    add(factory, received("1.9.3", "1.9.3.1"))
+    [job_id] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+
+    def broker_down(_job_id: int) -> str:
+        raise ConnectionError("redis down")
+
+    assert dispatch_pending_jobs(factory, broker_down) == 0
+    with factory() as session:
+        assert session.get(Job, job_id).state == JobState.pending.value
+    sent: list[int] = []
+    assert dispatch_pending_jobs(factory, lambda j: sent.append(j) or f"task-{j}") == 1
+    assert sent == [job_id]
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job.state == JobState.enqueued.value and job.celery_task_id == f"task-{job_id}"
+
+
+def test_new_instance_after_queueing_reopens_as_new_version(factory: sessionmaker[Session]) -> None:
+    add(factory, received("1.9.4", "1.9.4.1"))
+    queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+    with factory.begin() as session:
+        session.execute(Study.__table__.update().values(state=StudyState.scored.value))
+    add(factory, received("1.9.4", "1.9.4.2"))  # a late instance
+    s = study(factory, "1.9.4")
+    assert (s.state, s.version) == (StudyState.receiving.value, 2)
+    add(factory, received("1.9.4", "1.9.4.2"))  # its re-send does not bump again
+    assert study(factory, "1.9.4").version == 2
+    [job2] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+    with factory() as session:
+        assert session.get(Job, job2).study_version == 2
+        assert session.execute(select(Study)).scalars().all().__len__() == 1  # never a duplicate row
+
+
+def test_rescore_supersedes_pending_job(factory: sessionmaker[Session]) -> None:
+    add(factory, received("1.9.5", "1.9.5.1"))
+    [job1] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+    job2 = request_rescore(factory, "1.9.5")
+    assert job2 is not None and job2 != job1
+    with factory() as session:
+        assert session.get(Job, job1).state == JobState.superseded.value
+        assert session.get(Job, job2).study_version == 2
+    assert request_rescore(factory, "9.9.9") is None
+
+
+def test_stale_jobs_go_back_to_the_outbox(factory: sessionmaker[Session]) -> None:
+    add(factory, received("1.9.6", "1.9.6.1"))
+    [job_id] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+    dispatch_pending_jobs(factory, lambda j: "t")
+    assert requeue_stale_jobs(factory, timeout_seconds=60) == 0
+    assert requeue_stale_jobs(factory, timeout_seconds=60, now=utcnow() + timedelta(seconds=61)) == 1
+    with factory() as session:
+        assert session.get(Job, job_id).state == JobState.pending.value

@@ -1,0 +1,442 @@
+"""The DICOM listener against real associations: pynetdicom and dcmtk SCUs, on 127.0.0.1.
+
+Each test starts its own listener on a free port with a temporary storage folder and SQLite
+database. Instances are small synthetic CT slices (64x64) written to files first, so what was
+sent is exactly a file's dataset bytes and can be compared with what was stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Base, Instance, QuarantinedFile, Series, Study
+from app.db.session import make_session_factory
+from app.dicom import listener
+from app.dicom.listener import start_listener
+from app.errors import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
+from app.settings import Settings
+
+pytestmark = pytest.mark.timeout(60)
+
+AE_TITLE = "CTTRIAGE"
+CALLING_AET = "PACS"
+PATIENT_NAME = "Doe^Jane"
+PATIENT_ID = "PID-4711"
+BIRTH_DATE = "19580317"
+ECHOSCU = "/usr/bin/echoscu"
+STORESCU = "/usr/bin/storescu"
+
+
+# --- instances -----------------------------------------------------------------------------
+
+
+def ct_slice(
+    study_uid: str, series_uid: str, index: int, *, sop_class: str = CTImageStorage, modality: str = "CT"
+) -> Dataset:
+    """One 64x64 axial slice with the attributes a CT header reader looks at."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PatientName = PATIENT_NAME
+    ds.PatientID = PATIENT_ID
+    ds.PatientBirthDate = BIRTH_DATE
+    ds.PatientSex = "F"
+    ds.PatientAge = "066Y"
+    ds.StudyDate = "20240102"
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = "ACC1"
+    ds.StudyDescription = "CT CHEST"
+    ds.SeriesDescription = "Lung 1.0"
+    ds.Modality = modality
+    ds.SeriesNumber = 3
+    ds.InstanceNumber = index + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [-160.0, -160.0, -2.5 * index]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.SliceLocation = -2.5 * index
+    ds.PixelSpacing = [5.0, 5.0]
+    ds.SliceThickness = 2.5
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = 64
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    yy, xx = np.mgrid[:64, :64]
+    pixels = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 26**2, 1000, 0) + 10 * index
+    ds.PixelData = pixels.astype("<i2").tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def write_series(
+    out_dir: Path, count: int = 3, *, transfer_syntax: str = ExplicitVRLittleEndian, **kwargs: Any
+) -> list[Path]:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        ds = ct_slice(study_uid, series_uid, index, **kwargs)
+        if transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(transfer_syntax, generate_instance_uid=False)
+        path = out_dir / f"{index:03d}.dcm"
+        write_file(ds, path)
+        paths.append(path)
+    return paths
+
+
+def write_file(ds: Dataset, path: Path) -> None:
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", generate_uid())
+    ds.save_as(path, enforce_file_format=True)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """A Part 10 file's bytes after its file meta group (what a C-STORE carries)."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM"
+    # (0002,0000) UL, explicit VR: tag 4, VR 2, length 2, then the group length itself.
+    (group_length,) = struct.unpack("<I", data[140:144])
+    return data[144 + group_length :]
+
+
+# --- listener ------------------------------------------------------------------------------
+
+
+class Listener:
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], port: int) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.port = port
+
+    def associate(self, ae_title: str = CALLING_AET, called: str = AE_TITLE) -> Any:
+        ae = AE(ae_title=ae_title)
+        for sop_class in (Verification, CTImageStorage, MRImageStorage):
+            ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        return ae.associate("127.0.0.1", self.port, ae_title=called)
+
+    def store(self, paths: list[Path], ae_title: str = CALLING_AET) -> list[int]:
+        """Send files over one association; the C-STORE status of each."""
+        assoc = self.associate(ae_title)
+        assert assoc.is_established
+        try:
+            return [assoc.send_c_store(path).Status for path in paths]
+        finally:
+            assoc.release()
+
+    def rows(self, model: type[Base]) -> list[Any]:
+        with self.session_factory() as session:
+            return list(session.scalars(select(model)))
+
+    def count(self, model: type[Base]) -> int:
+        with self.session_factory() as session:
+            return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+@pytest.fixture(autouse=True)
+def _send_files_as_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom streams a file's dataset bytes unchanged instead of decoding and re-encoding."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Listener]]:
+    servers: list[Any] = []
+    engines: list[Any] = []
+
+    def _start(**overrides: Any) -> Listener:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path,
+            "storage_dir": tmp_path / "storage",
+            "database_url": f"sqlite:///{tmp_path / 'cttriage.sqlite'}",
+            "ae_title": AE_TITLE,
+            "dicom_host": "127.0.0.1",
+            "dicom_port": 0,  # the OS picks a free port
+            "network_timeout": 10,
+            "min_free_bytes": 0,
+        }
+        settings = Settings(**(values | overrides))
+        session_factory = make_session_factory(settings)
+        engines.append(session_factory.kw["bind"])
+        Base.metadata.create_all(session_factory.kw["bind"])
+        server = start_listener(settings, session_factory)
+        servers.append(server)
+        return Listener(settings, session_factory, server.server_address[1])
+
+    yield _start
+    for server in servers:
+        server.shutdown()
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> list[Path]:
+    return write_series(tmp_path / "sent")
+
+
+def storescu(listener: Listener, propose: str, paths: list[Path]) -> None:
+    """Send with dcmtk, proposing only the given transfer syntax (and the uncompressed ones)."""
+    done = subprocess.run(
+        [STORESCU, "-R", propose, "-aet", "DCMTK", "-aec", AE_TITLE, "127.0.0.1", str(listener.port), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def assert_stored(listener: Listener, paths: list[Path], transfer_syntax: str, calling_aet: str) -> None:
+    """Each file is on disk with the sent dataset bytes, and recorded with its headers."""
+    instances = {row.sop_instance_uid: row for row in listener.rows(Instance)}
+    assert len(instances) == len(paths)
+    for path in paths:
+        sent = pydicom.dcmread(path, stop_before_pixels=True)
+        row = instances[sent.SOPInstanceUID]
+        stored_path = Path(row.path)
+        assert stored_path.is_relative_to(listener.settings.storage_root)
+        stored = pydicom.dcmread(stored_path)
+        assert stored.file_meta.TransferSyntaxUID == transfer_syntax
+        assert stored.file_meta.MediaStorageSOPInstanceUID == sent.SOPInstanceUID
+        assert dataset_bytes(stored_path) == dataset_bytes(path)
+        assert row.transfer_syntax_uid == transfer_syntax
+        assert row.size_bytes == stored_path.stat().st_size
+        assert (row.source, row.calling_aet, row.receive_count) == ("dicom", calling_aet, 1)
+        [header] = row.headers
+        assert header["sop_instance_uid"] == sent.SOPInstanceUID and header["transfer_syntax_uid"] == transfer_syntax
+        assert (header["rows"], header["position"]) == (64, list(map(float, sent.ImagePositionPatient)))
+    [study] = listener.rows(Study)
+    [series] = listener.rows(Series)
+    assert study.study_uid == sent.StudyInstanceUID and study.instance_count == len(paths)
+    assert (study.accession_number, study.study_date, study.patient_sex) == ("ACC1", "20240102", "F")
+    assert series.series_uid == sent.SeriesInstanceUID and series.instance_count == len(paths)
+    assert (series.modality, series.series_number) == ("CT", 3)
+
+
+# --- verification --------------------------------------------------------------------------
+
+
+def test_echo_pynetdicom(start: Callable[..., Listener]) -> None:
+    assoc = start().associate()
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == STATUS_SUCCESS
+    assoc.release()
+
+
+def test_echo_dcmtk(start: Callable[..., Listener]) -> None:
+    listener_ = start()
+    done = subprocess.run(
+        [ECHOSCU, "-aet", CALLING_AET, "-aec", AE_TITLE, "127.0.0.1", str(listener_.port)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# --- storing -------------------------------------------------------------------------------
+
+
+def test_store_series_pynetdicom(start: Callable[..., Listener], series: list[Path]) -> None:
+    listener_ = start()
+    assert listener_.store(series) == [STATUS_SUCCESS] * len(series)
+    assert_stored(listener_, series, ExplicitVRLittleEndian, CALLING_AET)
+
+
+@pytest.mark.parametrize(
+    ("transfer_syntax", "propose"),
+    [(ExplicitVRLittleEndian, "-xe"), (RLELossless, "-xr"), (JPEG2000Lossless, "-xv")],
+    ids=["explicit-le", "rle", "j2k-lossless"],
+)
+def test_store_series_dcmtk(
+    start: Callable[..., Listener], tmp_path: Path, transfer_syntax: str, propose: str
+) -> None:
+    listener_ = start()
+    paths = write_series(tmp_path / "sent", transfer_syntax=transfer_syntax)
+    storescu(listener_, propose, paths)
+    assert_stored(listener_, paths, transfer_syntax, "DCMTK")
+
+
+def test_deflated_dataset_is_kept_deflated(start: Callable[..., Listener], series: list[Path]) -> None:
+    """dcmtk deflates on the fly; the stored file keeps the deflated bytes and reads back equal."""
+    listener_ = start()
+    storescu(listener_, "-xd", series[:1])
+    [row] = listener_.rows(Instance)
+    assert row.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    stored, sent = pydicom.dcmread(row.path), pydicom.dcmread(series[0])
+    assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert stored.PixelData == sent.PixelData and stored.SOPInstanceUID == sent.SOPInstanceUID
+
+
+def test_resend_is_idempotent(start: Callable[..., Listener], series: list[Path]) -> None:
+    listener_ = start()
+    assert listener_.store(series[:1]) == [STATUS_SUCCESS]
+    assert listener_.store(series[:1]) == [STATUS_SUCCESS]
+    [row] = listener_.rows(Instance)
+    assert row.receive_count == 2
+    [study] = listener_.rows(Study)
+    assert study.instance_count == 1
+    assert dataset_bytes(Path(row.path)) == dataset_bytes(series[0])
+
+
+def test_non_ct_instance_is_stored(start: Callable[..., Listener], tmp_path: Path) -> None:
+    listener_ = start()
+    paths = write_series(tmp_path / "mr", 1, sop_class=MRImageStorage, modality="MR")
+    assert listener_.store(paths) == [STATUS_SUCCESS]
+    [row] = listener_.rows(Instance)
+    assert row.sop_class_uid == MRImageStorage
+    assert dataset_bytes(Path(row.path)) == dataset_bytes(paths[0])
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["SOPInstanceUID", "StudyInstanceUID"])
+def test_missing_uid_cannot_be_understood(
+    start: Callable[..., Listener], tmp_path: Path, series: list[Path], missing: str
+) -> None:
+    listener_ = start()
+    ds = pydicom.dcmread(series[0])
+    del ds[missing]
+    bad = tmp_path / "bad.dcm"
+    write_file(ds, bad)
+    assert listener_.store([bad]) == [STATUS_CANNOT_UNDERSTAND]
+    assert listener_.count(Instance) == 0
+    [kept] = listener_.rows(QuarantinedFile)
+    assert missing in kept.reason and kept.calling_aet == CALLING_AET
+    assert Path(kept.path).read_bytes().endswith(dataset_bytes(bad))
+    # the listener keeps serving the next association
+    assert listener_.store(series) == [STATUS_SUCCESS] * len(series)
+
+
+def test_undecodable_dataset_is_quarantined(start: Callable[..., Listener], tmp_path: Path) -> None:
+    listener_ = start()
+    ds = ct_slice(generate_uid(), generate_uid(), 0)
+    good = tmp_path / "good.dcm"
+    write_file(ds, good)
+    # SOP Class UID with a VR that does not exist: pydicom cannot decode the element.
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(good.read_bytes().replace(b"\x08\x00\x16\x00UI", b"\x08\x00\x16\x00ZZ"))
+    assert bad.read_bytes() != good.read_bytes()
+    assert listener_.store([bad]) == [STATUS_CANNOT_UNDERSTAND]
+    assert listener_.count(Instance) == 0
+    [kept] = listener_.rows(QuarantinedFile)
+    assert "decoded" in kept.reason
+    assert Path(kept.path).read_bytes().endswith(dataset_bytes(bad))
+
+
+def test_disk_full_is_out_of_resources(start: Callable[..., Listener], series: list[Path]) -> None:
+    listener_ = start(min_free_bytes=2**62)
+    assert listener_.store(series[:1]) == [STATUS_OUT_OF_RESOURCES]
+    assert listener_.count(Instance) == listener_.count(Study) == 0
+    assert not list(listener_.settings.storage_root.rglob("*.dcm"))
+
+
+def test_database_unavailable_is_out_of_resources(start: Callable[..., Listener], series: list[Path]) -> None:
+    listener_ = start()
+    with listener_.session_factory.begin() as session:
+        session.execute(text("DROP TABLE instances"))
+    assert listener_.store(series[:1]) == [STATUS_OUT_OF_RESOURCES]
+    assert listener_.count(Study) == 0  # the whole record was rolled back
+    # the database comes back; the sender's retry is recorded
+    Base.metadata.create_all(listener_.session_factory.kw["bind"])
+    assert listener_.store(series) == [STATUS_SUCCESS] * len(series)
+    assert listener_.count(Instance) == len(series)
+
+
+def test_database_unreachable_is_out_of_resources(
+    start: Callable[..., Listener], tmp_path: Path, series: list[Path]
+) -> None:
+    listener_ = start()
+    listener_.session_factory.configure(
+        bind=make_session_factory(Settings(database_url=f"sqlite:///{tmp_path}/missing/dir/db.sqlite")).kw["bind"]
+    )
+    assert listener_.store(series[:1]) == [STATUS_OUT_OF_RESOURCES]
+
+
+def test_unexpected_error_fails_and_keeps_serving(
+    start: Callable[..., Listener], series: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener_ = start()
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError(f"boom {PATIENT_NAME}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(listener, "store_instance", broken)
+        with caplog.at_level(logging.ERROR, logger=listener.__name__):
+            assert listener_.store(series[:1]) == [STATUS_CANNOT_UNDERSTAND]
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.error == "RuntimeError" and "broken" in record.stack  # type: ignore[attr-defined]
+    assert PATIENT_NAME not in repr(record.__dict__)
+    assert listener_.store(series) == [STATUS_SUCCESS] * len(series)
+
+
+# --- association negotiation ---------------------------------------------------------------
+
+
+def test_calling_aet_allow_list(start: Callable[..., Listener], series: list[Path]) -> None:
+    listener_ = start(allowed_calling_aets=[CALLING_AET])
+    assert listener_.associate(ae_title="INTRUDER").is_rejected
+    assert listener_.store(series[:1], ae_title=CALLING_AET) == [STATUS_SUCCESS]
+
+
+def test_wrong_called_aet_is_rejected(start: Callable[..., Listener]) -> None:
+    assert start().associate(called="SOMEONE").is_rejected
+
+
+# --- logging -------------------------------------------------------------------------------
+
+
+def test_logs_carry_no_patient_data(
+    start: Callable[..., Listener], tmp_path: Path, series: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    listener_ = start()
+    ds = pydicom.dcmread(series[0])
+    del ds.StudyInstanceUID
+    bad = tmp_path / "bad.dcm"
+    write_file(ds, bad)
+    with caplog.at_level(logging.DEBUG, logger=listener.__name__):
+        assert listener_.store([*series, bad]) == [STATUS_SUCCESS] * len(series) + [STATUS_CANNOT_UNDERSTAND]
+        # the per-association count is logged at info when the connection closes
+        deadline = time.monotonic() + 5
+        while not any(getattr(r, "stored", None) == len(series) for r in caplog.records):
+            assert time.monotonic() < deadline, "no association summary logged"
+            time.sleep(0.02)
+    summary = next(r for r in caplog.records if getattr(r, "stored", None) is not None)
+    assert (summary.levelno, summary.failed, summary.calling_aet) == (logging.INFO, 1, CALLING_AET)
+    for record in caplog.records:
+        logged = repr(record.__dict__)
+        for secret in (PATIENT_NAME, PATIENT_ID, BIRTH_DATE):
+            assert secret not in logged
+

@@ -1,0 +1,266 @@
+"""The embedded service end to end: `cttriage serve` as a real process, studies pushed over DICOM
+(pynetdicom SCU and dcmtk's storescu) and HTTP, scores read back from the worklist API.
+
+One service instance serves the whole module; every study pushed here must end in its expected
+state with its reason, and the listener must keep serving after the bad ones.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from pydicom.uid import RLELossless, generate_uid
+from pynetdicom import AE
+
+from app.dicom.push import push_files
+from tests.conftest import dcmtk_storescu, free_port, write_phantom_study
+from tests.service_process import ServiceProcess, cttriage, wait_for_state, wait_healthy, wait_until
+
+#: Small but anatomically complete phantoms keep the module fast on 2 cores.
+SMALL = {"slices": 48, "rows": 192, "columns": 192, "pixel_spacing": 1.9, "slice_spacing": 6.0}
+
+
+@dataclass
+class Service:
+    api: str
+    dicom_port: int
+    process: ServiceProcess
+    data_dir: Path
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    root = tmp_path_factory.mktemp("embedded")
+    api_port, dicom_port = free_port(), free_port()
+    env = {
+        "CTTRIAGE_DATA_DIR": str(root / "data"),
+        "CTTRIAGE_API_PORT": str(api_port),
+        "CTTRIAGE_DICOM_PORT": str(dicom_port),
+        "CTTRIAGE_SETTLE_SECONDS": "3",
+        "CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS": "0.5",
+        "CTTRIAGE_MIN_FREE_BYTES": "0",
+    }
+    process = ServiceProcess(cttriage("serve"), env, root / "service.log").start()
+    api = f"http://127.0.0.1:{api_port}"
+    try:
+        wait_healthy(api, timeout=90, logs=process.log)
+        yield Service(api, dicom_port, process, root / "data")
+    finally:
+        process.stop()
+
+
+def study_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.dcm"))
+
+
+def assert_matches_truth(study: dict[str, Any], truth: dict[str, Any]) -> None:
+    assert study["state"] == "scored", study
+    result = study["results"][-1]
+    assert study["method"] == "threshold" and study["identification"] is None
+    # left/right not swapped, each within 3 percentage points of the phantom's ground truth
+    assert abs(study["severity_left"] - truth["severity_left"]) <= 3.0, (study, truth)
+    assert abs(study["severity_right"] - truth["severity_right"]) <= 3.0, (study, truth)
+    assert abs(study["severity"] - max(truth["severity_left"], truth["severity_right"])) <= 3.0
+    for side in ("left", "right"):
+        measured, true = result[f"lung_volume_{side}_ml"], truth[f"lung_volume_{side}_ml"]
+        assert abs(measured - true) <= 0.05 * true, (side, measured, true)
+    assert {"select", "load", "lungs", "lesions", "severity"} <= set(result["timings"])
+    assert study["model_version"]
+
+
+def test_pynetdicom_push_is_scored_like_the_truth(service: Service, tmp_path: Path) -> None:
+    truth = write_phantom_study(tmp_path, severity_left=32.0, severity_right=6.0, seed=11, **SMALL)
+    statuses = push_files(study_files(tmp_path), host="127.0.0.1", port=service.dicom_port)
+    assert set(statuses) == {0}
+    study = wait_for_state(service.api, truth["study_instance_uid"], logs=service.process.log)
+    assert_matches_truth(study, truth)
+    assert study["severity_band"] == 2 and study["severity_left"] > study["severity_right"]
+    [chosen] = [s for s in study["series"] if s["chosen"]]
+    assert chosen["series_uid"] == truth["series_instance_uid"]
+
+
+def test_dcmtk_storescu_compressed_and_mirrored_study(service: Service, tmp_path: Path) -> None:
+    """A real PACS-side client, RLE-compressed pixel data, and rows stored mirrored (right lung
+    diseased): left/right must follow the patient, not the image."""
+    truth = write_phantom_study(tmp_path, severity_left=3.0, severity_right=55.0, seed=12, flip_lr=True,
+                                transfer_syntax=RLELossless, **SMALL)
+    result = dcmtk_storescu(study_files(tmp_path), service.dicom_port)
+    assert result.returncode == 0, result.stderr
+    study = wait_for_state(service.api, truth["study_instance_uid"], logs=service.process.log)
+    assert_matches_truth(study, truth)
+    assert study["severity_band"] == 3 and study["severity_right"] > study["severity_left"]
+
+
+def test_worklist_puts_the_most_severe_first(service: Service, tmp_path: Path) -> None:
+    mild = write_phantom_study(tmp_path / "mild", severity_left=8.0, severity_right=4.0, seed=13, **SMALL)
+    severe = write_phantom_study(tmp_path / "severe", severity_left=10.0, severity_right=78.0, seed=14, **SMALL)
+    for folder in ("mild", "severe"):
+        assert set(push_files(study_files(tmp_path / folder), host="127.0.0.1", port=service.dicom_port)) == {0}
+    for truth in (mild, severe):
+        wait_for_state(service.api, truth["study_instance_uid"], logs=service.process.log)
+    items = httpx.get(f"{service.api}/api/worklist", params={"state": "scored", "limit": 500}).json()["items"]
+    order = [i["study_uid"] for i in items]
+    assert order.index(severe["study_instance_uid"]) < order.index(mild["study_instance_uid"])
+    priorities = [i["priority"] for i in items]
+    assert priorities == sorted(priorities, reverse=True)
+    assert items[0]["severity_band"] == 4
+    page = httpx.get(f"{service.api}/").text
+    assert "worklist" in page.lower()
+
+
+def test_http_upload_of_a_zip_takes_the_same_path(service: Service, tmp_path: Path) -> None:
+    truth = write_phantom_study(tmp_path / "s", severity_left=20.0, severity_right=20.0, seed=15, **SMALL)
+    archive = shutil.make_archive(str(tmp_path / "study"), "zip", tmp_path / "s")
+    with open(archive, "rb") as fh:
+        response = httpx.post(f"{service.api}/api/studies", files=[("files", ("study.zip", fh, "application/zip"))],
+                              timeout=60)
+    assert response.status_code == 202, response.text
+    assert response.json()["stored"] == truth["files"]
+    study = wait_for_state(service.api, truth["study_instance_uid"], logs=service.process.log)
+    assert_matches_truth(study, truth)
+
+
+def test_late_instance_rescores_the_same_row(service: Service, tmp_path: Path) -> None:
+    truth = write_phantom_study(tmp_path, severity_left=15.0, severity_right=2.0, seed=16, **SMALL)
+    files = study_files(tmp_path)
+    assert set(push_files(files[:-1], host="127.0.0.1", port=service.dicom_port)) == {0}
+    first = wait_for_state(service.api, truth["study_instance_uid"], logs=service.process.log)
+    # The study was scored or rejected without its last slice; the late slice reopens it.
+    assert set(push_files(files[-1:], host="127.0.0.1", port=service.dicom_port)) == {0}
+    uid = truth["study_instance_uid"]
+
+    def rescored() -> dict[str, Any] | None:
+        body = httpx.get(f"{service.api}/api/studies/{uid}").json()
+        return body if body["version"] > first["version"] and body["state"] == "scored" else None
+
+    study = wait_until(rescored, 240, "the rescore", logs=service.process.log)
+    assert_matches_truth(study, truth)
+    assert study["instance_count"] == truth["files"]
+    rows = httpx.get(f"{service.api}/api/worklist", params={"limit": 500}).json()["items"]
+    assert [r["study_uid"] for r in rows].count(uid) == 1
+
+
+def test_explicit_rescore(service: Service, tmp_path: Path) -> None:
+    truth = write_phantom_study(tmp_path, severity_left=5.0, severity_right=5.0, seed=17, **SMALL)
+    push_files(study_files(tmp_path), host="127.0.0.1", port=service.dicom_port)
+    uid = truth["study_instance_uid"]
+    wait_for_state(service.api, uid, logs=service.process.log)
+    response = httpx.post(f"{service.api}/api/studies/{uid}/rescore")
+    assert response.status_code == 202 and response.json()["enqueued"] is True
+    study = wait_until(lambda: (b := httpx.get(f"{service.api}/api/studies/{uid}").json())["state"] == "scored"
+                       and len(b["results"]) == 2 and b, 240, "the rescore", logs=service.process.log)
+    assert [r["study_version"] for r in study["results"]] == [1, 2]
+    assert httpx.post(f"{service.api}/api/studies/1.2.3.404/rescore").status_code == 404
+
+
+# --- bad input: each gets its clear state and reason; nothing received is lost -------------
+
+
+def _edit_series(src: Path, dst: Path, edit: Any) -> list[Path]:
+    """Copy a phantom series with new UIDs, letting ``edit(index, ds)`` change or drop (None) slices."""
+    dst.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out = []
+    for i, path in enumerate(study_files(src)):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds = edit(i, ds)
+        if ds is not None:
+            target = dst / path.name
+            ds.save_as(target, enforce_file_format=True)
+            out.append(target)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("base")
+    write_phantom_study(folder, severity_left=10.0, severity_right=10.0, seed=21, **SMALL)
+    return folder
+
+
+def _without_pixels(i: int, ds: pydicom.Dataset) -> pydicom.Dataset:
+    del ds.PixelData
+    return ds
+
+
+BAD_CASES: dict[str, tuple[Any, str]] = {
+    "gap": (lambda i, ds: None if i in (20, 21) else ds, "gap"),
+    "single_slice": (lambda i, ds: ds if i == 0 else None, "fewer than"),
+    "not_ct": (lambda i, ds: (setattr(ds, "Modality", "MR") or ds), "not CT"),
+    "no_pixels": (_without_pixels, "pixel data"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_series_is_rejected_with_a_reason(service: Service, base_series: Path, tmp_path: Path, case: str) -> None:
+    edit, expected_reason = BAD_CASES[case]
+    files = _edit_series(base_series, tmp_path, edit)
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert set(push_files(files, host="127.0.0.1", port=service.dicom_port)) == {0}
+    study = wait_for_state(service.api, uid, logs=service.process.log)
+    assert study["state"] == "rejected", study
+    assert expected_reason.lower() in study["reason"].lower(), study["reason"]
+    assert study["instance_count"] == len(files)
+    for f in files:  # nothing received is lost
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        stored = list((service.data_dir / "storage").rglob(f"{ds.SOPInstanceUID}.dcm"))
+        assert len(stored) == 1
+
+
+def test_duplicate_positions_are_rejected(service: Service, base_series: Path, tmp_path: Path) -> None:
+    positions: dict[int, Any] = {}
+
+    def edit(i: int, ds: pydicom.Dataset) -> pydicom.Dataset:
+        positions[i] = ds.ImagePositionPatient
+        if i == 11:
+            ds.ImagePositionPatient = positions[10]
+        return ds
+
+    files = _edit_series(base_series, tmp_path, edit)
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    push_files(files, host="127.0.0.1", port=service.dicom_port)
+    study = wait_for_state(service.api, uid, logs=service.process.log)
+    assert study["state"] == "rejected"
+    assert "duplicate" in study["reason"].lower() or "spacing" in study["reason"].lower(), study["reason"]
+
+
+def test_non_dicom_and_truncated_uploads(service: Service, base_series: Path) -> None:
+    garbage = httpx.post(f"{service.api}/api/studies", files=[("files", ("notes.txt", b"not a dicom file", "text/plain"))])
+    assert garbage.status_code == 400
+    assert garbage.headers["content-type"].startswith("application/problem+json")
+    assert "not a readable DICOM" in garbage.json()["files"][0]["error"]
+    quarantined = httpx.get(f"{service.api}/api/quarantine").json()
+    assert any(q["original_name"] == "notes.txt" and "DICOM" in q["reason"] for q in quarantined)
+
+    # a truncated instance: header readable, pixel data cut short -> stored, study rejected
+    files = _edit_series(base_series, base_series.parent / "trunc", lambda i, ds: ds)
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    payloads = [(f.name, f.read_bytes()) for f in files]
+    name, data = payloads[5]
+    payloads[5] = (name, data[: len(data) - 5000])
+    response = httpx.post(f"{service.api}/api/studies",
+                          files=[("files", (n, io.BytesIO(d), "application/dicom")) for n, d in payloads], timeout=60)
+    assert response.status_code in (202, 400), response.text
+    study = wait_for_state(service.api, uid, logs=service.process.log)
+    assert study["state"] == "rejected", study
+    assert any(w in study["reason"].lower() for w in ("pixel", "truncat", "read")), study["reason"]
+
+
+def test_listener_still_serves_after_bad_input(service: Service) -> None:
+    ae = AE(ae_title="CHECK")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", service.dicom_port, ae_title="CTTRIAGE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+    assert service.process.alive()

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from app.priority import priority_score, severity_band
+
+
+@pytest.mark.parametrize(
+    ("severity", "band"),
+    [(0.0, 0), (0.01, 1), (24.9, 1), (25.0, 2), (49.99, 2), (50.0, 3), (74.9, 3), (75.0, 4), (100.0, 4)],
+)
+def test_moscow_bands(severity: float, band: int) -> None:
+    assert severity_band(severity) == band
+
+
+def test_band_dominates_identification() -> None:
+    assert priority_score(30.0, 0.0) > priority_score(24.0, 1.0)
+    assert priority_score(80.0, None) > priority_score(74.0, 0.99)
+
+
+def test_identification_orders_within_band_and_unknown_is_neutral() -> None:
+    assert priority_score(30.0, 0.9) > priority_score(30.0, None) > priority_score(30.0, 0.1)
+
+
+def test_severity_breaks_ties() -> None:
+    assert priority_score(40.0, 0.5) > priority_score(30.0, 0.5)
+
+
+def test_configurable_edges() -> None:
+    assert severity_band(15.0, edges=(0.0, 10.0, 20.0, 30.0)) == 2

@@ -1,0 +1,222 @@
+"""select_series: every rule, the ranking, and the reasons an admin reads."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from app.errors import NoUsableSeriesError
+from models.dicom_headers import SliceHeader, slice_headers
+from models.phantom import (
+    PhantomSpec,
+    PhantomStudy,
+    enhanced_dataset,
+    phantom_datasets,
+    phantom_volume,
+    scout_dataset,
+    thick_datasets,
+)
+from worker.series_selection import select_series
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-dicom"
+
+BASE = SliceHeader(
+    sop_instance_uid="",
+    frame=None,
+    study_uid="1.2.840.1",
+    series_uid="",
+    sop_class_uid=CTImageStorage,
+    modality="CT",
+    series_number=None,
+    series_description="CHEST",
+    image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+    orientation=AXIAL,
+    position=None,
+    rows=512,
+    columns=512,
+    pixel_spacing=(0.7, 0.7),
+    slice_thickness=None,
+    has_pixel_data=True,
+    transfer_syntax_uid=ExplicitVRLittleEndian,
+)
+
+
+def tilted(degrees: float) -> tuple[float, ...]:
+    """An axial-ish plane rotated about x: its normal is ``degrees`` off the head-foot axis."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return (1.0, 0.0, 0.0, 0.0, c, s)
+
+
+def series(
+    number: int, n: int = 64, spacing: float = 1.5, orientation: tuple[float, ...] = AXIAL, **changes
+) -> list[SliceHeader]:
+    """``n`` evenly spaced slices along the plane's normal, with ``changes`` applied to all."""
+    normal = np.cross(orientation[:3], orientation[3:6])
+    thickness = changes.pop("slice_thickness", spacing)
+    return [
+        replace(
+            BASE,
+            sop_instance_uid=f"1.2.840.{number}.{k}",
+            series_uid=f"1.2.840.{number}",
+            series_number=number,
+            orientation=orientation,
+            position=tuple(float(v) for v in np.array([-180.0, -180.0, -300.0]) + k * spacing * normal),
+            slice_thickness=thickness,
+            **changes,
+        )
+        for k in range(n)
+    ]
+
+
+def decision(selection, number: int):
+    return next(d for d in selection.decisions if d.series_number == number)
+
+
+def test_prefers_thinner_slices_then_more_slices() -> None:
+    sel = select_series(
+        series(2, 200, 1.5) + series(3, 60, 5.0) + series(4, 150, 1.5) + series(5, 200, 1.0, slice_thickness=2.0)
+    )
+    assert sel.chosen == "1.2.840.2" and sel.reason_if_none() is None
+    assert decision(sel, 2).chosen and decision(sel, 2).reason is None
+    assert decision(sel, 3).reason == "thicker slices than series 2 (5.0 mm vs 1.5 mm)"
+    assert decision(sel, 4).reason == "fewer slices than series 2 (150 vs 200)"
+    assert decision(sel, 5).reason == "thicker slices than series 2 (2.0 mm vs 1.5 mm)", "thickness, not spacing, ranks"
+    d = decision(sel, 3)
+    assert (d.slice_count, d.slice_spacing_mm, d.thickness, d.description) == (60, 5.0, 5.0, "CHEST")
+    assert [d.series_number for d in sel.decisions] == [2, 3, 4, 5]
+    json.dumps([d.to_dict() for d in sel.decisions])
+
+
+def _gap(headers: list[SliceHeader]) -> list[SliceHeader]:
+    return headers[:20] + headers[21:]
+
+
+def _duplicate(headers: list[SliceHeader]) -> list[SliceHeader]:
+    headers[11] = replace(headers[11], position=headers[10].position)
+    return headers
+
+
+def _one_smaller(headers: list[SliceHeader]) -> list[SliceHeader]:
+    headers[5] = replace(headers[5], rows=256, columns=256)
+    return headers
+
+
+def _no_pixels(headers: list[SliceHeader]) -> list[SliceHeader]:
+    headers[3] = replace(headers[3], has_pixel_data=False)
+    return headers
+
+
+def _moved(headers: list[SliceHeader], dy: Sequence[float] = (), dz: Sequence[float] = ()) -> list[SliceHeader]:
+    """Positions shifted by ``dy[k]`` and ``dz[k]`` mm (zeros where not given)."""
+    dy = list(dy) or [0.0] * len(headers)
+    dz = list(dz) or [0.0] * len(headers)
+    return [
+        replace(h, position=(h.position[0], h.position[1] + a, h.position[2] + b))
+        for h, a, b in zip(headers, dy, dz, strict=True)
+    ]
+
+
+def _sheared(headers: list[SliceHeader]) -> list[SliceHeader]:
+    return _moved(headers, dy=[0.3 * k * 1.5 for k in range(len(headers))])
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        (series(7, modality="MR"), "modality MR is not CT"),
+        (series(7, modality=""), "modality missing is not CT"),
+        (series(7, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), "localizer/scout (ImageType LOCALIZER)"),
+        (
+            series(7, orientation=CORONAL),
+            "not axial (slice normal 90 degrees from the head-foot axis; orientation 1,0,0,0,0,-1)",
+        ),
+        (series(7, orientation=tilted(20.0)), "not axial (slice normal 20 degrees"),
+        ([replace(h, orientation=None) for h in series(7)], "no ImageOrientationPatient"),
+        (series(7, n=12), "12 slices, fewer than 32"),
+        (_gap(series(7)), "non-uniform slice spacing (1.50-3.00 mm): gap of 3.00 mm between slices 20 and 21 of 63"),
+        (_duplicate(series(7)), "1 duplicate slice position; first: slices 11 and 12 of 64"),
+        (_one_smaller(series(7)), "slices differ in size (512x512 and 256x256)"),
+        (_no_pixels(series(7)), "1 instance without pixel data"),
+        (_sheared(series(7)), "slice positions run 16.7 degrees off the slice normal (gantry tilt"),
+    ],
+    ids=["mr", "no-modality", "localizer", "coronal", "tilted-plane", "no-orientation", "too-few", "gap", "duplicate",
+         "mixed-size", "no-pixels", "gantry-tilt"],
+)
+def test_each_rule_passes_a_series_over_with_its_reason(headers: list[SliceHeader], reason: str) -> None:
+    alone = select_series(headers)
+    assert alone.chosen is None
+    assert decision(alone, 7).reason.startswith(reason), decision(alone, 7).reason
+    assert alone.reason_if_none() == f"no usable series: series 7 ({decision(alone, 7).reason})"
+    with pytest.raises(NoUsableSeriesError, match="no usable series: series 7"):
+        alone.require()
+    # The same series beside a good one: the good one wins, the bad one keeps its own reason.
+    both = select_series(headers + series(8, 40, 3.0))
+    assert both.require() == "1.2.840.8"
+    assert decision(both, 7).reason.startswith(reason)
+
+
+def test_slightly_oblique_axial_and_rounded_positions_are_accepted() -> None:
+    headers = series(2, orientation=tilted(6.0))
+    jitter = np.random.default_rng(0).uniform(-0.05, 0.05, len(headers))
+    headers = _moved(headers, dz=jitter)
+    assert select_series(headers).chosen == "1.2.840.2"
+
+
+def test_min_slices_is_configurable_and_resent_instances_count_once() -> None:
+    headers = series(2, n=20)
+    assert select_series(headers + headers[:5]).chosen is None, "20 distinct slices"
+    assert select_series(headers + headers[:5], min_slices=20).chosen == "1.2.840.2"
+
+
+def test_reason_if_none_lists_every_series() -> None:
+    sel = select_series(series(3, n=12) + series(900, n=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")))
+    assert sel.reason_if_none() == (
+        "no usable series: series 3 (12 slices, fewer than 32); series 900 (localizer/scout (ImageType LOCALIZER))"
+    )
+    assert select_series([]).reason_if_none() == "no usable series: the study has no image instances"
+    unnumbered = select_series([replace(h, series_number=None) for h in series(4, n=3)])
+    assert unnumbered.reason_if_none() == "no usable series: series (no number) (3 slices, fewer than 32)"
+
+
+def test_phantom_study_with_scout_thin_thick_and_enhanced_series() -> None:
+    spec = PhantomSpec(rows=64, columns=64, pixel_spacing=5.6, slices=40, slice_spacing=2.5)
+    phantom = phantom_volume(spec)
+    study = PhantomStudy("1.2.840.99")
+    datasets = (
+        phantom_datasets(phantom, spec, study_uid=study.study_uid, series_uid="1.2.840.99.2", series_number=2)
+        + thick_datasets(phantom, spec, 5.0, study=study, series_uid="1.2.840.99.3", series_number=3)
+        + [scout_dataset(phantom, spec, study=study, series_number=1)]
+        + [enhanced_dataset(phantom, spec, study=study, series_uid="1.2.840.99.4", series_number=4)]
+    )
+    assert {ds.StudyInstanceUID for ds in datasets} == {"1.2.840.99"}
+    assert len({ds.FrameOfReferenceUID for ds in datasets}) == 1
+    sel = select_series([h for ds in datasets for h in slice_headers(ds)], min_slices=16)
+    assert sel.chosen == "1.2.840.99.2"
+    assert decision(sel, 1).reason == "localizer/scout (ImageType LOCALIZER)"
+    assert decision(sel, 3).reason == "thicker slices than series 2 (5.0 mm vs 2.5 mm)"
+    assert decision(sel, 4).reason == "equivalent to series 2, which was preferred"
+    assert decision(sel, 4).slice_count == 40, "enhanced CT counts frames"
+
+
+def test_real_data_single_slices_and_short_series_are_rejected() -> None:
+    if not REAL.is_dir():
+        pytest.skip(f"real test data not present at {REAL}")
+    siemens = [pydicom.dcmread(f) for f in sorted((REAL / "totalsegmentator-example-ct").iterdir())]
+    sel = select_series([h for ds in siemens for h in slice_headers(ds)])
+    assert sel.reason_if_none() == "no usable series: series (no number) (20 slices, fewer than 32)"
+    assert select_series([h for ds in siemens for h in slice_headers(ds)], min_slices=20).chosen is not None
+    for path in sorted((REAL / "covid19-ny-sbu").glob("*.dcm")):
+        sel = select_series(slice_headers(pydicom.dcmread(path)))
+        assert sel.chosen is None
+        expected = "not axial" if "Chest" in path.name else "1 slice, fewer than 32"
+        assert expected in sel.reason_if_none(), (path.name, sel.reason_if_none())

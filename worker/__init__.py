@@ -1,0 +1,1 @@
+"""Celery app, scoring task and the scoring pipeline."""

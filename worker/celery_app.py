@@ -1,0 +1,71 @@
+"""The Celery application: built from settings, with the scoring task registered on it.
+
+Delivery is at-least-once: tasks are acknowledged after they finish (``acks_late``) and handed
+back if the worker process dies (``reject_on_worker_lost``); :mod:`worker.jobs` makes a repeated
+delivery harmless. Scoring goes to ``settings.scoring_queue`` (GPU workers in production).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from celery import Celery, Task
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.session import make_session_factory
+from app.settings import Settings
+
+SCORE_TASK = "cttriage.score_study"
+#: Retries of a task that hit a transient error (database or broker), with exponential backoff.
+MAX_TRANSIENT_RETRIES = 8
+
+
+class WorkerResources:
+    """Per-process resources of a worker (database pool), built on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def session_factory(self) -> sessionmaker[Session]:
+        return make_session_factory(self.settings)
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("cttriage", broker=settings.celery_broker_url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="default",
+        task_routes={SCORE_TASK: {"queue": settings.scoring_queue}},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # Publishing must fail fast when the broker is down: the job stays in the outbox.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2},
+        # Redis redelivers an unacknowledged task after this long; it must outlast a scoring.
+        broker_transport_options=(
+            {} if settings.embedded_broker else {"visibility_timeout": int(settings.processing_timeout_seconds) + 60}
+        ),
+        worker_hijack_root_logger=False,
+    )
+    resources = WorkerResources(settings)
+
+    @app.task(name=SCORE_TASK, bind=True, max_retries=MAX_TRANSIENT_RETRIES)
+    def score_study_task(self: Task, job_id: int) -> dict[str, Any]:
+        from worker.jobs import run_job  # heavy imports (numpy, scipy) only in workers
+
+        try:
+            outcome = run_job(job_id, resources.session_factory, resources.settings, worker=self.request.hostname)
+        except DBAPIError as exc:
+            raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 60)) from exc
+        return {"job_id": outcome.job_id, "status": outcome.status}
+
+    return app
+
+
+def enqueue_scoring(app: Celery, settings: Settings, job_id: int) -> str:
+    return str(app.send_task(SCORE_TASK, args=[job_id], queue=settings.scoring_queue).id)

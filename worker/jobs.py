@@ -1,0 +1,171 @@
+"""Running one scoring job against the database: claim, score, write the result once.
+
+This is the body of the Celery task, kept free of Celery so it can be called directly.
+Delivery is at-least-once (late acks), so every step tolerates being run again: a job already
+done is skipped, a result is unique per job, and a job whose study moved on to a newer version
+writes its result to history without touching the study's current scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
+from app.db.upsert import insert_ignore
+from app.errors import StudyRejectedError
+from app.priority import priority_score, severity_band
+from app.settings import Settings
+from models.dicom_headers import SliceHeader
+from worker.pipeline import StudyScore, score_study
+from worker.series_selection import SeriesSelection
+
+log = logging.getLogger(__name__)
+
+FINISHED = (JobState.done.value, JobState.superseded.value, JobState.failed.value)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: int
+    status: str  # scored, rejected, failed, skipped
+    reason: str | None = None
+
+
+def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str) -> Job | None:
+    """Mark the job running and its study processing; None when there is nothing to do."""
+    with session_factory.begin() as session:
+        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+        if job is None or job.state in FINISHED:
+            return None
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        if study.version != job.study_version:
+            job.state = JobState.superseded.value
+            job.finished_at = utcnow()
+            return None
+        job.state = JobState.running.value
+        job.attempts += 1
+        job.started_at = utcnow()
+        job.worker = worker
+        study.state = StudyState.processing.value
+        session.flush()
+        session.expunge(job)
+        return job
+
+
+def study_slices(session_factory: sessionmaker[Session], study_id: int) -> tuple[list[SliceHeader], dict[str, Path]]:
+    with session_factory() as session:
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Instance.path, Instance.headers).where(Instance.study_id == study_id)
+        ).all()
+    slices = [SliceHeader.from_dict(h) for _, _, headers in rows for h in headers]
+    return slices, {uid: Path(path) for uid, path, _ in rows}
+
+
+def record_selection(session_factory: sessionmaker[Session], job: Job, selection: SeriesSelection) -> None:
+    with session_factory.begin() as session:
+        for decision in selection.decisions:
+            session.execute(
+                update(Series)
+                .where(Series.series_uid == decision.series_uid, Series.study_id == job.study_id)
+                .values(chosen=decision.chosen, skip_reason=decision.reason, slice_count=decision.slice_count,
+                        slice_spacing_mm=decision.slice_spacing_mm)
+            )
+        session.execute(
+            update(Study)
+            .where(Study.id == job.study_id, Study.version == job.study_version)
+            .values(chosen_series_uid=selection.chosen)
+        )
+
+
+def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: StudyState, reason: str) -> None:
+    with session_factory.begin() as session:
+        session.execute(
+            update(Job).where(Job.id == job.id).values(state=JobState.failed.value if state is StudyState.failed
+                                                       else JobState.done.value, error=reason, finished_at=utcnow())
+        )
+        session.execute(
+            update(Study)
+            .where(Study.id == job.study_id, Study.version == job.study_version)
+            .values(state=state.value, reason=reason)
+        )
+
+
+def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyScore, settings: Settings) -> None:
+    sev = score.severity
+    priority = priority_score(sev.severity, score.identification, settings.severity_band_edges)
+    band = severity_band(sev.severity, settings.severity_band_edges)
+    now = utcnow()
+    with session_factory.begin() as session:
+        insert_ignore(
+            session,
+            Result,
+            {
+                "study_id": job.study_id,
+                "job_id": job.id,
+                "study_version": job.study_version,
+                "series_uid": score.series_uid,
+                "method": score.method,
+                "model_version": score.model_version,
+                "identification": score.identification,
+                "severity": sev.severity,
+                "severity_left": sev.severity_left,
+                "severity_right": sev.severity_right,
+                "lung_volume_left_ml": sev.lung_volume_left_ml,
+                "lung_volume_right_ml": sev.lung_volume_right_ml,
+                "lesion_volume_left_ml": sev.lesion_volume_left_ml,
+                "lesion_volume_right_ml": sev.lesion_volume_right_ml,
+                "timings": score.timings,
+                "details": score.details,
+                "created_at": now,
+            },
+            "job_id",
+        )
+        session.execute(
+            update(Job).where(Job.id == job.id)
+            .values(state=JobState.done.value, finished_at=now, timings=score.timings, error=None)
+        )
+        session.execute(
+            update(Study)
+            .where(Study.id == job.study_id, Study.version == job.study_version)
+            .values(state=StudyState.scored.value, reason=None, scored_at=now, identification=score.identification,
+                    severity=sev.severity, severity_left=sev.severity_left, severity_right=sev.severity_right,
+                    severity_band=band, priority=priority, method=score.method, model_version=score.model_version,
+                    chosen_series_uid=score.series_uid)
+        )
+
+
+def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Settings,
+            worker: str | None = None) -> JobOutcome:
+    """Score the study of ``job_id``. Database errors propagate (the task retries them)."""
+    job = claim_job(session_factory, job_id, worker or socket.gethostname())
+    if job is None:
+        return JobOutcome(job_id, "skipped")
+    slices, paths = study_slices(session_factory, job.study_id)
+    try:
+        score = score_study(
+            slices, paths, min_slices=settings.min_slices, inplane_spacing_mm=settings.inplane_spacing_mm,
+            on_selection=lambda selection: record_selection(session_factory, job, selection),
+        )
+    except StudyRejectedError as exc:
+        log.info("study rejected", extra={"job_id": job_id, "reason_type": type(exc).__name__})
+        finish_with_error(session_factory, job, StudyState.rejected, str(exc))
+        return JobOutcome(job_id, "rejected", str(exc))
+    except (DBAPIError, MemoryError):
+        raise  # transient or resource trouble: the task retries, the study stays processing
+    except Exception as exc:  # a bug or an input we did not foresee: fail visibly, keep the data
+        reason = f"scoring failed: {type(exc).__name__}: {exc}"
+        log.exception("scoring failed", extra={"job_id": job_id})
+        finish_with_error(session_factory, job, StudyState.failed, reason)
+        return JobOutcome(job_id, "failed", reason)
+    write_result(session_factory, job, score, settings)
+    log.info("study scored", extra={"job_id": job_id, "severity": round(score.severity.severity, 2),
+                                    "seconds": score.timings.get("total")})
+    return JobOutcome(job_id, "scored")

@@ -1,0 +1,129 @@
+"""The scoring pipeline as explicit steps: select series → load volume → resample → lungs →
+lesions → severity. Each step is a function with explicit inputs and outputs; only
+:func:`read_datasets` touches files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom import Dataset
+
+from app.errors import NoUsableSeriesError, PixelDecodeError
+from models.dicom_headers import SliceHeader
+from models.lesions_threshold import segment_lesions
+from models.lungs_threshold import segment_lungs, split_lungs
+from models.preprocessing import resample_inplane
+from models.severity import LungSeverity, lung_severity
+from models.volume import CtVolume, hu_volume
+from worker.series_selection import SeriesSelection, select_series
+
+METHOD_THRESHOLD = "threshold"
+#: Bump when the threshold method's constants or steps change: results keep the version they used.
+THRESHOLD_MODEL_VERSION = "threshold-1.0"
+THRESHOLD_NOTE = (
+    "Classical HU-threshold lungs and lesions, no trained weights; identification is not "
+    "estimated by this method (null)."
+)
+
+@dataclass
+class StepTimer:
+    """Seconds spent in each named step, in order."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+@dataclass(frozen=True)
+class StudyScore:
+    series_uid: str
+    method: str
+    model_version: str
+    identification: float | None
+    severity: LungSeverity
+    timings: dict[str, float]
+    details: dict[str, Any]
+
+
+def choose_series(slices: Sequence[SliceHeader], min_slices: int) -> SeriesSelection:
+    """Series selection that raises when nothing is usable, with every series' reason."""
+    selection = select_series(slices, min_slices=min_slices)
+    if selection.chosen is None:
+        raise NoUsableSeriesError(selection.reason_if_none())
+    return selection
+
+
+def read_datasets(paths: Sequence[Path]) -> list[Dataset]:
+    """Read the chosen series' files (pixel data decoded later, by hu_volume)."""
+    datasets = []
+    for path in paths:
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except Exception as exc:  # truncated or corrupt file on disk
+            raise PixelDecodeError(f"instance file {path.name} cannot be read: {exc}") from exc
+    return datasets
+
+
+def score_volume(volume: CtVolume, inplane_spacing_mm: float, timer: StepTimer) -> LungSeverity:
+    """Threshold lungs and lesions on a volume resampled in-plane, then per-lung severity."""
+    with timer.step("resample"):
+        hu, spacing = resample_inplane(volume.hu, volume.spacing, target=(inplane_spacing_mm, inplane_spacing_mm))
+    with timer.step("lungs"):
+        lungs = segment_lungs(hu, spacing)
+        labels = split_lungs(lungs, spacing)
+    with timer.step("lesions"):
+        lesions = segment_lesions(hu, labels > 0, spacing)
+    with timer.step("severity"):
+        return lung_severity(labels, lesions, spacing)
+
+
+def score_study(
+    slices: Sequence[SliceHeader],
+    paths: dict[str, Path],
+    *,
+    min_slices: int,
+    inplane_spacing_mm: float,
+    on_selection: Callable[[SeriesSelection], None] | None = None,
+) -> StudyScore:
+    """Score one study from its slice headers and the files of its instances.
+
+    ``on_selection`` lets the caller record series decisions before the (slow) scoring, so a
+    study that later fails still shows which series was chosen and why others were not.
+    """
+    timer = StepTimer()
+    with timer.step("select"):
+        selection = choose_series(slices, min_slices)
+    if on_selection is not None:
+        on_selection(selection)
+    chosen_uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == selection.chosen})
+    with timer.step("load"):
+        volume = hu_volume(read_datasets([paths[uid] for uid in chosen_uids]))
+    severity = score_volume(volume, inplane_spacing_mm, timer)
+    timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
+    return StudyScore(
+        series_uid=str(selection.chosen),
+        method=METHOD_THRESHOLD,
+        model_version=THRESHOLD_MODEL_VERSION,
+        identification=None,
+        severity=severity,
+        timings=dict(timer.seconds),
+        details={
+            "note": THRESHOLD_NOTE,
+            "volume_shape": list(volume.hu.shape),
+            "volume_spacing_mm": list(volume.spacing),
+            "severity": asdict(severity),
+        },
+    )
