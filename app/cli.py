@@ -12,6 +12,9 @@ from pathlib import Path
 from app.logging_setup import configure_logging
 from app.settings import Settings, get_settings
 
+#: Cranio-caudal coverage of a chest CT; the phantom's default slice spacing spreads --slices over it.
+CHEST_COVERAGE_MM = 320.0
+
 
 def _settings() -> Settings:
     settings = get_settings()
@@ -65,8 +68,9 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_phantom(args: argparse.Namespace) -> int:
     from models.phantom import PhantomSpec, write_phantom
 
+    slice_spacing = args.slice_spacing or CHEST_COVERAGE_MM / args.slices
     spec = PhantomSpec(slices=args.slices, rows=args.size, columns=args.size, pixel_spacing=args.pixel_spacing,
-                       slice_spacing=args.slice_spacing, severity_left=args.severity_left,
+                       slice_spacing=slice_spacing, severity_left=args.severity_left,
                        severity_right=args.severity_right, seed=args.seed)
     truth = write_phantom(Path(args.out), spec)
     print(json.dumps(truth, indent=2, default=str))
@@ -105,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--slices", type=int, default=64)
     phantom.add_argument("--size", type=int, default=512, help="rows and columns")
     phantom.add_argument("--pixel-spacing", type=float, default=0.7)
-    phantom.add_argument("--slice-spacing", type=float, default=5.0)
+    phantom.add_argument("--slice-spacing", type=float, default=None,
+                         help=f"mm; default: {CHEST_COVERAGE_MM:.0f} mm of chest divided by --slices")
     phantom.add_argument("--severity-left", type=float, default=0.0)
     phantom.add_argument("--severity-right", type=float, default=0.0)
     phantom.add_argument("--seed", type=int, default=0)

@@ -24,7 +24,7 @@ def run_demo(settings: Settings, timeout_seconds: float = 600.0) -> dict | None:
     host = "127.0.0.1" if settings.dicom_host in ("0.0.0.0", "") else settings.dicom_host
     time.sleep(2.0)  # let uvicorn bind
     with tempfile.TemporaryDirectory() as tmp:
-        spec = PhantomSpec(severity_left=35.0, severity_right=12.0, seed=7)
+        spec = PhantomSpec(slices=80, slice_spacing=4.0, severity_left=35.0, severity_right=12.0, seed=7)
         truth = write_phantom(Path(tmp), spec)
         files = sorted(Path(tmp).glob("*.dcm"))
         print(f"[demo] pushing a phantom chest CT ({len(files)} slices, true max-lung severity "

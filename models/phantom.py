@@ -483,7 +483,7 @@ def _truth(
         lesion_ml = np.count_nonzero(in_lung & (lesions > 0)) * ml
         out[f"lung_volume_{name}_ml"] = float(lung_ml)
         out[f"lesion_volume_{name}_ml"] = float(lesion_ml)
-        out[f"severity_{name}"] = 100.0 * lesion_ml / lung_ml if lung_ml else 0.0
+        out[f"severity_{name}"] = float(100.0 * lesion_ml / lung_ml) if lung_ml else 0.0
     out["severity"] = max(out["severity_left"], out["severity_right"])
     out["ggo_volume_ml"] = float(np.count_nonzero(lesions == GGO) * ml)
     out["consolidation_volume_ml"] = float(np.count_nonzero(lesions == CONSOLIDATION) * ml)

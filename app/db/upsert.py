@@ -6,20 +6,29 @@ unique constraints decide the winner and the loser simply reads the row back.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session
 
 
-def insert_ignore(session: Session, model: type[DeclarativeBase], values: dict[str, Any], key: str) -> bool:
-    """Insert ``values`` unless a row with the same ``key`` exists. Returns True if inserted."""
-    dialect = session.get_bind().dialect.name
+@cache
+def _insert_ignore_statement(dialect: str, table: Table, key: str) -> Any:
+    """Built once per table: executed with parameters, its compiled form is reused (C-STORE hot path)."""
     if dialect == "postgresql":
-        stmt: Any = postgresql.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+        statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
     elif dialect == "sqlite":
-        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+        statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
     else:  # pragma: no cover - only the two supported backends
         raise NotImplementedError(f"unsupported database dialect {dialect}")
-    # RETURNING, not rowcount: drivers disagree on rowcount for a skipped insert.
-    return session.execute(stmt.returning(model.__table__.c[key])).first() is not None
+    # RETURNING says whether a row went in (a Core insert's rowcount is -1 on psycopg, which
+    # returns the primary key implicitly).
+    return statement.returning(table.c[key])
+
+
+def insert_ignore(session: Session, model: type[DeclarativeBase], values: dict[str, Any], key: str) -> bool:
+    """Insert ``values`` unless a row with the same ``key`` exists. Returns True if inserted."""
+    statement = _insert_ignore_statement(session.get_bind().dialect.name, model.__table__, key)  # type: ignore[attr-defined]
+    return session.execute(statement, values).first() is not None
