@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -17,6 +18,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobState, Study, StudyState, utcnow
+from app.retention import purge_expired_studies
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +143,19 @@ def assembler_pass(session_factory: sessionmaker[Session], enqueue: Enqueue, set
     dispatch_pending_jobs(session_factory, enqueue)
 
 
-def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, *, settle_seconds: float,
-                  processing_timeout_seconds: float, interval_seconds: float, stop: threading.Event) -> None:
-    """Loop until ``stop`` is set; a failing pass (database down) is logged and retried."""
+def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, settings: Settings,
+                  stop: threading.Event) -> None:
+    """Loop until ``stop`` is set; a failing pass (database down) is logged and retried.
+
+    Housekeeping (purging expired files) runs in the same loop, less often.
+    """
+    next_purge = 0.0
     while not stop.is_set():
         try:
-            assembler_pass(session_factory, enqueue, settle_seconds, processing_timeout_seconds)
+            assembler_pass(session_factory, enqueue, settings.settle_seconds, settings.processing_timeout_seconds)
+            if time.monotonic() >= next_purge:
+                purge_expired_studies(session_factory, settings.storage_root, settings.retention_days)
+                next_purge = time.monotonic() + settings.retention_check_interval_seconds
         except Exception:
             log.exception("assembler pass failed; retrying")
-        stop.wait(interval_seconds)
+        stop.wait(settings.assembler_interval_seconds)

@@ -56,7 +56,9 @@ def worker_command(settings: Settings, concurrency: int, queues: list[str], devi
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=prefork", f"--concurrency={concurrency}"]
     return [sys.executable, "-m", "celery", "-A", "worker.celery_main", "worker", *pool,
             "-Q", ",".join(queues), "--loglevel=INFO", "--without-gossip", "--without-mingle",
-            "-n", f"cttriage-{device.replace(':', '')}@%h"]
+            # The node name carries the pid (kept by `cttriage worker`'s exec), so a job's
+            # `worker` column names the very process that ran it.
+            "-n", f"cttriage-{device.replace(':', '')}-{os.getpid()}@%h"]
 
 
 @dataclass
@@ -108,9 +110,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     listener = start_listener(settings, session_factory)
     assembler = threading.Thread(
         target=run_assembler, name="assembler", daemon=True,
-        kwargs={"session_factory": session_factory, "enqueue": enqueue, "settle_seconds": settings.settle_seconds,
-                "processing_timeout_seconds": settings.processing_timeout_seconds,
-                "interval_seconds": settings.assembler_interval_seconds, "stop": stop},
+        kwargs={"session_factory": session_factory, "enqueue": enqueue, "settings": settings, "stop": stop},
     )
     assembler.start()
     log.info("cttriage embedded service started", extra={
@@ -144,9 +144,7 @@ def serve_dicom(settings: Settings) -> None:
     listener = start_listener(settings, session_factory)
     stop = threading.Event()
     try:
-        run_assembler(session_factory, make_enqueue(settings), settle_seconds=settings.settle_seconds,
-                      processing_timeout_seconds=settings.processing_timeout_seconds,
-                      interval_seconds=settings.assembler_interval_seconds, stop=stop)
+        run_assembler(session_factory, make_enqueue(settings), settings, stop)
     except KeyboardInterrupt:
         pass
     finally:

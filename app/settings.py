@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     #: Worker processes in the embedded mode.
     embedded_worker_concurrency: int = 1
 
+    #: Received files of scored or rejected studies are deleted this long after scoring.
+    retention_days: float = 30.0
+    #: How often the assembler looks for expired studies.
+    retention_check_interval_seconds: float = 600.0
+
     # --- priority: Moscow CT-0..CT-4 severity bands (percent of the worse lung) ---
     severity_band_edges: list[float] = Field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0])
 

@@ -130,7 +130,15 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
 
 
 def _large_airways(hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Trachea and main bronchi: very dark air grown from the midline of the topmost air slice."""
+    """Trachea and main bronchi, so that they neither count as lung nor join the two lungs.
+
+    Seeds: voxels darker than the threshold (after AIRWAY_SMOOTHING_MM Gaussian smoothing) in
+    the topmost slice that holds air, within AIRWAY_SEED_HALF_WIDTH_MM of the air's midline (the
+    trachea). They grow in 3D through dark voxels down the main bronchi, stopping at parenchyma.
+    A result above AIRWAY_MAX_ML has leaked into lung and the next, stricter threshold is
+    tried; if all leak, or there is no seed, nothing is removed. The lumen's partial-volume rim
+    is then removed in-plane (AIRWAY_RIM_MM).
+    """
     none = np.zeros(hu.shape, dtype=bool)
     z_with_air = np.flatnonzero(inside_air.any(axis=(1, 2)))
     top = int(z_with_air[-1])

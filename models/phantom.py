@@ -664,19 +664,24 @@ def thick_datasets(
     series_uid: str | None = None,
     series_number: int = 3,
 ) -> list[pydicom.Dataset]:
-    """A thick-slab reconstruction (mean of consecutive thin slices) as another series of the study."""
+    """A thick-slab reconstruction as another series of the study.
+
+    Slabs of ``thickness_mm`` tile the covered range from its inferior edge; each is the mean of
+    the thin slices whose centres fall inside it (like a scanner's thick reconstruction).
+    """
     _check_matches(phantom, spec)
-    group = round(thickness_mm / spec.slice_spacing)
-    if group < 1 or not math.isclose(group * spec.slice_spacing, thickness_mm, rel_tol=1e-3):
-        raise ValueError(f"thick series of {thickness_mm} mm needs a multiple of the {spec.slice_spacing} mm slices")
-    n = spec.slices // group
-    if n < 1:
-        raise ValueError("the phantom has fewer slices than one thick slab")
-    slabs = phantom.hu[: n * group].reshape(n, group, spec.rows, spec.columns).mean(axis=1)
-    z = _grid(spec).z[: n * group].reshape(n, group).mean(axis=1)
+    grid = _grid(spec)
+    bottom = float(grid.z[0]) - spec.slice_spacing / 2
+    n = int((spec.slices * spec.slice_spacing + 1e-6) // thickness_mm)
+    if thickness_mm < spec.slice_spacing or n < 1:
+        raise ValueError(f"thick slices of {thickness_mm} mm need thinner slices and at least one slab of coverage")
+    slab_of = np.floor((grid.z - bottom) / thickness_mm).astype(int)
+    slabs = np.empty((n, spec.rows, spec.columns), dtype=np.int16)
+    for i in range(n):
+        slabs[i] = np.rint(phantom.hu[slab_of == i].mean(axis=0))
+    z = bottom + (np.arange(n) + 0.5) * thickness_mm
     return _axial_series(
-        np.rint(slabs).astype(np.int16), z, float(thickness_mm), spec, study, series_uid or generate_uid(),
-        series_number, f"CHEST {thickness_mm:g}mm",
+        slabs, z, float(thickness_mm), spec, study, series_uid or generate_uid(), series_number, f"CHEST {thickness_mm:g}mm"
     )
 
 

@@ -12,7 +12,15 @@ from pydicom.uid import CTImageStorage, JPEGBaseline8Bit
 from scipy import ndimage
 
 from models import phantom as ph
-from models.phantom import PhantomSpec, PhantomStudy, phantom_datasets, phantom_volume, scout_dataset, write_phantom
+from models.phantom import (
+    PhantomSpec,
+    PhantomStudy,
+    phantom_datasets,
+    phantom_volume,
+    scout_dataset,
+    thick_datasets,
+    write_phantom,
+)
 
 # 128 x 128 at 2.8 mm covers the same 358 mm field as 512 x 0.7 mm; 48 x 5 mm covers the chest.
 SMALL = PhantomSpec(rows=128, columns=128, pixel_spacing=2.8, slices=48, slice_spacing=5.0)
@@ -165,6 +173,14 @@ def test_write_phantom_writes_a_multi_series_study(tmp_path) -> None:
     assert float(thick[0].SliceThickness) == 10.0 and int(thick[0].SeriesNumber) == 3
     scout = next(v for v in by_series.values() if len(v) == 1)[0]
     assert "LOCALIZER" in scout.ImageType and scout.pixel_array.shape == (48, 128)
+
+
+def test_thick_series_need_not_be_a_multiple_of_the_thin_slices() -> None:
+    spec = PhantomSpec(rows=32, columns=32, pixel_spacing=11.2, slices=40, slice_spacing=1.5)
+    thick = thick_datasets(phantom_volume(spec), spec, 5.0, study=PhantomStudy("1.2.3"))
+    z = np.array([float(ds.ImagePositionPatient[2]) for ds in thick])
+    assert len(thick) == 12 and np.allclose(np.diff(z), 5.0)
+    assert {float(ds.SliceThickness) for ds in thick} == {5.0}
 
 
 def test_scout_is_a_localizer_of_the_same_study(diseased: ph.PhantomVolume) -> None:

@@ -5,58 +5,24 @@ separate processes `cttriage dicom`, `cttriage api` and `cttriage worker` (a rea
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.dicom.push import push_files
-from tests.conftest import dcmtk_storescu, free_port, write_phantom_study
-from tests.service_process import ServiceProcess, cttriage, wait_for_state, wait_healthy
+from tests.conftest import dcmtk_storescu, write_phantom_study
+from tests.deployment import Deployment, start_deployment
+from tests.service_process import wait_for_state
 
 SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
 
 
-@dataclass
-class Deployment:
-    api: str
-    dicom_port: int
-    processes: dict[str, ServiceProcess]
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {name}\n{p.log()[-3000:]}" for name, p in self.processes.items())
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, pg_url: str, redis_url: str) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("production")
-    api_port, dicom_port = free_port(), free_port()
-    env = {
-        "CTTRIAGE_DATABASE_URL": pg_url,
-        "CTTRIAGE_BROKER_URL": redis_url,
-        "CTTRIAGE_STORAGE_DIR": str(root / "storage"),
-        "CTTRIAGE_DATA_DIR": str(root),
-        "CTTRIAGE_API_PORT": str(api_port),
-        "CTTRIAGE_DICOM_PORT": str(dicom_port),
-        "CTTRIAGE_SETTLE_SECONDS": "2",
-        "CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS": "0.5",
-        "CTTRIAGE_MIN_FREE_BYTES": "0",
-    }
-    processes = {
-        "dicom": ServiceProcess(cttriage("dicom"), env, root / "dicom.log"),
-        "api": ServiceProcess(cttriage("api"), env, root / "api.log"),
-        "worker": ServiceProcess(cttriage("worker", "--device", "cpu"), env, root / "worker.log"),
-    }
-    for process in processes.values():
-        process.start()
-    deployment = Deployment(f"http://127.0.0.1:{api_port}", dicom_port, processes)
-    try:
-        wait_healthy(deployment.api, timeout=90, logs=deployment.logs)
-        yield deployment
-    finally:
-        for process in processes.values():
-            process.stop()
+    deployment = start_deployment(tmp_path_factory.mktemp("production"), pg_url, redis_url)
+    yield deployment
+    deployment.stop()
 
 
 def test_study_is_scored_through_postgres_redis_and_celery(deployment: Deployment, tmp_path: Path) -> None:
@@ -67,7 +33,7 @@ def test_study_is_scored_through_postgres_redis_and_celery(deployment: Deploymen
     assert abs(study["severity_left"] - truth["severity_left"]) <= 3.0
     assert abs(study["severity_right"] - truth["severity_right"]) <= 3.0
     [job] = study["jobs"]
-    assert job["state"] == "done" and job["worker"].startswith("cttriage-cpu@")
+    assert job["state"] == "done" and job["worker"].startswith("cttriage-cpu-")
     assert "celery" not in (job["error"] or "")
 
 

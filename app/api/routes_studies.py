@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import io
 import zipfile
-from datetime import date, datetime, time, timezone
+from datetime import date
 from typing import Annotated
 
 import pydicom
 from fastapi import APIRouter, File, Query, UploadFile, status
 from fastapi.responses import JSONResponse
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
-from sqlalchemy import func, nulls_last, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from app.api.problems import problem
@@ -29,16 +29,12 @@ from app.assembly import dispatch_pending_jobs, request_rescore
 from app.db.models import QuarantinedFile, Study, StudyState
 from app.errors import InvalidDicomError, NotFoundError
 from app.ingest import describe_instance, quarantine_bytes, store_instance
+from app.worklist import worklist_order, worklist_query
 
 router = APIRouter(prefix="/api", tags=["studies"])
 
 #: Upload limits: a whole CT study zipped is a few hundred MB at most.
 MAX_ZIP_MEMBERS = 20000
-
-
-def worklist_order() -> tuple[object, ...]:
-    """Most urgent first (priority, see app.priority); unscored studies after, oldest first."""
-    return (nulls_last(Study.priority.desc()), Study.first_received_at.asc(), Study.id.asc())
 
 
 @router.get("/worklist", response_model=Worklist)
@@ -50,13 +46,7 @@ def get_worklist(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Worklist:
-    query = select(Study)
-    if state:
-        query = query.where(Study.state.in_([s.value for s in state]))
-    if received_from:
-        query = query.where(Study.first_received_at >= datetime.combine(received_from, time.min, timezone.utc))
-    if received_to:
-        query = query.where(Study.first_received_at <= datetime.combine(received_to, time.max, timezone.utc))
+    query = worklist_query([s.value for s in state] if state else None, received_from, received_to)
     total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
     rows = session.execute(query.order_by(*worklist_order()).limit(limit).offset(offset)).scalars().all()
     return Worklist(items=[WorklistItem.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)

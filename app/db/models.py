@@ -111,8 +111,15 @@ class Study(Base):
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
     results: Mapped[list[Result]] = relationship(back_populates="study", order_by="Result.id")
 
+    #: Set when the received files were deleted after the retention period (rows stay).
+    files_purged_at: Mapped[datetime | None]
+
     __table_args__ = (
-        Index("ix_studies_worklist", "priority", "last_received_at"),
+        # The worklist order (app.api.routes_studies.worklist_order) as an index, so the first page
+        # is an index scan at any size. SQLite already sorts NULLs last under DESC and cannot
+        # say NULLS LAST in an index, hence one index per backend.
+        Index("ix_studies_worklist_pg", priority.desc().nulls_last(), first_received_at, id).ddl_if(dialect="postgresql"),
+        Index("ix_studies_worklist_sqlite", priority.desc(), first_received_at, id).ddl_if(dialect="sqlite"),
         Index("ix_studies_state_received", "state", "last_received_at"),
     )
 

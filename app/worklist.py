@@ -1,0 +1,31 @@
+"""The worklist query: filters and the urgency order, shared by the API and its benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime, time, timezone
+
+from sqlalchemy import Select, nulls_last, select
+
+from app.db.models import Study
+
+
+def worklist_order() -> tuple[object, ...]:
+    """Most urgent first (priority, see app.priority); unscored studies after, oldest first.
+
+    Matches the ``ix_studies_worklist_*`` indexes, so a page is an index scan at any size.
+    """
+    return (nulls_last(Study.priority.desc()), Study.first_received_at.asc(), Study.id.asc())
+
+
+def worklist_query(states: Sequence[str] | None = None, received_from: date | None = None,
+                   received_to: date | None = None) -> Select[tuple[Study]]:
+    """Studies matching the filters, unordered (callers add the order and the page)."""
+    query = select(Study)
+    if states:
+        query = query.where(Study.state.in_(list(states)))
+    if received_from:
+        query = query.where(Study.first_received_at >= datetime.combine(received_from, time.min, timezone.utc))
+    if received_to:
+        query = query.where(Study.first_received_at <= datetime.combine(received_to, time.max, timezone.utc))
+    return query

@@ -1,0 +1,42 @@
+"""Storage lifecycle: files go after the retention period, only for scored or rejected studies."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Study, StudyState, utcnow
+from app.dicom.storage import instance_path, write_atomic
+from app.retention import purge_expired_studies
+from app.settings import Settings
+
+
+def make_study(factory: sessionmaker[Session], root: Path, uid: str, state: StudyState, age_days: float) -> Path:
+    when = utcnow() - timedelta(days=age_days)
+    path = instance_path(root, uid, f"{uid}.1", f"{uid}.1.1")
+    write_atomic(path, b"DICM")
+    with factory.begin() as session:
+        session.add(Study(study_uid=uid, state=state.value, first_received_at=when, last_received_at=when,
+                          scored_at=when if state is StudyState.scored else None))
+    return path
+
+
+def test_purges_only_finished_studies_past_retention(sqlite_settings: Settings,
+                                                     sqlite_factory: sessionmaker[Session]) -> None:
+    root = sqlite_settings.storage_root
+    old_scored = make_study(sqlite_factory, root, "1.1", StudyState.scored, 40)
+    old_rejected = make_study(sqlite_factory, root, "1.2", StudyState.rejected, 40)
+    old_failed = make_study(sqlite_factory, root, "1.3", StudyState.failed, 40)
+    young_scored = make_study(sqlite_factory, root, "1.4", StudyState.scored, 5)
+    old_receiving = make_study(sqlite_factory, root, "1.5", StudyState.receiving, 40)
+
+    assert purge_expired_studies(sqlite_factory, root, retention_days=30) == 2
+    assert not old_scored.exists() and not old_rejected.exists()
+    assert old_failed.exists() and young_scored.exists() and old_receiving.exists()
+    with sqlite_factory() as session:
+        purged = session.execute(select(Study.study_uid).where(Study.files_purged_at.is_not(None))).scalars().all()
+    assert sorted(purged) == ["1.1", "1.2"]
+    assert purge_expired_studies(sqlite_factory, root, retention_days=30) == 0  # once
