@@ -18,13 +18,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobState, Study, StudyState, utcnow
+from app.priority import queue_priority
 from app.retention import purge_expired_studies
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Hands a job id to the broker and returns the broker's task id; raises if the broker is down.
-Enqueue = Callable[[int], str]
+#: Hands (job id, queue priority) to the broker, returns the broker's task id; raises if it is down.
+Enqueue = Callable[[int, int], str]
 
 
 def create_job(session: Session, study: Study, *, trigger: str, now: datetime) -> Job:
@@ -82,12 +83,16 @@ def dispatch_pending_jobs(session_factory: sessionmaker[Session], enqueue: Enque
     """Hand pending jobs to the broker (the outbox relay). Returns how many were handed over."""
     with session_factory() as session:
         pending = session.execute(
-            select(Job.id).where(Job.state == JobState.pending.value).order_by(Job.id).limit(limit)
-        ).scalars().all()
+            select(Job.id, Job.trigger, Study.severity_band)
+            .join(Study, Study.id == Job.study_id)
+            .where(Job.state == JobState.pending.value)
+            .order_by(Job.id)
+            .limit(limit)
+        ).all()
     sent = 0
-    for job_id in pending:
+    for job_id, trigger, previous_band in pending:
         try:
-            task_id = enqueue(job_id)
+            task_id = enqueue(job_id, queue_priority(trigger, previous_band))
         except Exception as exc:  # broker down: leave the job pending for the next pass
             log.warning("broker unavailable, job left pending", extra={"job_id": job_id, "error": type(exc).__name__})
             break

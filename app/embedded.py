@@ -37,7 +37,7 @@ def prepare(settings: Settings) -> None:
 
 def make_enqueue(settings: Settings) -> Enqueue:
     celery_app = create_celery(settings)
-    return lambda job_id: enqueue_scoring(celery_app, settings, job_id)
+    return lambda job_id, priority: enqueue_scoring(celery_app, settings, job_id, priority)
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:

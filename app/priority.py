@@ -42,3 +42,27 @@ def priority_score(
     band = severity_band(severity_percent, edges)
     ident = UNKNOWN_IDENTIFICATION if identification is None else min(max(identification, 0.0), 1.0)
     return band * 1000.0 + ident * 100.0 + min(max(severity_percent, 0.0), 100.0) / 100.0
+
+
+# --- queue priority: which waiting job a free worker takes first ------------------------------
+#
+# Celery on Redis serves priority 0 first (kombu's emulated priorities). The policy:
+#   0  a re-scan (new images) of a study last scored CT-3 or CT-4: an urgent patient's new
+#      images must not wait behind anything;
+#   3  first-time scoring and re-scans of other studies: their urgency is unknown until scored,
+#      so they go in arrival order;
+#   6  a rescore an admin asked for of a study that already has scores on the worklist: the
+#      worklist is already right enough, fresh studies come first.
+# A failed study asked to be rescored has no score and gets 3, like a first-time study.
+URGENT_RESCAN = 0
+NORMAL = 3
+MANUAL_RESCORE = 6
+URGENT_BAND = 3
+
+
+def queue_priority(trigger: str, previous_band: int | None) -> int:
+    if trigger == "rescore":
+        return MANUAL_RESCORE if previous_band is not None else NORMAL
+    if previous_band is not None and previous_band >= URGENT_BAND:
+        return URGENT_RESCAN
+    return NORMAL

@@ -8,7 +8,11 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q -e '.[test]'
-# dcmtk: a real PACS-side DICOM client/node (storescu/storescp) for tests and manual checks.
-if [ ! -x /usr/bin/storescu ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && apt-get install -y -qq dcmtk) >/dev/null || echo "warning: dcmtk not installed" >&2
+# dcmtk: a real PACS-side DICOM client/node (storescu/storescp) for tests and manual checks;
+# docker-compose: validates docker-compose.yml (no Docker engine is needed for `config`).
+missing=()
+[ -x /usr/bin/storescu ] || missing+=(dcmtk)
+command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null || echo "warning: could not install ${missing[*]}" >&2
 fi

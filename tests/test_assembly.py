@@ -78,14 +78,14 @@ def test_outbox_keeps_jobs_when_broker_is_down(factory: sessionmaker[Session]) -
     add(factory, received("1.9.3", "1.9.3.1"))
     [job_id] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
 
-    def broker_down(_job_id: int) -> str:
+    def broker_down(_job_id: int, _priority: int) -> str:
         raise ConnectionError("redis down")
 
     assert dispatch_pending_jobs(factory, broker_down) == 0
     with factory() as session:
         assert session.get(Job, job_id).state == JobState.pending.value
     sent: list[int] = []
-    assert dispatch_pending_jobs(factory, lambda j: sent.append(j) or f"task-{j}") == 1
+    assert dispatch_pending_jobs(factory, lambda j, p: sent.append(j) or f"task-{j}") == 1
     assert sent == [job_id]
     with factory() as session:
         job = session.get(Job, job_id)
@@ -122,8 +122,26 @@ def test_rescore_supersedes_pending_job(factory: sessionmaker[Session]) -> None:
 def test_stale_jobs_go_back_to_the_outbox(factory: sessionmaker[Session]) -> None:
     add(factory, received("1.9.6", "1.9.6.1"))
     [job_id] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
-    dispatch_pending_jobs(factory, lambda j: "t")
+    dispatch_pending_jobs(factory, lambda j, p: "t")
     assert requeue_stale_jobs(factory, timeout_seconds=60) == 0
     assert requeue_stale_jobs(factory, timeout_seconds=60, now=utcnow() + timedelta(seconds=61)) == 1
     with factory() as session:
         assert session.get(Job, job_id).state == JobState.pending.value
+
+
+def test_dispatch_uses_the_queue_priority_policy(factory: sessionmaker[Session]) -> None:
+    for uid, band in (("1.9.7", 4), ("1.9.8", 1)):
+        add(factory, received(uid, f"{uid}.1"))
+        with factory.begin() as session:  # as if scored before, with this band
+            session.execute(Study.__table__.update().where(Study.study_uid == uid)
+                            .values(state=StudyState.scored.value, severity_band=band))
+        add(factory, received(uid, f"{uid}.2"))  # a re-scan
+    add(factory, received("1.9.9", "1.9.9.1"))  # first time
+    queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+    request_rescore(factory, "1.9.8")
+    sent: dict[int, int] = {}
+    dispatch_pending_jobs(factory, lambda j, p: sent.__setitem__(j, p) or "t")
+    with factory() as session:
+        by_study = {(uid, trigger): sent[job_id] for job_id, uid, trigger in session.execute(
+            select(Job.id, Study.study_uid, Job.trigger).join(Study).where(Job.id.in_(list(sent))))}
+    assert by_study == {("1.9.7", "settled"): 0, ("1.9.9", "settled"): 3, ("1.9.8", "rescore"): 6}

@@ -28,3 +28,13 @@ def test_severity_breaks_ties() -> None:
 
 def test_configurable_edges() -> None:
     assert severity_band(15.0, edges=(0.0, 10.0, 20.0, 30.0)) == 2
+
+
+def test_queue_priority_policy() -> None:
+    from app.priority import queue_priority
+
+    assert queue_priority("settled", None) == 3  # first time: arrival order
+    assert queue_priority("settled", 4) == 0  # re-scan of an urgent study first
+    assert queue_priority("settled", 1) == 3
+    assert queue_priority("rescore", 2) == 6  # already on the worklist with scores
+    assert queue_priority("rescore", None) == 3  # e.g. a failed study

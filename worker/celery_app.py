@@ -47,8 +47,14 @@ def create_celery(settings: Settings) -> Celery:
         # Publishing must fail fast when the broker is down: the job stays in the outbox.
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2},
         # Redis redelivers an unacknowledged task after this long; it must outlast a scoring.
+        # Priorities 0 (first) .. 9 emulated with one Redis list per step (see app.priority).
         broker_transport_options=(
-            {} if settings.embedded_broker else {"visibility_timeout": int(settings.processing_timeout_seconds) + 60}
+            {} if settings.embedded_broker else {
+                "visibility_timeout": int(settings.processing_timeout_seconds) + 60,
+                "priority_steps": list(range(10)),
+                "sep": ":",
+                "queue_order_strategy": "priority",
+            }
         ),
         worker_hijack_root_logger=False,
     )
@@ -67,5 +73,5 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_scoring(app: Celery, settings: Settings, job_id: int) -> str:
-    return str(app.send_task(SCORE_TASK, args=[job_id], queue=settings.scoring_queue).id)
+def enqueue_scoring(app: Celery, settings: Settings, job_id: int, priority: int) -> str:
+    return str(app.send_task(SCORE_TASK, args=[job_id], queue=settings.scoring_queue, priority=priority).id)
