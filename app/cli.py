@@ -87,6 +87,113 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.commands import DataSource, architecture_for, network_lung_source, paper_options, train_command
+
+    configure_logging(get_settings().log_level, False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = DataSource(data=Path(args.data) if args.data else None, labels=Path(args.labels) if args.labels else None,
+                        phantoms=args.phantoms, seed=args.seed)
+    architecture = architecture_for(args.network, args.variant, args.levels, args.base_channels, args.max_channels)
+    options = paper_options(args.network, steps=args.steps, batch_size=args.batch_size,
+                            slices_per_series=args.slices_per_series, validate_every=args.validate_every,
+                            seed=args.seed, device=args.device)
+    extra = {"lung_source": network_lung_source(Path(args.lungs_model), args.device)} if args.lungs_model else {}
+    report = train_command(args.network, source, Path(args.out), args.version, options, architecture=architecture,
+                           val_size=args.val_size, training_data=args.training_data, **extra)
+    return 0 if report.checkpoint is not None else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.commands import DataSource, evaluate_command
+    from models.inference import InferenceOptions, TriageNetworks
+    from models.model_store import bundle_paths, resolve_bundle
+
+    settings = get_settings()
+    configure_logging(settings.log_level, False)
+    source = DataSource(data=Path(args.data) if args.data else None, labels=Path(args.labels) if args.labels else None,
+                        phantoms=args.phantoms, seed=args.seed)
+    paths = (bundle_paths(args.model) if args.model
+             else resolve_bundle(settings.model_path, settings.model_dir, settings.model_version))
+    networks = None
+    if paths is not None:
+        device = args.device or settings.device
+        networks = TriageNetworks.from_bundle(paths, InferenceOptions(device=device, threads=settings.torch_threads))
+    elif args.no_threshold:
+        print("no model configured (--model, CTTRIAGE_MODEL_PATH or CTTRIAGE_MODEL_DIR) and --no-threshold given",
+              file=sys.stderr)
+        return 2
+    evaluate_command(source, networks, include_threshold=not args.no_threshold, severe_percent=args.severe_percent,
+                     inplane_spacing_mm=settings.inplane_spacing_mm,
+                     json_path=Path(args.json) if args.json else None)
+    return 0
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`train` and `evaluate`: the networks of Goncharov et al. 2021 (see models/README.md)."""
+
+    def data_arguments(p: argparse.ArgumentParser) -> None:
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("--data", help="dataset folder: images/, lungs/, lesions/, labels.csv")
+        group.add_argument("--phantoms", type=int, default=0, help="generate this many synthetic series instead")
+        p.add_argument("--labels", help="labels CSV (default DATA/labels.csv)")
+        p.add_argument("--seed", type=int, default=0)
+
+    train = sub.add_parser("train", help="train the lungs or the multitask network (section 4 of the paper)")
+    train.add_argument("network", choices=["lungs", "multitask"])
+    data_arguments(train)
+    train.add_argument("--out", required=True, help="model directory: writes OUT/VERSION/{lungs,multitask}.pt")
+    train.add_argument("--version", required=True, help="model version name stored with every result")
+    train.add_argument("--training-data", help="description stored in the checkpoint (default: from the data)")
+    train.add_argument("--variant", default="spatial-1", help="multitask: spatial-1 (default), spatial-L or latent")
+    train.add_argument("--levels", type=int, default=7)
+    train.add_argument("--base-channels", type=int, default=8)
+    train.add_argument("--max-channels", type=int, default=512)
+    train.add_argument("--steps", type=int, help="batches (default: the paper's 16000 lungs / 30000 multitask)")
+    train.add_argument("--batch-size", type=int, help="slices (lungs, 30) or series (multitask, 5) per batch")
+    train.add_argument("--slices-per-series", type=int, help="multitask: slices kept per series (32)")
+    train.add_argument("--validate-every", type=int)
+    train.add_argument("--val-size", type=int, default=30, help="validation series (section 4.4: 30)")
+    train.add_argument("--lungs-model", help="multitask: crop series without lung masks with this lungs.pt")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="Table-3 metrics of the threshold method and the configured networks")
+    data_arguments(evaluate)
+    evaluate.add_argument("--model", help="model bundle directory (default: CTTRIAGE_MODEL_PATH/_DIR/_VERSION)")
+    evaluate.add_argument("--no-threshold", action="store_true", help="leave out the threshold baseline")
+    evaluate.add_argument("--severe-percent", type=float, default=50.0, help="true severity counted as severe")
+    evaluate.add_argument("--device", help="cpu or cuda:N (default CTTRIAGE_DEVICE)")
+    evaluate.add_argument("--json", help="write every metric and per-series outcome here")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.db.models import ApiKey
+    from app.db.session import make_session_factory
+    from app.security import Role, create_api_key, revoke_api_key
+
+    factory = make_session_factory(_settings())
+    with factory.begin() as session:
+        if args.action == "add":
+            key = create_api_key(session, args.name, Role(args.role))
+            print(f"API key for {args.name} ({args.role}), shown once: {key}")
+        elif args.action == "revoke":
+            revoke_api_key(session, args.name)
+            print(f"revoked {args.name}")
+        else:
+            for row in session.execute(select(ApiKey).order_by(ApiKey.name)).scalars():
+                state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+                print(f"{row.name}\t{row.role}\t{state}\tcreated {row.created_at:%Y-%m-%d}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cttriage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0)
     phantom.set_defaults(func=cmd_phantom)
 
+    users = sub.add_parser("users", help="API keys: add (shown once), list, revoke")
+    users.add_argument("action", choices=["add", "list", "revoke"])
+    users.add_argument("name", nargs="?", default="")
+    users.add_argument("--role", choices=["radiologist", "admin"], default="radiologist")
+    users.set_defaults(func=cmd_users)
+
     push = sub.add_parser("push", help="send DICOM files or folders to a listener (C-STORE)")
     push.add_argument("paths", nargs="+")
     push.add_argument("--host", default="127.0.0.1")
@@ -123,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--aet", default="CTTRIAGE", help="called AE title")
     push.add_argument("--calling-aet", default="CTTRIAGE_CLI")
     push.set_defaults(func=cmd_push)
+    _add_model_commands(sub)
     return parser
 
 

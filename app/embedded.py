@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import uvicorn
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.main import create_app
 from app.assembly import Enqueue, run_assembler
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
+from app.security import ensure_bootstrap_admin
 from app.settings import Settings
 from worker.celery_app import create_celery, enqueue_scoring
 
@@ -33,6 +35,14 @@ def prepare(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.storage_root.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.sqlalchemy_url)
+
+
+def bootstrap_admin(settings: Settings, session_factory: sessionmaker[Session]) -> None:
+    """First start: make an admin key and show it once (on stdout, never in the log)."""
+    key = ensure_bootstrap_admin(session_factory, settings.bootstrap_admin_key)
+    if key:
+        print(f"\n*** first start: admin API key (shown once, store it now): {key}\n"
+              "*** more keys: cttriage users add NAME --role radiologist|admin\n", flush=True)
 
 
 def make_enqueue(settings: Settings) -> Enqueue:
@@ -100,6 +110,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
 
     prepare(settings)
     session_factory = make_session_factory(settings)
+    bootstrap_admin(settings, session_factory)
     enqueue = make_enqueue(settings)
     stop = threading.Event()
     worker = SupervisedProcess(
@@ -131,7 +142,9 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
 def serve_api(settings: Settings) -> None:
     upgrade_to_head(settings.sqlalchemy_url)
     settings.storage_root.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings, make_session_factory(settings), make_enqueue(settings))
+    session_factory = make_session_factory(settings)
+    bootstrap_admin(settings, session_factory)
+    app = create_app(settings, session_factory, make_enqueue(settings))
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False)
 
 

@@ -58,8 +58,28 @@ class Settings(BaseSettings):
     #: How often the assembler looks for expired studies.
     retention_check_interval_seconds: float = 600.0
 
+    # --- network weights (none configured: the threshold method; nothing is ever downloaded) ---
+    #: A model bundle directory (multitask.pt, optional lungs.pt); wins over model_dir.
+    model_path: Path | None = None
+    #: A directory of named model versions, MODEL_DIR/<version>/multitask.pt.
+    model_dir: Path | None = None
+    #: Which version under model_dir; may be left out when it holds exactly one.
+    model_version: str | None = None
+    #: Where the networks run in a worker: cpu or cuda[:N] (`cttriage worker --device` sets it).
+    device: str = "cpu"
+    #: Slices per forward pass of the networks.
+    inference_batch_slices: int = 32
+    #: torch.compile the networks once per worker process (slower first study, faster after).
+    torch_compile: bool = False
+    #: torch CPU threads per worker process; 0: every core the process may use.
+    torch_threads: int = 0
+
     # --- priority: Moscow CT-0..CT-4 severity bands (percent of the worse lung) ---
     severity_band_edges: list[float] = Field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0])
+
+    #: Registered as the admin key on first start if no key exists (else one is generated and
+    #: printed once). For automated deployments and tests.
+    bootstrap_admin_key: str | None = None
 
     log_level: str = "INFO"
     log_json: bool = True

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 
 from tests.conftest import free_port
-from tests.service_process import ServiceProcess, cttriage, wait_healthy
+from tests.service_process import API, ServiceProcess, cttriage, wait_healthy
 
 
 @dataclass
@@ -29,7 +28,7 @@ class Deployment:
         return "\n".join(f"--- {name}\n{p.log()[-3000:]}" for name, p in self.processes.items())
 
     def study(self, uid: str) -> dict:  # type: ignore[type-arg]
-        return httpx.get(f"{self.api}/api/studies/{uid}", timeout=10).json()  # type: ignore[no-any-return]
+        return API.get(f"{self.api}/api/studies/{uid}", timeout=10).json()  # type: ignore[no-any-return]
 
     def stop(self) -> None:
         for process in self.processes.values():

@@ -14,6 +14,11 @@ from typing import Any
 
 import httpx
 
+#: Registered by the services under test as their first admin key (CTTRIAGE_BOOTSTRAP_ADMIN_KEY).
+ADMIN_KEY = "ctt_test-admin-key-not-for-production-0123456789"
+#: An HTTP client that authenticates as that admin.
+API = httpx.Client(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+
 
 @dataclass
 class ServiceProcess:
@@ -27,7 +32,8 @@ class ServiceProcess:
 
     def start(self) -> ServiceProcess:
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.args, env={**os.environ, **self.env}, stdout=self._log,
+        env = {**os.environ, "CTTRIAGE_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY, **self.env}
+        self.proc = subprocess.Popen(self.args, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
@@ -82,7 +88,7 @@ def wait_healthy(base_url: str, timeout: float = 60.0, logs: Callable[[], str] |
 def wait_for_state(base_url: str, study_uid: str, states: tuple[str, ...] = ("scored", "failed", "rejected"),
                    timeout: float = 240.0, logs: Callable[[], str] | None = None) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
-        response = httpx.get(f"{base_url}/api/studies/{study_uid}", timeout=5)
+        response = API.get(f"{base_url}/api/studies/{study_uid}", timeout=5)
         if response.status_code != 200:
             return None
         body: dict[str, Any] = response.json()

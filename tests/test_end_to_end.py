@@ -8,7 +8,11 @@ state with its reason, and the listener must keep serving after the bad ones.
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,7 @@ from pynetdicom import AE
 
 from app.dicom.push import push_files
 from tests.conftest import dcmtk_storescu, free_port, write_phantom_study
-from tests.service_process import ServiceProcess, cttriage, wait_for_state, wait_healthy, wait_until
+from tests.service_process import ADMIN_KEY, API, ServiceProcess, cttriage, wait_for_state, wait_healthy, wait_until
 
 #: Small but anatomically complete phantoms keep the module fast on 2 cores.
 SMALL = {"slices": 48, "rows": 192, "columns": 192, "pixel_spacing": 1.9, "slice_spacing": 6.0}
@@ -106,13 +110,13 @@ def test_worklist_puts_the_most_severe_first(service: Service, tmp_path: Path) -
         assert set(push_files(study_files(tmp_path / folder), host="127.0.0.1", port=service.dicom_port)) == {0}
     for truth in (mild, severe):
         wait_for_state(service.api, truth["study_instance_uid"], logs=service.process.log)
-    items = httpx.get(f"{service.api}/api/worklist", params={"state": "scored", "limit": 500}).json()["items"]
+    items = API.get(f"{service.api}/api/worklist", params={"state": "scored", "limit": 500}).json()["items"]
     order = [i["study_uid"] for i in items]
     assert order.index(severe["study_instance_uid"]) < order.index(mild["study_instance_uid"])
     priorities = [i["priority"] for i in items]
     assert priorities == sorted(priorities, reverse=True)
     assert items[0]["severity_band"] == 4
-    page = httpx.get(f"{service.api}/").text
+    page = API.get(f"{service.api}/").text
     assert "worklist" in page.lower()
 
 
@@ -120,7 +124,7 @@ def test_http_upload_of_a_zip_takes_the_same_path(service: Service, tmp_path: Pa
     truth = write_phantom_study(tmp_path / "s", severity_left=20.0, severity_right=20.0, seed=15, **SMALL)
     archive = shutil.make_archive(str(tmp_path / "study"), "zip", tmp_path / "s")
     with open(archive, "rb") as fh:
-        response = httpx.post(f"{service.api}/api/studies", files=[("files", ("study.zip", fh, "application/zip"))],
+        response = API.post(f"{service.api}/api/studies", files=[("files", ("study.zip", fh, "application/zip"))],
                               timeout=60)
     assert response.status_code == 202, response.text
     assert response.json()["stored"] == truth["files"]
@@ -138,13 +142,13 @@ def test_late_instance_rescores_the_same_row(service: Service, tmp_path: Path) -
     uid = truth["study_instance_uid"]
 
     def rescored() -> dict[str, Any] | None:
-        body = httpx.get(f"{service.api}/api/studies/{uid}").json()
+        body = API.get(f"{service.api}/api/studies/{uid}").json()
         return body if body["version"] > first["version"] and body["state"] == "scored" else None
 
     study = wait_until(rescored, 240, "the rescore", logs=service.process.log)
     assert_matches_truth(study, truth)
     assert study["instance_count"] == truth["files"]
-    rows = httpx.get(f"{service.api}/api/worklist", params={"limit": 500}).json()["items"]
+    rows = API.get(f"{service.api}/api/worklist", params={"limit": 500}).json()["items"]
     assert [r["study_uid"] for r in rows].count(uid) == 1
 
 
@@ -153,12 +157,12 @@ def test_explicit_rescore(service: Service, tmp_path: Path) -> None:
     push_files(study_files(tmp_path), host="127.0.0.1", port=service.dicom_port)
     uid = truth["study_instance_uid"]
     wait_for_state(service.api, uid, logs=service.process.log)
-    response = httpx.post(f"{service.api}/api/studies/{uid}/rescore")
+    response = API.post(f"{service.api}/api/studies/{uid}/rescore")
     assert response.status_code == 202 and response.json()["enqueued"] is True
-    study = wait_until(lambda: (b := httpx.get(f"{service.api}/api/studies/{uid}").json())["state"] == "scored"
+    study = wait_until(lambda: (b := API.get(f"{service.api}/api/studies/{uid}").json())["state"] == "scored"
                        and len(b["results"]) == 2 and b, 240, "the rescore", logs=service.process.log)
     assert [r["study_version"] for r in study["results"]] == [1, 2]
-    assert httpx.post(f"{service.api}/api/studies/1.2.3.404/rescore").status_code == 404
+    assert API.post(f"{service.api}/api/studies/1.2.3.404/rescore").status_code == 404
 
 
 # --- bad input: each gets its clear state and reason; nothing received is lost -------------
@@ -235,11 +239,11 @@ def test_duplicate_positions_are_rejected(service: Service, base_series: Path, t
 
 
 def test_non_dicom_and_truncated_uploads(service: Service, base_series: Path) -> None:
-    garbage = httpx.post(f"{service.api}/api/studies", files=[("files", ("notes.txt", b"not a dicom file", "text/plain"))])
+    garbage = API.post(f"{service.api}/api/studies", files=[("files", ("notes.txt", b"not a dicom file", "text/plain"))])
     assert garbage.status_code == 400
     assert garbage.headers["content-type"].startswith("application/problem+json")
     assert "not a readable DICOM" in garbage.json()["files"][0]["error"]
-    quarantined = httpx.get(f"{service.api}/api/quarantine").json()
+    quarantined = API.get(f"{service.api}/api/quarantine").json()
     assert any(q["original_name"] == "notes.txt" and "DICOM" in q["reason"] for q in quarantined)
 
     # a truncated instance: header readable, pixel data cut short -> stored, study rejected
@@ -248,7 +252,7 @@ def test_non_dicom_and_truncated_uploads(service: Service, base_series: Path) ->
     payloads = [(f.name, f.read_bytes()) for f in files]
     name, data = payloads[5]
     payloads[5] = (name, data[: len(data) - 5000])
-    response = httpx.post(f"{service.api}/api/studies",
+    response = API.post(f"{service.api}/api/studies",
                           files=[("files", (n, io.BytesIO(d), "application/dicom")) for n, d in payloads], timeout=60)
     assert response.status_code in (202, 400), response.text
     study = wait_for_state(service.api, uid, logs=service.process.log)
@@ -264,3 +268,42 @@ def test_listener_still_serves_after_bad_input(service: Service) -> None:
     assert assoc.send_c_echo().Status == 0
     assoc.release()
     assert service.process.alive()
+
+
+def test_logs_hold_no_patient_data(service: Service, base_series: Path) -> None:
+    """The phantoms carry PatientName PHANTOM^CHEST and PatientID PH0001; neither may be logged."""
+    push_files(study_files(base_series), host="127.0.0.1", port=service.dicom_port)
+    uid = str(pydicom.dcmread(study_files(base_series)[0]).StudyInstanceUID)
+    wait_for_state(service.api, uid, logs=service.process.log)
+    log = service.process.log()
+    assert "association closed" in log  # the log is there and has content
+    for value in ("PHANTOM^CHEST", "PHANTOM", "PH0001"):
+        assert value not in log
+
+
+def test_api_keys_and_roles(service: Service) -> None:
+    """No key → 401; a radiologist reads the worklist but not admin endpoints (403); keys are
+    stored hashed; every study read is audited."""
+    assert httpx.get(f"{service.api}/api/worklist").status_code == 401
+    assert httpx.get(f"{service.api}/api/worklist", headers={"Authorization": "Bearer nope"}).status_code == 401
+    env = {**os.environ, "CTTRIAGE_DATA_DIR": str(service.data_dir)}
+    added = subprocess.run([sys.executable, "-m", "app.cli", "users", "add", "dr-house", "--role", "radiologist"],
+                           env=env, capture_output=True, text=True, check=True)
+    key = added.stdout.strip().rsplit(" ", 1)[-1]
+    assert key.startswith("ctt_")
+    reader = {"Authorization": f"Bearer {key}"}
+    worklist = httpx.get(f"{service.api}/api/worklist", headers=reader)
+    assert worklist.status_code == 200
+    assert httpx.get(f"{service.api}/api/quarantine", headers=reader).status_code == 403
+    assert httpx.post(f"{service.api}/api/studies/1.2.3/rescore", headers=reader).status_code == 403
+    uid = worklist.json()["items"][0]["study_uid"]
+    assert httpx.get(f"{service.api}/api/studies/{uid}", headers={"X-API-Key": key}).status_code == 200
+    database = (service.data_dir / "cttriage.sqlite").read_bytes()
+    assert key.encode() not in database and ADMIN_KEY.encode() not in database
+    with sqlite3.connect(service.data_dir / "cttriage.sqlite") as conn:
+        audit = conn.execute("SELECT actor, action FROM audit_events WHERE study_uid = ?", (uid,)).fetchall()
+    assert ("dr-house", "read_study") in audit
+    revoked = subprocess.run([sys.executable, "-m", "app.cli", "users", "revoke", "dr-house"], env=env,
+                             capture_output=True, text=True)
+    assert revoked.returncode == 0
+    assert httpx.get(f"{service.api}/api/worklist", headers=reader).status_code == 401

@@ -14,7 +14,8 @@ from app.db.migrate import alembic_config, upgrade_to_head
 from app.db.models import Base
 from tests.conftest import PG_ADMIN_URL
 
-TABLES = {"studies", "series", "instances", "jobs", "results", "quarantined_files", "alembic_version"}
+TABLES = {"studies", "series", "instances", "jobs", "results", "quarantined_files", "api_keys", "audit_events",
+          "alembic_version"}
 
 
 def check_round_trip(url: str) -> None:

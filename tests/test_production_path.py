@@ -7,13 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.dicom.push import push_files
 from tests.conftest import dcmtk_storescu, write_phantom_study
 from tests.deployment import Deployment, start_deployment
-from tests.service_process import wait_for_state
+from tests.service_process import API, wait_for_state
 
 SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
 
@@ -44,5 +43,5 @@ def test_dcmtk_sender_into_production(deployment: Deployment, tmp_path: Path) ->
     study = wait_for_state(deployment.api, truth["study_instance_uid"], logs=deployment.logs)
     assert study["state"] == "scored", study
     assert study["severity_left"] < 1.5 and abs(study["severity_right"] - truth["severity_right"]) <= 3.0
-    items = httpx.get(f"{deployment.api}/api/worklist").json()["items"]
+    items = API.get(f"{deployment.api}/api/worklist").json()["items"]
     assert truth["study_instance_uid"] in [i["study_uid"] for i in items]

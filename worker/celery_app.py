@@ -8,7 +8,7 @@ delivery harmless. Scoring goes to ``settings.scoring_queue`` (GPU workers in pr
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 from sqlalchemy.exc import DBAPIError
@@ -17,13 +17,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.session import make_session_factory
 from app.settings import Settings
 
+if TYPE_CHECKING:
+    from models.inference import TriageNetworks
+
 SCORE_TASK = "cttriage.score_study"
 #: Retries of a task that hit a transient error (database or broker), with exponential backoff.
 MAX_TRANSIENT_RETRIES = 8
 
 
 class WorkerResources:
-    """Per-process resources of a worker (database pool), built on first use."""
+    """Per-process resources of a worker (database pool, networks), built on first use."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -31,6 +34,14 @@ class WorkerResources:
     @cached_property
     def session_factory(self) -> sessionmaker[Session]:
         return make_session_factory(self.settings)
+
+    @cached_property
+    def networks(self) -> TriageNetworks | None:
+        """The configured networks, loaded on the first job and kept warm (None: threshold).
+        A loading error is not cached: each job reports it until the weights are fixed."""
+        from worker.networks import load_networks
+
+        return load_networks(self.settings)
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -65,7 +76,8 @@ def create_celery(settings: Settings) -> Celery:
         from worker.jobs import run_job  # heavy imports (numpy, scipy) only in workers
 
         try:
-            outcome = run_job(job_id, resources.session_factory, resources.settings, worker=self.request.hostname)
+            outcome = run_job(job_id, resources.session_factory, resources.settings, worker=self.request.hostname,
+                              networks=lambda: resources.networks)
         except DBAPIError as exc:
             raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 60)) from exc
         return {"job_id": outcome.job_id, "status": outcome.status}

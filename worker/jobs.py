@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
@@ -25,6 +27,9 @@ from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from worker.pipeline import StudyScore, score_study
 from worker.series_selection import SeriesSelection
+
+if TYPE_CHECKING:
+    from models.inference import TriageNetworks
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +148,12 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
 
 
 def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Settings,
-            worker: str | None = None) -> JobOutcome:
-    """Score the study of ``job_id``. Database errors propagate (the task retries them)."""
+            worker: str | None = None, networks: Callable[[], TriageNetworks | None] | None = None) -> JobOutcome:
+    """Score the study of ``job_id``. Database errors propagate (the task retries them).
+
+    ``networks`` gives the worker process's loaded networks (None: threshold method); it is
+    called inside the job, so unusable configured weights fail the job with their reason.
+    """
     job = claim_job(session_factory, job_id, worker or socket.gethostname())
     if job is None:
         return JobOutcome(job_id, "skipped")
@@ -153,6 +162,7 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
         score = score_study(
             slices, paths, min_slices=settings.min_slices, inplane_spacing_mm=settings.inplane_spacing_mm,
             on_selection=lambda selection: record_selection(session_factory, job, selection),
+            networks=networks() if networks is not None else None,
         )
     except StudyRejectedError as exc:
         log.info("study rejected", extra={"job_id": job_id, "reason_type": type(exc).__name__})

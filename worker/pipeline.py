@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom import Dataset
@@ -23,6 +23,9 @@ from models.preprocessing import resample_inplane
 from models.severity import LungSeverity, lung_severity
 from models.volume import CtVolume, hu_volume
 from worker.series_selection import SeriesSelection, select_series
+
+if TYPE_CHECKING:  # torch is imported only where networks are configured
+    from models.inference import NetworkPrediction, TriageNetworks
 
 METHOD_THRESHOLD = "threshold"
 #: Bump when the threshold method's constants or steps change: results keep the version they used.
@@ -90,6 +93,13 @@ def score_volume(volume: CtVolume, inplane_spacing_mm: float, timer: StepTimer) 
         return lung_severity(labels, lesions, spacing)
 
 
+def score_volume_with_networks(
+    volume: CtVolume, networks: TriageNetworks, inplane_spacing_mm: float, timer: StepTimer
+) -> NetworkPrediction:
+    """Network lungs (or threshold lungs where the bundle has none), lesions, identification."""
+    return networks.predict(volume.hu, volume.spacing, inplane_spacing_mm=inplane_spacing_mm, timer=timer)
+
+
 def score_study(
     slices: Sequence[SliceHeader],
     paths: dict[str, Path],
@@ -97,11 +107,14 @@ def score_study(
     min_slices: int,
     inplane_spacing_mm: float,
     on_selection: Callable[[SeriesSelection], None] | None = None,
+    networks: TriageNetworks | None = None,
 ) -> StudyScore:
     """Score one study from its slice headers and the files of its instances.
 
     ``on_selection`` lets the caller record series decisions before the (slow) scoring, so a
     study that later fails still shows which series was chosen and why others were not.
+    ``networks`` (loaded once per worker process) selects the network method; without them
+    the threshold method scores, and the result says so.
     """
     timer = StepTimer()
     with timer.step("select"):
@@ -111,6 +124,8 @@ def score_study(
     chosen_uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == selection.chosen})
     with timer.step("load"):
         volume = hu_volume(read_datasets([paths[uid] for uid in chosen_uids]))
+    if networks is not None:
+        return _network_score(str(selection.chosen), volume, networks, inplane_spacing_mm, timer)
     severity = score_volume(volume, inplane_spacing_mm, timer)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
     return StudyScore(
@@ -124,6 +139,32 @@ def score_study(
             "note": THRESHOLD_NOTE,
             "volume_shape": list(volume.hu.shape),
             "volume_spacing_mm": list(volume.spacing),
+            "severity": asdict(severity),
+        },
+    )
+
+
+def _network_score(
+    series_uid: str, volume: CtVolume, networks: TriageNetworks, inplane_spacing_mm: float, timer: StepTimer
+) -> StudyScore:
+    prediction = score_volume_with_networks(volume, networks, inplane_spacing_mm, timer)
+    timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
+    severity = prediction.severity
+    return StudyScore(
+        series_uid=series_uid,
+        method=networks.method,
+        model_version=networks.version,
+        identification=prediction.identification,
+        severity=severity,
+        timings=dict(timer.seconds),
+        details={
+            "note": networks.note,
+            "models": networks.describe(),
+            "lungs_method": prediction.lungs_method,
+            "synthetic_weights": networks.synthetic,
+            "volume_shape": list(volume.hu.shape),
+            "volume_spacing_mm": list(volume.spacing),
+            **prediction.details,
             "severity": asdict(severity),
         },
     )

@@ -21,4 +21,7 @@ def problem(status: int, title: str, detail: str | None = None, **extra: object)
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(CtTriageError)
     async def _typed_error(_request: Request, exc: CtTriageError) -> JSONResponse:
-        return problem(exc.http_status, exc.title, str(exc) or None)
+        response = problem(exc.http_status, exc.title, str(exc) or None)
+        if exc.http_status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response

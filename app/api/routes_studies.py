@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from app.api.problems import problem
+from app.api.auth import Admin, Radiologist
 from app.api.deps import EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.schemas import (
     QuarantinedOut,
@@ -28,6 +29,7 @@ from app.api.schemas import (
 from app.assembly import dispatch_pending_jobs, request_rescore
 from app.db.models import QuarantinedFile, Study, StudyState
 from app.errors import InvalidDicomError, NotFoundError
+from app.security import record_audit
 from app.ingest import describe_instance, quarantine_bytes, store_instance
 from app.worklist import worklist_order, worklist_query
 
@@ -40,6 +42,7 @@ MAX_ZIP_MEMBERS = 20000
 @router.get("/worklist", response_model=Worklist)
 def get_worklist(
     session: SessionDep,
+    _principal: Radiologist,
     state: Annotated[list[StudyState] | None, Query(description="Only these states (repeatable).")] = None,
     received_from: Annotated[date | None, Query(description="First received on or after this day (UTC).")] = None,
     received_to: Annotated[date | None, Query(description="First received on or before this day (UTC).")] = None,
@@ -53,7 +56,7 @@ def get_worklist(
 
 
 @router.get("/studies/{study_uid}", response_model=StudyDetail)
-def get_study(study_uid: str, session: SessionDep) -> StudyDetail:
+def get_study(study_uid: str, session: SessionDep, principal: Radiologist) -> StudyDetail:
     study = session.execute(
         select(Study)
         .where(Study.study_uid == study_uid)
@@ -61,7 +64,10 @@ def get_study(study_uid: str, session: SessionDep) -> StudyDetail:
     ).scalar_one_or_none()
     if study is None:
         raise NotFoundError(f"no study {study_uid}")
-    return StudyDetail.model_validate(study)
+    detail = StudyDetail.model_validate(study)
+    record_audit(session, principal, "read_study", study_uid)
+    session.commit()
+    return detail
 
 
 def _dicom_members(upload_name: str | None, data: bytes) -> list[tuple[str | None, bytes]]:
@@ -96,6 +102,7 @@ async def upload_study(
     files: Annotated[list[UploadFile], File(description="DICOM Part 10 files, or zip archives of them")],
     settings: SettingsDep,
     factory: SessionFactoryDep,
+    principal: Admin,
 ) -> UploadReport | JSONResponse:
     """Same path as C-STORE: each instance is written durably and recorded; the study is scored
     once it settles. Files that are not DICOM are quarantined with the reason."""
@@ -109,6 +116,9 @@ async def upload_study(
             continue
         outcomes.extend(_store_uploaded(name, payload, settings, factory) for name, payload in members)
     stored = sum(o.stored for o in outcomes)
+    with factory.begin() as session:
+        for uid in sorted({o.study_uid for o in outcomes if o.study_uid}):
+            record_audit(session, principal, "upload", uid, f"{stored} instances stored")
     report = UploadReport(stored=stored, rejected=len(outcomes) - stored, files=outcomes)
     if stored == 0:
         return problem(400, "No DICOM instance stored", "no uploaded file was a readable DICOM instance",
@@ -117,10 +127,13 @@ async def upload_study(
 
 
 @router.post("/studies/{study_uid}/rescore", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)
-def rescore_study(study_uid: str, factory: SessionFactoryDep, enqueue: EnqueueDep) -> RescoreAccepted:
+def rescore_study(study_uid: str, factory: SessionFactoryDep, enqueue: EnqueueDep,
+                  principal: Admin) -> RescoreAccepted:
     job_id = request_rescore(factory, study_uid)
     if job_id is None:
         raise NotFoundError(f"no study {study_uid}")
+    with factory.begin() as session:
+        record_audit(session, principal, "rescore", study_uid, f"job {job_id}")
     enqueued = bool(enqueue and dispatch_pending_jobs(factory, enqueue))
     return RescoreAccepted(study_uid=study_uid, job_id=job_id, enqueued=enqueued)
 
@@ -128,6 +141,7 @@ def rescore_study(study_uid: str, factory: SessionFactoryDep, enqueue: EnqueueDe
 @router.get("/quarantine", response_model=list[QuarantinedOut])
 def list_quarantine(
     session: SessionDep,
+    _principal: Admin,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[QuarantinedOut]:
