@@ -41,6 +41,7 @@ def create_job(session: Session, study: Study, *, trigger: str, now: datetime) -
     study.state = StudyState.queued.value
     study.queued_at = now
     study.reason = None
+    study.reason_code = None
     session.flush()
     return job
 

@@ -101,9 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = paper_options(args.network, steps=args.steps, batch_size=args.batch_size,
                             slices_per_series=args.slices_per_series, validate_every=args.validate_every,
                             seed=args.seed, device=args.device)
-    extra = {"lung_source": network_lung_source(Path(args.lungs_model), args.device)} if args.lungs_model else {}
+    lung_source = network_lung_source(Path(args.lungs_model), args.device) if args.lungs_model else None
     report = train_command(args.network, source, Path(args.out), args.version, options, architecture=architecture,
-                           val_size=args.val_size, training_data=args.training_data, **extra)
+                           val_size=args.val_size, training_data=args.training_data, lung_source=lung_source)
     return 0 if report.checkpoint is not None else 1
 
 
@@ -157,7 +157,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     train.add_argument("--slices-per-series", type=int, help="multitask: slices kept per series (32)")
     train.add_argument("--validate-every", type=int)
     train.add_argument("--val-size", type=int, default=30, help="validation series (section 4.4: 30)")
-    train.add_argument("--lungs-model", help="multitask: crop series without lung masks with this lungs.pt")
+    train.add_argument("--lungs-model", help="multitask: crop every series to this lungs.pt's lungs (the paper's way)")
     train.add_argument("--device", default="cpu")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     train.set_defaults(func=cmd_train)

@@ -25,7 +25,7 @@ from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
 from app.security import ensure_bootstrap_admin
 from app.settings import Settings
-from worker.celery_app import create_celery, enqueue_scoring
+from worker.celery_app import create_celery, enqueue_scoring, ping_broker
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,11 @@ def bootstrap_admin(settings: Settings, session_factory: sessionmaker[Session]) 
               "*** more keys: cttriage users add NAME --role radiologist|admin\n", flush=True)
 
 
-def make_enqueue(settings: Settings) -> Enqueue:
+def make_broker_hooks(settings: Settings) -> tuple[Enqueue, Callable[[], None]]:
+    """The hand-off to the broker and the readiness probe of it, over one Celery app."""
     celery_app = create_celery(settings)
-    return lambda job_id, priority: enqueue_scoring(celery_app, settings, job_id, priority)
+    return (lambda job_id, priority: enqueue_scoring(celery_app, settings, job_id, priority),
+            lambda: ping_broker(celery_app))
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
@@ -111,7 +113,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     prepare(settings)
     session_factory = make_session_factory(settings)
     bootstrap_admin(settings, session_factory)
-    enqueue = make_enqueue(settings)
+    enqueue, broker_ping = make_broker_hooks(settings)
     stop = threading.Event()
     worker = SupervisedProcess(
         worker_command(settings, settings.embedded_worker_concurrency, [settings.scoring_queue, "default"]),
@@ -130,7 +132,8 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     if on_ready is not None:
         threading.Thread(target=on_ready, name="on-ready", daemon=True).start()
     try:
-        uvicorn.run(create_app(settings, session_factory, enqueue), host=settings.api_host, port=settings.api_port,
+        uvicorn.run(create_app(settings, session_factory, enqueue, broker_ping), host=settings.api_host,
+                    port=settings.api_port,
                     log_config=None, access_log=False)
     finally:
         stop.set()
@@ -144,7 +147,7 @@ def serve_api(settings: Settings) -> None:
     settings.storage_root.mkdir(parents=True, exist_ok=True)
     session_factory = make_session_factory(settings)
     bootstrap_admin(settings, session_factory)
-    app = create_app(settings, session_factory, make_enqueue(settings))
+    app = create_app(settings, session_factory, *make_broker_hooks(settings))
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False)
 
 
@@ -157,7 +160,7 @@ def serve_dicom(settings: Settings) -> None:
     listener = start_listener(settings, session_factory)
     stop = threading.Event()
     try:
-        run_assembler(session_factory, make_enqueue(settings), settings, stop)
+        run_assembler(session_factory, make_broker_hooks(settings)[0], settings, stop)
     except KeyboardInterrupt:
         pass
     finally:

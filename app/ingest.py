@@ -113,7 +113,7 @@ _STUDY_GREW = (
 _STUDY_REOPENED = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("sid"), _STUDIES.c.state != StudyState.receiving.value)
-    .values(state=StudyState.receiving.value, version=_STUDIES.c.version + 1, reason=None)
+    .values(state=StudyState.receiving.value, version=_STUDIES.c.version + 1, reason=None, reason_code=None)
 )
 
 

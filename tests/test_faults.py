@@ -24,7 +24,7 @@ from app.db.models import Instance, Result, Study
 from app.dicom.push import push_files
 from tests.conftest import write_phantom_study
 from tests.deployment import Deployment, start_deployment
-from tests.service_process import wait_for_state, wait_until
+from tests.service_process import API, wait_for_state, wait_until
 
 SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
 #: Big enough that scoring takes seconds on 2 cores, so a worker can be killed in the middle.
@@ -143,6 +143,8 @@ def test_redis_down_while_studies_arrive(deployment: Deployment, tmp_path: Path)
                                   **SMALL) for i in range(2)]
     redis_down()
     try:
+        ready = API.get(f"{deployment.api}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["checks"]["broker"] != "ok", ready.text
         for i in range(2):
             assert set(push_files(files_of(tmp_path / str(i)), host="127.0.0.1", port=deployment.dicom_port)) == {0}
         # settled and queued in the database (the outbox), waiting for the broker

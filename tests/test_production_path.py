@@ -4,9 +4,11 @@ separate processes `cttriage dicom`, `cttriage api` and `cttriage worker` (a rea
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.dicom.push import push_files
@@ -45,3 +47,17 @@ def test_dcmtk_sender_into_production(deployment: Deployment, tmp_path: Path) ->
     assert study["severity_left"] < 1.5 and abs(study["severity_right"] - truth["severity_right"]) <= 3.0
     items = API.get(f"{deployment.api}/api/worklist").json()["items"]
     assert truth["study_instance_uid"] in [i["study_uid"] for i in items]
+
+
+def test_readiness_and_metrics(deployment: Deployment, tmp_path: Path) -> None:
+    ready = API.get(f"{deployment.api}/readyz")
+    assert ready.status_code == 200 and ready.json()["broker"] == "ok", ready.text
+    truth = write_phantom_study(tmp_path, severity_left=10.0, severity_right=10.0, seed=33, **SMALL)
+    push_files(sorted(tmp_path.glob("*.dcm")), host="127.0.0.1", port=deployment.dicom_port)
+    wait_for_state(deployment.api, truth["study_instance_uid"], logs=deployment.logs)
+    text = httpx.get(f"{deployment.api}/metrics").text  # open to the scraper, no key
+    scored = float(re.search(r'^cttriage_studies\{state="scored"\} (\S+)$', text, re.M).group(1))  # type: ignore[union-attr]
+    assert scored >= 1
+    assert re.search(r'^cttriage_instances_received_total (\S+)$', text, re.M)
+    assert 'cttriage_scoring_stage_seconds_bucket{le="+Inf",stage="lungs"}' in text
+    assert "cttriage_queue_depth" in text

@@ -87,3 +87,9 @@ def create_celery(settings: Settings) -> Celery:
 
 def enqueue_scoring(app: Celery, settings: Settings, job_id: int, priority: int) -> str:
     return str(app.send_task(SCORE_TASK, args=[job_id], queue=settings.scoring_queue, priority=priority).id)
+
+
+def ping_broker(app: Celery) -> None:
+    """Raise when the broker cannot be reached within a couple of seconds."""
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)

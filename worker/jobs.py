@@ -90,7 +90,8 @@ def record_selection(session_factory: sessionmaker[Session], job: Job, selection
         )
 
 
-def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: StudyState, reason: str) -> None:
+def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: StudyState, reason: str,
+                      reason_code: str) -> None:
     with session_factory.begin() as session:
         session.execute(
             update(Job).where(Job.id == job.id).values(state=JobState.failed.value if state is StudyState.failed
@@ -99,7 +100,7 @@ def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: S
         session.execute(
             update(Study)
             .where(Study.id == job.study_id, Study.version == job.study_version)
-            .values(state=state.value, reason=reason)
+            .values(state=state.value, reason=reason, reason_code=reason_code)
         )
 
 
@@ -140,7 +141,7 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
         session.execute(
             update(Study)
             .where(Study.id == job.study_id, Study.version == job.study_version)
-            .values(state=StudyState.scored.value, reason=None, scored_at=now, identification=score.identification,
+            .values(state=StudyState.scored.value, reason=None, reason_code=None, scored_at=now, identification=score.identification,
                     severity=sev.severity, severity_left=sev.severity_left, severity_right=sev.severity_right,
                     severity_band=band, priority=priority, method=score.method, model_version=score.model_version,
                     chosen_series_uid=score.series_uid)
@@ -166,14 +167,14 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
         )
     except StudyRejectedError as exc:
         log.info("study rejected", extra={"job_id": job_id, "reason_type": type(exc).__name__})
-        finish_with_error(session_factory, job, StudyState.rejected, str(exc))
+        finish_with_error(session_factory, job, StudyState.rejected, str(exc), type(exc).__name__)
         return JobOutcome(job_id, "rejected", str(exc))
     except (DBAPIError, MemoryError):
         raise  # transient or resource trouble: the task retries, the study stays processing
     except Exception as exc:  # a bug or an input we did not foresee: fail visibly, keep the data
         reason = f"scoring failed: {type(exc).__name__}: {exc}"
         log.exception("scoring failed", extra={"job_id": job_id})
-        finish_with_error(session_factory, job, StudyState.failed, reason)
+        finish_with_error(session_factory, job, StudyState.failed, reason, type(exc).__name__)
         return JobOutcome(job_id, "failed", reason)
     write_result(session_factory, job, score, settings)
     log.info("study scored", extra={"job_id": job_id, "severity": round(score.severity.severity, 2),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -17,13 +18,16 @@ from app.settings import Settings
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-def create_app(settings: Settings, session_factory: sessionmaker[Session], enqueue: Enqueue | None) -> FastAPI:
-    """``enqueue`` hands a job to the broker (None: rescoring waits for the assembler's relay)."""
+def create_app(settings: Settings, session_factory: sessionmaker[Session], enqueue: Enqueue | None,
+               broker_ping: Callable[[], None] | None = None) -> FastAPI:
+    """``enqueue`` hands a job to the broker (None: rescoring waits for the assembler's relay);
+    ``broker_ping`` raises when the broker is unreachable (readiness)."""
     app = FastAPI(title="cttriage", version=__version__,
                   description="Chest CT triage: COVID-19 identification and max-lung severity worklist.")
     app.state.settings = settings
     app.state.session_factory = session_factory
     app.state.enqueue = enqueue
+    app.state.broker_ping = broker_ping
     install_problem_handlers(app)
     app.include_router(routes_studies.router)
     app.include_router(routes_health.router)

@@ -89,6 +89,8 @@ class Study(Base):
     patient_sex: Mapped[str | None] = mapped_column(String(4))
     state: Mapped[str] = mapped_column(String(16), default=StudyState.receiving.value)
     reason: Mapped[str | None] = mapped_column(Text)
+    #: The error class behind ``reason`` (a bounded set: metrics group failures by it).
+    reason_code: Mapped[str | None] = mapped_column(String(64))
     #: Bumped whenever new instances arrive after queueing, or a rescore is asked for.
     version: Mapped[int] = mapped_column(Integer, default=1)
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
