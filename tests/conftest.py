@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_engine
@@ -51,7 +52,8 @@ def sqlite_factory(sqlite_settings: Settings) -> sessionmaker[Session]:
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test run, migrated to head, dropped afterwards."""
     name = f"cttriage_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # No pooled connection may outlive a PostgreSQL restart (the fault tests restart it).
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
