@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import RLELossless, generate_uid
@@ -307,3 +308,23 @@ def test_api_keys_and_roles(service: Service) -> None:
                              capture_output=True, text=True)
     assert revoked.returncode == 0
     assert httpx.get(f"{service.api}/api/worklist", headers=reader).status_code == 401
+
+
+def test_study_pictures_are_served(service: Service, tmp_path: Path) -> None:
+    truth = write_phantom_study(tmp_path, severity_left=25.0, severity_right=5.0, seed=18, **SMALL)
+    push_files(study_files(tmp_path), host="127.0.0.1", port=service.dicom_port)
+    uid = truth["study_instance_uid"]
+    study = wait_for_state(service.api, uid, logs=service.process.log)
+    assert set(study["results"][-1]["details"]["files"]) == {"masks", "axial", "projection"}
+    from PIL import Image
+
+    for kind in ("axial", "projection"):
+        response = API.get(f"{service.api}/api/studies/{uid}/images/{kind}.png")
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(response.content)).convert("RGB")
+        pixels = np.asarray(image).reshape(-1, 3).astype(int)
+        lesion_coloured = ((pixels[:, 0] - pixels[:, 2]) > 80).mean()
+        assert lesion_coloured > 0.002, kind  # the lesions are overlaid in colour
+        (tmp_path / f"{kind}.png").write_bytes(response.content)
+    assert API.get(f"{service.api}/api/studies/{uid}/images/coronal.png").status_code == 422
+    assert httpx.get(f"{service.api}/api/studies/{uid}/images/axial.png").status_code == 401

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ from app.errors import StudyRejectedError
 from app.priority import priority_score, severity_band
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
+from worker.derived import save_derived
 from worker.pipeline import StudyScore, score_study
 from worker.series_selection import SeriesSelection
 
@@ -148,6 +149,21 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
         )
 
 
+def with_derived_files(score: StudyScore, session_factory: sessionmaker[Session], job: Job,
+                       settings: Settings) -> StudyScore:
+    """Save masks and pictures; a failure here costs the pictures, never the scores."""
+    if score.masks is None:
+        return score
+    with session_factory() as session:
+        study_uid = session.execute(select(Study.study_uid).where(Study.id == job.study_id)).scalar_one()
+    try:
+        files = save_derived(settings.storage_root, study_uid, job.id, score.masks)
+    except Exception:
+        log.exception("could not save masks and pictures", extra={"job_id": job.id})
+        return score
+    return replace(score, details={**score.details, "files": files})
+
+
 def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Settings,
             worker: str | None = None, networks: Callable[[], TriageNetworks | None] | None = None) -> JobOutcome:
     """Score the study of ``job_id``. Database errors propagate (the task retries them).
@@ -176,6 +192,7 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
         log.exception("scoring failed", extra={"job_id": job_id})
         finish_with_error(session_factory, job, StudyState.failed, reason, type(exc).__name__)
         return JobOutcome(job_id, "failed", reason)
+    score = with_derived_files(score, session_factory, job, settings)
     write_result(session_factory, job, score, settings)
     log.info("study scored", extra={"job_id": job_id, "severity": round(score.severity.severity, 2),
                                     "seconds": score.timings.get("total")})

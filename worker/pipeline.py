@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pydicom
 from pydicom import Dataset
 
@@ -51,6 +52,36 @@ class StepTimer:
 
 
 @dataclass(frozen=True)
+class StudyMasks:
+    """Lungs and lesions on the scoring grid (the volume resampled in-plane), where that grid
+    lies in the patient (LPS), and the grid's HU for pictures. Canonical axis order."""
+
+    hu: np.ndarray  # int16
+    lung_labels: np.ndarray  # uint8: 0, 1 right, 2 left
+    lesions: np.ndarray  # bool
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[tuple[float, float, float], ...]
+
+
+def grid_masks(volume: CtVolume, hu: np.ndarray, spacing: tuple[float, float, float], lung_labels: np.ndarray,
+               lesions: np.ndarray) -> StudyMasks:
+    """Place masks computed on ``resample_inplane``'s grid: it keeps the field of view, so the
+    first in-plane voxel centre moves by half the change of spacing."""
+    origin = np.asarray(volume.origin, dtype=float)
+    for axis in (1, 2):
+        origin = origin + np.asarray(volume.direction[axis]) * (spacing[axis] - volume.spacing[axis]) / 2
+    return StudyMasks(
+        hu=np.clip(np.rint(hu), -32768, 32767).astype(np.int16),
+        lung_labels=lung_labels.astype(np.uint8, copy=False),
+        lesions=lesions.astype(bool, copy=False),
+        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        direction=tuple(tuple(float(c) for c in d) for d in volume.direction),
+    )
+
+
+@dataclass(frozen=True)
 class StudyScore:
     series_uid: str
     method: str
@@ -59,6 +90,7 @@ class StudyScore:
     severity: LungSeverity
     timings: dict[str, float]
     details: dict[str, Any]
+    masks: StudyMasks | None = None
 
 
 def choose_series(slices: Sequence[SliceHeader], min_slices: int) -> SeriesSelection:
@@ -80,7 +112,7 @@ def read_datasets(paths: Sequence[Path]) -> list[Dataset]:
     return datasets
 
 
-def score_volume(volume: CtVolume, inplane_spacing_mm: float, timer: StepTimer) -> LungSeverity:
+def score_volume(volume: CtVolume, inplane_spacing_mm: float, timer: StepTimer) -> tuple[LungSeverity, StudyMasks]:
     """Threshold lungs and lesions on a volume resampled in-plane, then per-lung severity."""
     with timer.step("resample"):
         hu, spacing = resample_inplane(volume.hu, volume.spacing, target=(inplane_spacing_mm, inplane_spacing_mm))
@@ -90,7 +122,8 @@ def score_volume(volume: CtVolume, inplane_spacing_mm: float, timer: StepTimer) 
     with timer.step("lesions"):
         lesions = segment_lesions(hu, labels > 0, spacing)
     with timer.step("severity"):
-        return lung_severity(labels, lesions, spacing)
+        severity = lung_severity(labels, lesions, spacing)
+    return severity, grid_masks(volume, hu, spacing, labels, lesions)
 
 
 def score_volume_with_networks(
@@ -126,7 +159,7 @@ def score_study(
         volume = hu_volume(read_datasets([paths[uid] for uid in chosen_uids]))
     if networks is not None:
         return _network_score(str(selection.chosen), volume, networks, inplane_spacing_mm, timer)
-    severity = score_volume(volume, inplane_spacing_mm, timer)
+    severity, masks = score_volume(volume, inplane_spacing_mm, timer)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
     return StudyScore(
         series_uid=str(selection.chosen),
@@ -141,6 +174,7 @@ def score_study(
             "volume_spacing_mm": list(volume.spacing),
             "severity": asdict(severity),
         },
+        masks=masks,
     )
 
 
@@ -149,6 +183,9 @@ def _network_score(
 ) -> StudyScore:
     prediction = score_volume_with_networks(volume, networks, inplane_spacing_mm, timer)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
+    hu, spacing = resample_inplane(volume.hu, volume.spacing, target=(inplane_spacing_mm, inplane_spacing_mm))
+    masks = (grid_masks(volume, hu, spacing, prediction.lung_labels, prediction.lesion_mask)
+             if hu.shape == prediction.lung_labels.shape else None)
     severity = prediction.severity
     return StudyScore(
         series_uid=series_uid,
@@ -167,4 +204,5 @@ def _network_score(
             **prediction.details,
             "severity": asdict(severity),
         },
+        masks=masks,
     )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import zipfile
 from datetime import date
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pydicom
 from fastapi import APIRouter, File, Query, UploadFile, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
@@ -27,7 +27,7 @@ from app.api.schemas import (
     WorklistItem,
 )
 from app.assembly import dispatch_pending_jobs, request_rescore
-from app.db.models import QuarantinedFile, Study, StudyState
+from app.db.models import QuarantinedFile, Result, Study, StudyState
 from app.errors import InvalidDicomError, NotFoundError
 from app.security import record_audit
 from app.ingest import describe_instance, quarantine_bytes, store_instance
@@ -68,6 +68,24 @@ def get_study(study_uid: str, session: SessionDep, principal: Radiologist) -> St
     record_audit(session, principal, "read_study", study_uid)
     session.commit()
     return detail
+
+
+@router.get("/studies/{study_uid}/images/{kind}.png", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}}})
+def get_study_image(study_uid: str, kind: Literal["axial", "projection"], session: SessionDep,
+                    settings: SettingsDep, _principal: Radiologist) -> FileResponse:
+    """The newest scoring's picture: the most affected axial slice, or the frontal projection,
+    with lesions overlaid."""
+    result = session.execute(
+        select(Result).join(Study).where(Study.study_uid == study_uid).order_by(Result.id.desc()).limit(1)
+    ).scalar_one_or_none()
+    relative = ((result.details or {}).get("files") or {}).get(kind) if result else None
+    if not relative:
+        raise NotFoundError(f"no {kind} picture for study {study_uid}")
+    path = (settings.storage_root / relative).resolve()
+    if settings.storage_root.resolve() not in path.parents or not path.is_file():
+        raise NotFoundError(f"the {kind} picture of study {study_uid} is gone (retention)")
+    return FileResponse(path, media_type="image/png")
 
 
 def _dicom_members(upload_name: str | None, data: bytes) -> list[tuple[str | None, bytes]]:
