@@ -172,6 +172,35 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     evaluate.set_defaults(func=cmd_evaluate)
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score DICOM folders or NIfTI files offline, with the pipeline the workers run."""
+    from worker.batch_scoring import batch_items, format_table, score_all, write_csv
+    from worker.networks import load_networks
+
+    settings = get_settings()
+    configure_logging("WARNING", False)
+    items = batch_items(Path(p) for p in args.paths)
+    if not items:
+        print("no DICOM study or NIfTI file found", file=sys.stderr)
+        return 2
+    networks = load_networks(settings)
+
+    def progress(done: int, total: int, item: object) -> None:
+        bar = "#" * int(30 * done / total)
+        print(f"\r[{bar:<30}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    rows = score_all(items, min_slices=settings.min_slices, inplane_spacing_mm=settings.inplane_spacing_mm,
+                     networks=networks, progress=progress)
+    if args.csv == "-":
+        write_csv(rows, sys.stdout)
+    else:
+        print(format_table(rows))
+        if args.csv:
+            with open(args.csv, "w", newline="") as out:
+                write_csv(rows, out)
+    return 0 if all(r.state == "scored" for r in rows) else 1
+
+
 def cmd_users(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
@@ -222,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--severity-right", type=float, default=0.0)
     phantom.add_argument("--seed", type=int, default=0)
     phantom.set_defaults(func=cmd_phantom)
+
+    score = sub.add_parser("score", help="score DICOM folders or NIfTI files offline (table or CSV)")
+    score.add_argument("paths", nargs="+", help="folders of DICOM files (any depth) or .nii/.nii.gz files")
+    score.add_argument("--csv", help="also write a CSV here ('-': CSV on stdout instead of the table)")
+    score.set_defaults(func=cmd_score)
 
     users = sub.add_parser("users", help="API keys: add (shown once), list, revoke")
     users.add_argument("action", choices=["add", "list", "revoke"])

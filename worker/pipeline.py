@@ -157,12 +157,20 @@ def score_study(
     chosen_uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == selection.chosen})
     with timer.step("load"):
         volume = hu_volume(read_datasets([paths[uid] for uid in chosen_uids]))
+    return score_ct_volume(str(selection.chosen), volume, inplane_spacing_mm=inplane_spacing_mm, networks=networks,
+                           timer=timer)
+
+
+def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: float,
+                    networks: TriageNetworks | None = None, timer: StepTimer | None = None) -> StudyScore:
+    """Score an already loaded volume (a DICOM series, or a NIfTI file in batch scoring)."""
+    timer = timer or StepTimer()
     if networks is not None:
-        return _network_score(str(selection.chosen), volume, networks, inplane_spacing_mm, timer)
+        return _network_score(series_uid, volume, networks, inplane_spacing_mm, timer)
     severity, masks = score_volume(volume, inplane_spacing_mm, timer)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
     return StudyScore(
-        series_uid=str(selection.chosen),
+        series_uid=series_uid,
         method=METHOD_THRESHOLD,
         model_version=THRESHOLD_MODEL_VERSION,
         identification=None,
