@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     #: Calling AE titles allowed to associate; empty means any.
     allowed_calling_aets: list[str] = Field(default_factory=list)
+    #: Peer networks allowed to connect (CIDR, e.g. ["10.1.2.0/24"]); empty means any.
+    allowed_calling_ips: list[str] = Field(default_factory=list)
+    #: DICOM TLS: certificate and key of this node; with a CA file, peers must present a
+    #: certificate it signed.
+    dicom_tls_cert: Path | None = None
+    dicom_tls_key: Path | None = None
+    dicom_tls_ca: Path | None = None
     max_pdu: int = 0  # unlimited
     network_timeout: float = 60.0
 

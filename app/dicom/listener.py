@@ -13,7 +13,9 @@ counts at info, study/series UIDs at debug only.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import ssl
 import threading
 import traceback
 from collections import Counter
@@ -126,27 +128,60 @@ def _handlers(context: ListenerContext) -> list[Any]:
     ]
 
 
-def _start(settings: Settings, session_factory: sessionmaker[Session], *, block: bool) -> Any:
-    context = ListenerContext(settings, session_factory)
-    settings.storage_root.mkdir(parents=True, exist_ok=True)
-    log.info(
-        "DICOM listener starting",
-        extra={"ae_title": settings.ae_title, "host": settings.dicom_host, "port": settings.dicom_port},
-    )
-    return build_ae(settings).start_server(
-        (settings.dicom_host, settings.dicom_port), block=block, evt_handlers=_handlers(context)
-    )
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server-side TLS for DICOM (PS3.15 B.1) when a certificate is configured; with a CA, peers
+    must present a certificate signed by it (mutual TLS, how PACS nodes usually authenticate)."""
+    if not settings.dicom_tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key)
+    if settings.dicom_tls_ca:
+        context.load_verify_locations(settings.dicom_tls_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def address_allowed(address: str, allowed: list[str]) -> bool:
+    """Empty allow-list: anyone; else the peer's IP must fall in one of the networks (CIDR)."""
+    if not allowed:
+        return True
+    ip = ipaddress.ip_address(address)
+    return any(ip in ipaddress.ip_network(network, strict=False) for network in allowed)
 
 
 def start_listener(settings: Settings, session_factory: sessionmaker[Session]) -> ThreadedAssociationServer:
     """Serve in background threads; the caller stops it with ``.shutdown()``."""
-    server: ThreadedAssociationServer = _start(settings, session_factory, block=False)
+    context = ListenerContext(settings, session_factory)
+    settings.storage_root.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "DICOM listener starting",
+        extra={"ae_title": settings.ae_title, "host": settings.dicom_host, "port": settings.dicom_port,
+               "tls": bool(settings.dicom_tls_cert), "ip_allow_list": len(settings.allowed_calling_ips)},
+    )
+    server: ThreadedAssociationServer = build_ae(settings).start_server(
+        (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=_handlers(context),
+        ssl_context=tls_context(settings),
+    )
+    allowed = list(settings.allowed_calling_ips)
+
+    def verify_request(_request: Any, client_address: tuple[str, int]) -> bool:
+        ok = address_allowed(client_address[0], allowed)
+        if not ok:
+            log.warning("connection refused: address not in the allow-list", extra={"peer": client_address[0]})
+        return ok
+
+    server.verify_request = verify_request  # type: ignore[method-assign]  # socketserver's hook
     return server
 
 
 def serve_listener(settings: Settings, session_factory: sessionmaker[Session]) -> None:
     """Serve until interrupted (the ``cttriage dicom`` process)."""
-    _start(settings, session_factory, block=True)
+    server = start_listener(settings, session_factory)
+    try:
+        threading.Event().wait()
+    finally:
+        server.shutdown()
 
 
 # --- handlers ----------------------------------------------------------------------------------
