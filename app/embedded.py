@@ -29,6 +29,10 @@ from worker.celery_app import create_celery, enqueue_scoring, ping_broker
 
 log = logging.getLogger(__name__)
 
+#: On stop, open requests get this long before they are cancelled: the worklist's live event
+#: streams never finish by themselves, and must not hold a restart up.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
 
 def prepare(settings: Settings) -> None:
     """Create folders and bring the schema to head (idempotent)."""
@@ -134,7 +138,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     try:
         uvicorn.run(create_app(settings, session_factory, enqueue, broker_ping), host=settings.api_host,
                     port=settings.api_port,
-                    log_config=None, access_log=False)
+                    log_config=None, access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     finally:
         stop.set()
         listener.shutdown()
@@ -148,7 +152,8 @@ def serve_api(settings: Settings) -> None:
     session_factory = make_session_factory(settings)
     bootstrap_admin(settings, session_factory)
     app = create_app(settings, session_factory, *make_broker_hooks(settings))
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False)
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
 
 
 def serve_dicom(settings: Settings) -> None:

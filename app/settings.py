@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -88,8 +88,36 @@ class Settings(BaseSettings):
     #: printed once). For automated deployments and tests.
     bootstrap_admin_key: str | None = None
 
+    # --- results back to the PACS: SR, SEG and secondary capture by C-STORE (off by default) ---
+    export_enabled: bool = False
+    #: The DICOM node that receives them (required when export is enabled).
+    export_host: str | None = None
+    export_port: int = 104
+    export_ae_title: str = "PACS"
+    #: Our AE title when calling it; defaults to ae_title.
+    export_calling_ae_title: str | None = None
+    #: Sends tried per object before it is marked failed (an admin can retry it then).
+    export_max_attempts: int = 8
+    #: Wait before the first retry; doubles each attempt, up to export_backoff_max_seconds (keep
+    #: that below Redis' visibility timeout, processing_timeout_seconds + 60, or a waiting retry
+    #: is delivered twice).
+    export_backoff_seconds: float = 30.0
+    export_backoff_max_seconds: float = 1200.0
+    #: Connection, association and reply timeouts of one send.
+    export_timeout_seconds: float = 30.0
+
     log_level: str = "INFO"
     log_json: bool = True
+
+    @model_validator(mode="after")
+    def _export_needs_a_host(self) -> Settings:
+        if self.export_enabled and not self.export_host:
+            raise ValueError("CTTRIAGE_EXPORT_HOST is required when CTTRIAGE_EXPORT_ENABLED is true")
+        return self
+
+    @property
+    def export_calling_aet(self) -> str:
+        return self.export_calling_ae_title or self.ae_title
 
     @cached_property
     def storage_root(self) -> Path:

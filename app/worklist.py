@@ -19,11 +19,13 @@ def worklist_order() -> tuple[object, ...]:
 
 
 def worklist_query(states: Sequence[str] | None = None, received_from: date | None = None,
-                   received_to: date | None = None) -> Select[tuple[Study]]:
+                   received_to: date | None = None, bands: Sequence[int] | None = None) -> Select[tuple[Study]]:
     """Studies matching the filters, unordered (callers add the order and the page)."""
     query = select(Study)
     if states:
         query = query.where(Study.state.in_(list(states)))
+    if bands:
+        query = query.where(Study.severity_band.in_(list(bands)))
     if received_from:
         query = query.where(Study.first_received_at >= datetime.combine(received_from, time.min, timezone.utc))
     if received_to:

@@ -42,12 +42,12 @@ sys.path.insert(0, str(ROOT))
 
 from models.checkpoint import LoadedCheckpoint, metadata_for  # noqa: E402
 from models.inference import InferenceOptions, TriageNetworks, default_threads  # noqa: E402
-from models.lung_network import LungSegmentationNet, lung_labels_from_probabilities  # noqa: E402
+from models.lung_network import LungSegmentationNet, lung_bounding_box, lung_labels_from_probabilities  # noqa: E402
 from models.model_store import bundle_paths  # noqa: E402
 from models.multitask import MultitaskNet  # noqa: E402
 from models.phantom import PhantomSpec, phantom_datasets, phantom_volume  # noqa: E402
 from models.severity import lung_severity  # noqa: E402
-from models.training_samples import lung_bounding_box, resample_mask  # noqa: E402
+from models.training_samples import resample_mask  # noqa: E402
 from models.volume import hu_volume  # noqa: E402
 from worker.pipeline import read_datasets  # noqa: E402
 
@@ -137,12 +137,15 @@ def main() -> int:
             run: dict[str, list[float]] = {} if r == 0 else times
             volume = timed(run, "load", device, lambda: hu_volume(read_datasets(files)))
             hu_t, image, grid = timed(run, "resample", device, lambda: networks.preprocess(volume.hu, volume.spacing))
-            probs = timed(run, "lungs_net", device, lambda: networks.lung_probabilities(image))
-            if args.model:
-                source = probs
-            else:  # random weights: post-process the true lungs instead (same work, meaningful crop)
-                source = resample_mask(phantom.lungs > 0, phantom.spacing, grid[1:]).astype(np.float32)
-            labels = timed(run, "lungs_post", device, lambda: lung_labels_from_probabilities(source, grid))
+            if networks.lungs is None:  # a bundle without a lungs network: threshold lungs
+                labels = timed(run, "lungs_post", device, lambda: networks.lung_labels(image, hu_t, grid))
+            else:
+                probs = timed(run, "lungs_net", device, lambda: networks.lung_probabilities(image))
+                if args.model:
+                    source = probs
+                else:  # random weights: post-process the true lungs instead (same work, meaningful crop)
+                    source = resample_mask(phantom.lungs > 0, phantom.spacing, grid[1:]).astype(np.float32)
+                labels = timed(run, "lungs_post", device, lambda: lung_labels_from_probabilities(source, grid))
             box = lung_bounding_box(labels > 0)
             lesion, ident = timed(run, "multitask", device,
                                   lambda: networks.multitask_outputs(image[box].contiguous()))
@@ -153,26 +156,35 @@ def main() -> int:
                 return lung_severity(labels, lesions, grid)
 
             severity = timed(run, "postprocess", device, post)
+            if args.model:  # trained weights: the worker's own call, end to end after loading
+                timed(run, "predict (worker path)", device,
+                      lambda: networks.predict(volume.hu, volume.spacing))
             if r > 0 and not args.no_baseline:
-                timed(baseline, "lungs_net", device,
-                      lambda: eager_baseline(networks.lungs_checkpoint.module.to(device), image, args.batch_slices, False))
+                if networks.lungs_checkpoint is not None:
+                    plain_lungs = networks.lungs_checkpoint.module.to(device)
+                    timed(baseline, "lungs_net", device,
+                          lambda: eager_baseline(plain_lungs, image, args.batch_slices, False))
+                plain_multitask = networks.multitask_checkpoint.module.to(device)
                 timed(baseline, "multitask", device,
-                      lambda: eager_baseline(networks.multitask_checkpoint.module.to(device), image[box].contiguous(),
-                                             args.batch_slices, True))
-            del hu_t
+                      lambda: eager_baseline(plain_multitask, image[box].contiguous(), args.batch_slices, True))
     print(f"lungs grid {tuple(image.shape)} at {grid[1]:.2f} mm; multitask crop "
           f"{tuple(s.stop - s.start for s in box)}; identification {ident:.3f}, severity {severity.severity:.1f} %")
     stages = ["load", "resample", "lungs_net", "lungs_post", "multitask", "postprocess"]
     print(f"\n{'stage':14} {'fast path s':>12} {'eager baseline s':>17}")
+    stages = [n for n in stages if n in times]
     for name in stages:
         base = f"{statistics.median(baseline[name]):17.2f}" if name in baseline else f"{'':17}"
         print(f"{name:14} {statistics.median(times[name]):12.2f} {base}")
     total = sum(statistics.median(times[n]) for n in stages)
     print(f"{'total':14} {total:12.2f}   (per study, networks loaded; median of {args.repeat})")
+    if "predict (worker path)" in times:
+        print(f"load + TriageNetworks.predict (the worker's call): "
+              f"{statistics.median(times['load']) + statistics.median(times['predict (worker path)']):.2f} s")
     if baseline:
-        fast = sum(statistics.median(times[n]) for n in ("lungs_net", "multitask"))
-        slow = sum(statistics.median(baseline[n]) for n in ("lungs_net", "multitask"))
-        slices = image.shape[0] + (box[0].stop - box[0].start)
+        nets = [n for n in ("lungs_net", "multitask") if n in baseline]
+        fast = sum(statistics.median(times[n]) for n in nets)
+        slow = sum(statistics.median(baseline[n]) for n in nets)
+        slices = (image.shape[0] if "lungs_net" in nets else 0) + (box[0].stop - box[0].start)
         print(f"networks only: fast {fast:.2f} s ({slices / fast:.0f} slices/s) vs eager {slow:.2f} s "
               f"({slices / slow:.0f} slices/s): {slow / fast:.2f}x")
     return 0

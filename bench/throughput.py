@@ -8,45 +8,56 @@ A hand-run benchmark, not a test::
 
 It needs the local PostgreSQL (127.0.0.1:5432, trust auth, admin database ``test``) and Redis
 (127.0.0.1:6379) that the tests use (``scripts/services.sh`` starts them). It creates its own
-database ``cttriage_bench_<hex>`` (migrated with Alembic, dropped at the end), uses Redis
-database 12 (flushed before and after) and a temporary folder for storage and logs.
+database ``cttriage_bench_<hex>`` (migrated with Alembic, truncated between worker counts, dropped
+at the end), uses Redis database 12 (flushed before, between and after) and a temporary folder
+for the studies, storage and logs (``--keep DIR`` keeps them).
 
 What it does:
 
 1. Generates ``--studies`` phantom studies once (``models.phantom``; default 60 slices of
-   256x256 at 1.4 mm pixels, 5 mm apart, so about 7.7 MB and 60 instances a study), each with
-   its own UIDs, seed and severities (spread over 0..80 % per lung), plus a few warm-up studies.
-2. For each worker count W in ``--workers``: truncates the database, flushes the Redis database,
-   starts ``cttriage dicom``, ``cttriage api`` and the worker(s) as separate processes with
-   ``CTTRIAGE_SETTLE_SECONDS`` (default 2 s); in the default ``--worker-mode prefork`` that is
-   ONE ``cttriage worker --concurrency W`` (Celery prefork pool; W=1 is the solo pool), in
-   ``--worker-mode processes`` W separate ``cttriage worker --concurrency 1`` processes.
-   Then it pushes W warm-up studies and waits for them to be scored (so every worker process
-   has imported numpy/scipy and opened its database pool: cold start is not measured), and
-   then the timed batch: all studies pushed by 4 sender threads (``--senders``), each study
-   over its own association (``app.dicom.push.push_files``), while a poller reads
-   ``/api/worklist`` every ``--poll`` seconds until every study is scored (or failed/rejected).
+   256x256 at 1.4 mm pixels, 5 mm apart: 60 instances, 7.9 MB a study), each with its own UIDs,
+   seed and severities (the worse lung spread over 0..80 %), plus warm-up and drain studies.
+2. For each worker count W in ``--workers``: starts ``cttriage dicom``, ``cttriage api`` and the
+   worker(s) as separate processes (each in its own process group) with
+   ``CTTRIAGE_SETTLE_SECONDS`` (default 2 s) and ``CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS`` (0.5 s).
+   In the default ``--worker-mode prefork`` that is ONE ``cttriage worker --concurrency W``
+   (Celery prefork pool; W=1 is the solo pool), in ``--worker-mode processes`` W separate
+   ``cttriage worker --concurrency 1`` processes (solo pools; note they all get the same Celery
+   node name, ``cttriage-cpu@<host>``, since ``cttriage worker`` has no option to change it).
+   Then:
+
+   * warm-up: W studies pushed and scored first, so that every worker process has imported
+     numpy/scipy and opened its database pool (cold start is not measured);
+   * end to end (the timed batch): all studies pushed by 4 concurrent senders (``--senders``),
+     each study over its own association (``app.dicom.push.push_files``), while the poller reads
+     ``/api/worklist`` every ``--poll`` s until every study is scored (or failed/rejected);
+   * drain (``--no-drain`` skips it): as many other studies received by a listener whose settle
+     time never ends, then a listener with the normal settle time queues them all in one pass and
+     the warm workers empty the queue with no ingest competing: the workers' own throughput.
+
+   Senders are processes by default (``--sender-kind``); see :class:`SenderPool` for why
+   not threads.
 3. Reads the database (``studies``, ``jobs``) and reports per worker count:
 
    * studies per minute: N / (last ``scored_at`` - first push started), and the same with the
      time the API first showed the last study scored;
    * per study latency from its last instance received (``studies.last_received_at``) to
      scored (``studies.scored_at``; and to first seen scored by the API poller), p50/p95/max.
-     That latency contains the settle time (a study is only queued after ``settle_seconds``
-     without new instances, checked every ``--assembler-interval`` s), so it is also reported
-     minus ``settle_seconds``, and broken down: settle wait (last received -> queued),
-     dispatch (queued -> enqueued on the broker), queue wait (enqueued -> worker started),
-     job run (started -> finished) and pure scoring (``jobs.timings.total``);
-   * ingest (first push started -> last push answered), the CPU seconds each component used
-     during the timed window and how busy the whole machine was, the most jobs that ran at
-     once, and the largest severity error against the phantom truth (a sanity check).
+     It contains the settle time (a study is only queued after ``settle_seconds`` without new
+     instances, checked every assembler interval), so it is also reported minus
+     ``settle_seconds`` and broken down: settle wait (last received -> job created), dispatch
+     (-> on the broker), queue wait (-> worker started), job run (-> finished) and pure scoring
+     (``jobs.timings.total``);
+   * ingest time, the CPU seconds each component used in the timed window (PostgreSQL and Redis
+     counted over all their clients, and whatever else ran on the machine), the most jobs that
+     ran at once, and the largest severity error against the phantom truth (a sanity check).
 
    Percentiles are linear interpolations over N values; with N=12 the p95 is nearly the max.
-   The scaling ratio printed at the end is studies/min with W workers over studies/min with
-   the first worker count. ``--out`` writes everything (per-study rows included) as JSON.
+   The scaling ratios are studies/min with W workers over studies/min with the first worker
+   count, end to end and drain. ``--out`` writes everything (per-study rows included) as JSON.
 
-All started processes run in their own process groups and are stopped (SIGTERM, then SIGKILL)
-on exit, Ctrl-C or error; the database is dropped and the Redis database flushed.
+All started processes are stopped (SIGTERM to their process group, then SIGKILL) on exit, Ctrl-C,
+SIGTERM or error; the database is dropped and the Redis database flushed.
 """
 
 from __future__ import annotations
@@ -80,6 +91,8 @@ PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 PG_URL_TEMPLATE = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 REDIS_HOST_URL = "redis://127.0.0.1:6379"
 TERMINAL = ("scored", "failed", "rejected")
+#: The benchmark's own admin key for the API it starts (CTTRIAGE_BOOTSTRAP_ADMIN_KEY).
+API_KEY = f"bench_{uuid.uuid4().hex}"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -113,8 +126,12 @@ def utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, timezone.utc)
 
 
-class Interrupted(Exception):
-    pass
+T_START = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """A timestamped progress line on stderr (the results go to stdout)."""
+    print(f"[{time.monotonic() - T_START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:
@@ -209,9 +226,29 @@ def machine_cpu() -> tuple[float, float]:
     return float(sum(parts) - idle), float(sum(parts))
 
 
+def wait_quiet(max_wait: float, busy_below: float = 0.15, window: float = 5.0) -> float:
+    """Wait (at most ``max_wait`` s) until the machine is under ``busy_below`` busy for a whole
+    ``window``; returns the last window's busy fraction. Our own services are idle by then."""
+    deadline = time.monotonic() + max_wait
+    reported = False
+    while True:
+        m0 = machine_cpu()
+        time.sleep(window)
+        m1 = machine_cpu()
+        busy = (m1[0] - m0[0]) / max(m1[1] - m0[1], 1.0)
+        if busy < busy_below or time.monotonic() >= deadline:
+            if reported or busy >= busy_below:
+                progress(f"machine {100 * busy:.0f} % busy over {window:g} s; going on")
+            return busy
+        if not reported:
+            progress(f"machine {100 * busy:.0f} % busy with other work; waiting up to {max_wait:.0f} s for it to "
+                     f"fall under {100 * busy_below:.0f} %")
+            reported = True
+
+
 def self_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
+    """This benchmark's process group: the poller and the sender processes."""
+    return cpu_snapshot()[0].get(os.getpgrp(), 0.0)
 
 
 # --- studies --------------------------------------------------------------------------------
@@ -258,47 +295,187 @@ def generate_studies(out: Path, n: int, *, slices: int, size: int, pixel_spacing
 
 @dataclass
 class PushLog:
+    rescued: int = 0
     started: dict[str, float] = field(default_factory=dict)
     finished: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def push_all(studies: list[StudyFiles], port: int, senders: int, log: PushLog, stop: threading.Event) -> None:
-    """Push every study with ``senders`` threads, each study over its own association."""
+def _sender_init(workaround: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    _show_pynetdicom_warnings()
+    if workaround:
+        _patch_requestor_race()
+
+
+#: C-STORE responses the requestor's reactor took off the queue and the workaround put back.
+RESCUED_RESPONSES = 0
+
+
+def _patch_requestor_race() -> None:
+    """Work around a race in pynetdicom's requestor (seen with 3.0.4), in the senders only.
+
+    ``Association.send_c_store`` pauses the association's reactor (``_reactor_checkpoint``,
+    ``_is_paused``), sends the request and waits for the response on the DIMSE queue. The pause
+    handshake is racy: the reactor can pass the checkpoint just before it is cleared and then
+    take the C-STORE response off the queue itself (``_serve_request`` logs "Received unexpected
+    C-STORE service message" and drops it), so the sender waits out the 30 s DIMSE timeout and
+    the association aborts. Under load on 2 cores this hit about one C-STORE in a few thousand,
+    against cttriage's listener and pynetdicom's own storescp alike. Here a response taken by the
+    reactor of a requestor is put back on the queue for ``send_c_store`` to find.
+    """
+    from pynetdicom.association import Association
+
+    if getattr(Association, "_bench_patched", False):
+        return
+    original = Association._serve_request
+
+    def _serve_request(self: Any, msg: Any, context_id: int) -> None:
+        global RESCUED_RESPONSES
+        if self.is_requestor and msg is not None and not msg.is_valid_request and msg.msg_type == "C-STORE":
+            RESCUED_RESPONSES += 1
+            self.dimse.msg_queue.put((context_id, msg))
+            return
+        original(self, msg, context_id)
+
+    Association._serve_request = _serve_request
+    Association._bench_patched = True
+
+
+def _show_pynetdicom_warnings() -> None:
+    """pynetdicom's warnings (e.g. "Received unexpected C-STORE service message") to stderr."""
+    import logging
+
+    logger = logging.getLogger("pynetdicom")
+    if not any(getattr(h, "_bench", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._bench = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("sender %(process)d: pynetdicom %(levelname)s: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+
+
+def _push_one(job: tuple[str, list[str], int]) -> dict[str, Any]:
+    """Send one study over its own association (``app.dicom.push.push_files``); re-send it once on
+    a failure (re-sends are idempotent). Runs in a sender process or thread."""
     from app.dicom.push import push_files
 
-    work: queue.Queue[StudyFiles] = queue.Queue()
-    for s in studies:
-        work.put(s)
+    uid, paths, port = job
+    rescued0 = RESCUED_RESPONSES
+    started = time.time()
+    failures = []
+    for _attempt in range(2):
+        t0 = time.time()
+        try:
+            statuses = push_files([Path(p) for p in paths], host="127.0.0.1", port=port, calling_aet="BENCH_SCU")
+            bad = [s for s in statuses if s != 0]
+            if not bad:
+                break
+            failures.append(f"{uid}: {len(bad)} of {len(statuses)} C-STOREs failed after {time.time() - t0:.1f} s")
+        except Exception as exc:  # association refused or aborted (a DIMSE timeout aborts it)
+            failures.append(f"{uid}: {type(exc).__name__}: {exc} after {time.time() - t0:.1f} s")
+    return {"uid": uid, "started": started, "finished": time.time(), "failures": failures,
+            "rescued": RESCUED_RESPONSES - rescued0}
 
-    def sender() -> None:
-        while not stop.is_set():
-            try:
-                study = work.get_nowait()
-            except queue.Empty:
-                return
-            t0 = time.time()
-            with log.lock:
-                log.started[study.uid] = t0
-            try:
-                statuses = push_files(study.paths, host="127.0.0.1", port=port, calling_aet="BENCH_SCU")
-                bad = [s for s in statuses if s != 0]
-                if bad:
-                    with log.lock:
-                        log.failures.append(f"{study.uid}: {len(bad)} of {len(statuses)} C-STOREs failed")
-            except Exception as exc:  # association refused, listener died
-                with log.lock:
-                    log.failures.append(f"{study.uid}: {type(exc).__name__}: {exc}")
-            with log.lock:
-                log.finished[study.uid] = time.time()
 
-    threads = [threading.Thread(target=sender, name=f"sender-{i}", daemon=True) for i in range(senders)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.2)
+def _sender_main(conn: Any, workaround: bool) -> None:
+    """A sender process: push the studies it is handed, one at a time, until its pipe closes."""
+    _sender_init(workaround)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        conn.send(_push_one(job))
+
+
+class SenderPool:
+    """``senders`` lanes, each sending one study at a time over its own association.
+
+    Processes by default (``kind="processes"``: one forked process per lane, fed over its own
+    pipe), so that the senders' CPU is not serialised on this process's GIL; or threads of this
+    process. No ``multiprocessing.Pool``: terminating one whose workers hold its queue's lock
+    hangs, and the benchmark must always be able to clean up.
+
+    Either way pynetdicom's requestor is not reliable under load: now and then one C-STORE never
+    gets its response and the association aborts after the 30 s DIMSE timeout (seen here with
+    pynetdicom 3.0.4 against cttriage's listener and against pynetdicom's own storescp alike, from
+    threads and from processes; dcmtk's storescu never did it). See
+    :func:`_patch_requestor_race`, applied in the senders unless ``workaround`` is false.
+    """
+
+    def __init__(self, kind: str, senders: int, workaround: bool = True) -> None:
+        import multiprocessing
+
+        self.kind = kind
+        self.senders = senders
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        if kind == "threads":
+            _show_pynetdicom_warnings()
+            if workaround:
+                _patch_requestor_race()
+            return
+        ctx = multiprocessing.get_context("fork")
+        for _ in range(senders):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_sender_main, args=(child, workaround), name="bench-sender", daemon=True)
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+
+    def run(self, jobs: list[tuple[str, list[str], int]], on_outcome: Any, stop: threading.Event) -> None:
+        work: queue.Queue[tuple[str, list[str], int]] = queue.Queue()
+        for job in jobs:
+            work.put(job)
+
+        def lane(i: int) -> None:
+            while not stop.is_set():
+                try:
+                    job = work.get_nowait()
+                except queue.Empty:
+                    return
+                if self.kind == "threads":
+                    outcome = _push_one(job)
+                else:
+                    try:
+                        self.conns[i].send(job)
+                        outcome = self.conns[i].recv()
+                    except (EOFError, OSError):  # the sender process is gone (cleanup)
+                        return
+                on_outcome(outcome)
+
+        threads = [threading.Thread(target=lane, args=(i,), name=f"lane-{i}", daemon=True)
+                   for i in range(self.senders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in self.procs:
+            proc.join(5)
+        for conn in self.conns:
+            conn.close()
+
+
+def push_all(studies: list[StudyFiles], port: int, pool: SenderPool, log: PushLog, stop: threading.Event) -> None:
+    """Push every study through the sender pool; at most its size at once, one association per study."""
+
+    def record(outcome: dict[str, Any]) -> None:
+        with log.lock:
+            log.started[outcome["uid"]] = outcome["started"]
+            log.finished[outcome["uid"]] = outcome["finished"]
+            log.failures.extend(outcome["failures"])
+            log.rescued += outcome["rescued"]
+
+    pool.run([(s.uid, [str(p) for p in s.paths], port) for s in studies], record, stop)
 
 
 def poll_until_terminal(api: str, uids: set[str], interval: float, timeout: float,
@@ -310,11 +487,15 @@ def poll_until_terminal(api: str, uids: set[str], interval: float, timeout: floa
     seen: dict[str, float] = {}
     states: dict[str, str] = {}
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=10) as client:
+    next_report = time.monotonic() + 15
+    with httpx.Client(timeout=10, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         while True:
             now = time.time()
             try:
-                items = client.get(f"{api}/api/worklist", params={"limit": 500}).json()["items"]
+                response = client.get(f"{api}/api/worklist", params={"limit": 500})
+                if response.status_code in (401, 403):
+                    raise RuntimeError(f"the API refused the benchmark's key: {response.text[:300]}")
+                items = response.json()["items"]
             except (httpx.HTTPError, KeyError, ValueError):
                 items = []
             for item in items:
@@ -324,6 +505,9 @@ def poll_until_terminal(api: str, uids: set[str], interval: float, timeout: floa
                     states[uid] = item["state"]
             if len(seen) == len(uids):
                 return seen, states
+            if time.monotonic() >= next_report:
+                progress(f"  {len(seen)}/{len(uids)} studies scored (or failed/rejected) so far")
+                next_report = time.monotonic() + 15
             dead = [p.name for p in processes if not p.alive()]
             if dead:
                 raise RuntimeError(f"service process(es) exited during the run: {', '.join(dead)}")
@@ -388,11 +572,14 @@ def drop_database(admin_url: str, name: str) -> None:
 
 
 def truncate_all(url: str) -> None:
+    """Empty every table but Alembic's, so each worker count starts from the same state."""
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE results, jobs, instances, series, studies, quarantined_files "
-                              "RESTART IDENTITY CASCADE"))
+            tables = conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                                       "AND tablename <> 'alembic_version'")).scalars().all()
+            if tables:
+                conn.execute(text(f"TRUNCATE {', '.join(f'{t}' for t in tables)} RESTART IDENTITY CASCADE"))
     finally:
         engine.dispose()
 
@@ -436,8 +623,10 @@ class RunConfig:
     settle: float
     assembler_interval: float
     senders: int
+    sender_kind: str
     poll: float
     timeout: float
+    wait_quiet: float = 0.0
 
 
 class CpuWindow:
@@ -479,7 +668,7 @@ def wait_listening(port: int, proc: Proc, timeout: float = 60.0) -> None:
 
 
 def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles], drain: list[StudyFiles],
-             db_url: str, redis_url: str, workdir: Path) -> dict[str, Any]:
+             db_url: str, redis_url: str, workdir: Path, pool: SenderPool) -> dict[str, Any]:
     import redis
 
     run_dir = workdir / f"run-w{cfg.workers}"
@@ -501,6 +690,8 @@ def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles
         "CTTRIAGE_SETTLE_SECONDS": str(cfg.settle),
         "CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS": str(cfg.assembler_interval),
         "CTTRIAGE_MIN_FREE_BYTES": "0",
+        # The API wants a key (Authorization: Bearer); the first start registers this one as admin.
+        "CTTRIAGE_BOOTSTRAP_ADMIN_KEY": API_KEY,
     }
     (run_dir / "storage").mkdir()
     dicom = Proc("dicom", cttriage("dicom"), env, run_dir / "dicom.log")
@@ -516,6 +707,8 @@ def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles
     stop = threading.Event()
     drain_result: dict[str, Any] | None = None
 
+    progress(f"workers={cfg.workers}: starting the services (logs in {run_dir})")
+
     def start(p: Proc) -> None:
         started.append(p)
         p.start()
@@ -525,20 +718,24 @@ def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles
             start(p)
         api_url = f"http://127.0.0.1:{api_port}"
         wait_ready(api_url, dicom_port, workers, processes)
+        progress(f"workers={cfg.workers}: dicom, api and {len(workers)} worker process(es) ready; warm-up")
 
         # Warm-up: every worker process imports numpy/scipy and opens its pool before the timing.
         if warmups:
             wlog = PushLog()
-            push_all(warmups, dicom_port, cfg.senders, wlog, stop)
+            push_all(warmups, dicom_port, pool, wlog, stop)
             if wlog.failures:
-                raise RuntimeError(f"warm-up push failed: {wlog.failures[:3]}")
+                print(f"warning: warm-up push trouble: {wlog.failures[:3]}", file=sys.stderr)
             poll_until_terminal(api_url, {s.uid for s in warmups}, cfg.poll, cfg.timeout, processes)
 
+        if cfg.wait_quiet:
+            wait_quiet(cfg.wait_quiet)
+        progress(f"workers={cfg.workers}: end-to-end batch of {len(studies)} studies")
         # The timed end-to-end window: pushes, settling and scoring all at once.
         window = CpuWindow({"dicom": [dicom], "api": [api], "worker": workers}).start()
         log = PushLog()
         t_first_push = time.time()
-        pusher = threading.Thread(target=push_all, args=(studies, dicom_port, cfg.senders, log, stop),
+        pusher = threading.Thread(target=push_all, args=(studies, dicom_port, pool, log, stop),
                                   name="pusher", daemon=True)
         pusher.start()
         seen, api_states = poll_until_terminal(api_url, {s.uid for s in studies}, cfg.poll, cfg.timeout, processes)
@@ -550,6 +747,9 @@ def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles
             # Drain: the same number of studies received first with a settle time that never ends, then
             # a listener with the normal settle time queues them all in one pass and the (warm) workers
             # empty the queue with nothing else to do: the workers' own throughput, without ingest.
+            if cfg.wait_quiet:
+                wait_quiet(cfg.wait_quiet)
+            progress(f"workers={cfg.workers}: drain batch of {len(drain)} studies")
             dicom.stop()
             processes.remove(dicom)
             hold = Proc("dicom-hold", cttriage("dicom"), {**env, "CTTRIAGE_SETTLE_SECONDS": "86400"},
@@ -558,9 +758,9 @@ def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles
             processes.append(hold)
             wait_listening(dicom_port, hold)
             dlog = PushLog()
-            push_all(drain, dicom_port, cfg.senders, dlog, stop)
+            push_all(drain, dicom_port, pool, dlog, stop)
             if dlog.failures:
-                raise RuntimeError(f"drain push failed: {dlog.failures[:3]}")
+                print(f"warning: drain push trouble: {dlog.failures[:3]}", file=sys.stderr)
             hold.stop()
             processes.remove(hold)
             release = Proc("dicom-release", cttriage("dicom"), env, run_dir / "dicom-release.log")
@@ -704,6 +904,7 @@ def summarise(cfg: RunConfig, studies: list[StudyFiles], rows: dict[str, dict[st
         "settle_seconds": cfg.settle,
         "assembler_interval_seconds": cfg.assembler_interval,
         "senders": cfg.senders,
+        "sender_kind": cfg.sender_kind,
         "studies": n,
         "scored": len(scored),
         "not_scored": [{"study_uid": r["study_uid"], "state": r.get("state"), "reason": r.get("reason")}
@@ -712,6 +913,7 @@ def summarise(cfg: RunConfig, studies: list[StudyFiles], rows: dict[str, dict[st
         "instances": instances,
         "megabytes": round(size / 1e6, 1),
         "push_failures": log.failures,
+        "scu_responses_rescued": log.rescued,
         "ingest_seconds": round(pushed_end, 3),
         "ingest_instances_per_s": round(instances / pushed_end, 1) if pushed_end > 0 else None,
         "makespan_scored_s": last_scored,
@@ -740,12 +942,16 @@ def fmt(v: float | None, width: int = 7, digits: int = 2) -> str:
 
 def print_run(r: dict[str, Any]) -> None:
     print(f"\n=== workers={r['workers']}: {r['worker_processes']}; settle {r['settle_seconds']:g} s, "
-          f"assembler every {r['assembler_interval_seconds']:g} s, {r['senders']} senders")
+          f"assembler every {r['assembler_interval_seconds']:g} s, {r['senders']} sender {r['sender_kind']}")
     print(f"studies {r['studies']} ({r['instances']} instances, {r['megabytes']} MB): scored {r['scored']}"
           + (f", NOT scored {r['not_scored']}" if r["not_scored"] else "")
           + (f", reopened {r['reopened_studies']}" if r["reopened_studies"] else ""))
     print(f"ingest (first push -> last push answered): {r['ingest_seconds']:.1f} s, "
-          f"{r['ingest_instances_per_s']} instances/s")
+          f"{r['ingest_instances_per_s']} instances/s"
+          + (f"; {len(r['push_failures'])} PUSH FAILURES (re-sent once), first: {r['push_failures'][0]}"
+             if r["push_failures"] else "")
+          + (f"; pynetdicom requestor race hit {r['scu_responses_rescued']} times (response put back)"
+             if r["scu_responses_rescued"] else ""))
     print(f"throughput: {fmt(r['studies_per_min'], 0, 1)} studies/min (last scored_at {r['makespan_scored_s']:.1f} s "
           f"after first push); API-visible {fmt(r['studies_per_min_api'], 0, 1)} studies/min "
           f"({r['makespan_api_s']:.1f} s)")
@@ -826,14 +1032,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=2.0, help="CTTRIAGE_SETTLE_SECONDS (default 2)")
     parser.add_argument("--assembler-interval", type=float, default=0.5,
                         help="CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS (default 0.5)")
-    parser.add_argument("--senders", type=int, default=4, help="concurrent sender threads (default 4)")
+    parser.add_argument("--senders", type=int, default=4, help="concurrent senders (default 4)")
+    parser.add_argument("--sender-kind", choices=("processes", "threads"), default="processes",
+                        help="senders are processes (default) or threads of this process (see SenderPool)")
     parser.add_argument("--poll", type=float, default=0.25, help="API poll interval, s (default 0.25)")
+    parser.add_argument("--scu-race-workaround", action=argparse.BooleanOptionalAction, default=True,
+                        help="in the senders, put back C-STORE responses pynetdicom's requestor reactor "
+                             "took by mistake (see _patch_requestor_race; default: on)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="warm-up studies before each timed batch (default: the worker count; 0: none)")
     parser.add_argument("--drain", action=argparse.BooleanOptionalAction, default=True,
                         help="after the end-to-end batch, also time the workers emptying a queue of --studies "
                              "studies received beforehand (default: on)")
     parser.add_argument("--timeout", type=float, default=600, help="per batch, s (default 600)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each timed batch, wait up to this long for the machine to be under 15 %% "
+                             "busy (a shared machine; default 0: do not wait)")
     parser.add_argument("--pg-admin-url", default=PG_ADMIN_URL)
     parser.add_argument("--redis-db", type=int, default=12)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -843,6 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
     if not worker_counts or min(worker_counts) < 1:
         parser.error("--workers needs positive integers")
 
+    # The sender processes fork now, before this process has threads or connections.
+    pool = SenderPool(args.sender_kind, args.senders, args.scu_race_workaround)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     redis_url = f"{REDIS_HOST_URL}/{args.redis_db}"
     import redis
@@ -869,10 +1085,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"database {db_name}, broker {redis_url}, work folder {workdir}")
         for w in worker_counts:
             cfg = RunConfig(workers=w, mode=args.worker_mode, settle=args.settle,
-                            assembler_interval=args.assembler_interval, senders=args.senders, poll=args.poll,
+                            assembler_interval=args.assembler_interval, senders=args.senders,
+                            sender_kind=args.sender_kind, poll=args.poll, wait_quiet=args.wait_quiet,
                             timeout=args.timeout)
             result = run_once(cfg, studies, warmups[: (w if args.warmup is None else n_warm)], drain, db_url,
-                              redis_url, workdir)
+                              redis_url, workdir, pool)
             results.append(result)
             print_run(result)
             if not args.keep:
@@ -888,6 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
+        pool.close()
         try:
             redis.Redis.from_url(redis_url).flushdb()
         except Exception as exc:  # pragma: no cover - report, keep cleaning

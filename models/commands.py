@@ -79,17 +79,25 @@ def train_command(
     architecture: Any = None,
     val_size: int = 30,
     training_data: str | None = None,
-    lung_source: LungSource = threshold_lung_source,
+    lung_source: LungSource | None = None,
     echo: Print = print,
 ) -> TrainingReport:
-    """Prepare the data, train ``network`` ('lungs' or 'multitask'), keep the best checkpoint."""
+    """Prepare the data, train ``network`` ('lungs' or 'multitask'), keep the best checkpoint.
+
+    Multitask series are cropped to the lungs of ``lung_source`` when given (a trained lungs
+    network, as the paper does), else to their lung mask, else to the threshold lungs.
+    """
     if network not in ("lungs", "multitask"):
         raise ValueError(f"network must be 'lungs' or 'multitask', got {network!r}")
     records = source.records(for_training=network)
     echo(f"{len(records)} series: {describe(records)}")
     if network == "lungs":
         records = [r for r in records if r.has_lungs]
-    prepared = [prepare_series(r, crop_to_lungs=network == "multitask", lung_source=lung_source) for r in records]
+    prepared = [
+        prepare_series(r, crop_to_lungs=network == "multitask", lung_source=lung_source or threshold_lung_source,
+                       prefer_lung_source=lung_source is not None)
+        for r in records
+    ]
     eligible = multitask_validation_candidate if network == "multitask" else lungs_validation_candidate
     train, val = split_validation(prepared, val_size, options.seed, eligible)
     echo(f"training on {len(train)} series, validating on {len(val)}")

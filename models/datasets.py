@@ -235,10 +235,11 @@ def scan_dataset(root: str | Path, labels_path: str | Path | None = None) -> lis
 
 @dataclass(frozen=True)
 class PhantomGeometry:
-    """Matrix and spacing of generated phantoms (2 mm pixels: no resampling needed)."""
+    """Matrix and spacing of generated phantoms: by default a 358 mm field of view (the
+    phantom's reference anatomy size) in a small matrix, ~180 pixels once resampled to 2 mm."""
 
     rows: int = 128
-    pixel_spacing: float = 2.0
+    pixel_spacing: float = 2.8
     slices: int = 40
     slice_spacing: float = 8.0
     #: Pixel spacing varies by up to this fraction between phantoms: the field of view, and so

@@ -36,7 +36,7 @@ from models.checkpoint import (
     LoadedCheckpoint,
     load_checkpoint,
 )
-from models.lung_network import LungSegmentationNet, lung_labels_from_probabilities
+from models.lung_network import LungSegmentationNet, lung_bounding_box, lung_labels_from_probabilities
 from models.lungs_threshold import MIN_TOTAL_LUNG_ML, segment_lungs, split_lungs
 from models.model_store import BundlePaths
 from models.multitask import MultitaskNet
@@ -120,25 +120,42 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype:
+def _autocast_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
-    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    return (slice(int(idx[0][0]), int(idx[0][-1]) + 1), slice(int(idx[1][0]), int(idx[1][-1]) + 1),
-            slice(int(idx[2][0]), int(idx[2][-1]) + 1))
+class _CompiledOrEager:
+    """``torch.compile``d callable that falls back to eager for good if compiling fails (no C++
+    toolchain, an unsupported op): compilation happens at the first call, not at compile()."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.eager = fn
+        self.compiled: Callable[..., Any] | None = torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # compile errors surface here, as many types
+                log.warning("torch.compile failed, running eager from now on: %s", exc)
+                self.compiled = None
+        return self.eager(*args)
 
 
 class TriageNetworks:
     """The loaded networks of one model version, ready on their device; one per worker process."""
 
     def __init__(
-        self, multitask: LoadedCheckpoint, lungs: LoadedCheckpoint | None, options: InferenceOptions = InferenceOptions()
+        self,
+        multitask: LoadedCheckpoint,
+        lungs: LoadedCheckpoint | None,
+        options: InferenceOptions = InferenceOptions(),
     ) -> None:
         if multitask.metadata.kind != KIND_MULTITASK or not isinstance(multitask.module, MultitaskNet):
             raise CheckpointError(f"{multitask.path} is not a multitask network")
-        if lungs is not None and (lungs.metadata.kind != KIND_LUNGS or not isinstance(lungs.module, LungSegmentationNet)):
+        if lungs is not None and (
+            lungs.metadata.kind != KIND_LUNGS or not isinstance(lungs.module, LungSegmentationNet)
+        ):
             raise CheckpointError(f"{lungs.path} is not a lungs network")
         self.options = options
         self.device = torch.device(options.device)
@@ -150,7 +167,9 @@ class TriageNetworks:
         self.lungs_checkpoint = lungs
         self.multitask = self._prepare(multitask.module)
         self.lungs = self._prepare(lungs.module) if lungs is not None else None
-        self._multitask_slices: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = self.multitask.slice_features
+        self._multitask_slices: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = (
+            self.multitask.slice_features
+        )
         self._lung_slices: Callable[[torch.Tensor], torch.Tensor] | None = self.lungs
         if options.compile:
             self._compile()
@@ -215,18 +234,15 @@ class TriageNetworks:
         return module
 
     def _compile(self) -> None:
-        try:
-            self._multitask_slices = torch.compile(self.multitask.slice_features, dynamic=True)
-            if self.lungs is not None:
-                self._lung_slices = torch.compile(self.lungs, dynamic=True)
-        except Exception as exc:  # no compiler toolchain: eager still works
-            log.warning("torch.compile unavailable, running eager: %s", exc)
+        self._multitask_slices = _CompiledOrEager(self.multitask.slice_features)
+        if self.lungs is not None:
+            self._lung_slices = _CompiledOrEager(self.lungs)
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
         with torch.inference_mode():
             if self.device.type == "cuda" and self.options.autocast:
-                with torch.autocast("cuda", dtype=_autocast_dtype(self.device)):
+                with torch.autocast("cuda", dtype=_autocast_dtype()):
                     yield
             else:
                 yield
@@ -282,7 +298,8 @@ class TriageNetworks:
             ml = np.count_nonzero(labels) * float(np.prod(spacing)) / 1000.0
             if ml < MIN_TOTAL_LUNG_ML:
                 raise SegmentationError(
-                    f"lungs network found {ml / 1000:.2f} L of lung, expected at least {MIN_TOTAL_LUNG_ML / 1000:.1f} L "
+                    f"lungs network found {ml / 1000:.2f} L of lung, "
+                    f"expected at least {MIN_TOTAL_LUNG_ML / 1000:.1f} L "
                     "(not a chest CT, or the lungs are not in the scanned range)"
                 )
             return labels
@@ -305,7 +322,7 @@ class TriageNetworks:
             labels = self.lung_labels(image, hu_t, grid)
         del hu_t
         with timer.step("multitask"):
-            box = _bounding_box(labels > 0)
+            box = lung_bounding_box(labels > 0)
             lesion_probability, identification = self.multitask_outputs(image[box].contiguous())
         del image
         with timer.step("postprocess"):

@@ -85,3 +85,14 @@ def lung_labels_from_probabilities(
 ) -> np.ndarray:
     """Labels 0, 1 (patient right), 2 (patient left) from the network's lung probabilities."""
     return split_lungs(lung_mask_from_probabilities(probabilities, threshold), spacing)
+
+
+def lung_bounding_box(lungs: np.ndarray) -> tuple[slice, slice, slice]:
+    """Smallest box holding every lung voxel (the multitask network's field of view)."""
+    if not lungs.any():
+        raise ValueError("empty lung mask: no box to crop to")
+    out = []
+    for axis in range(3):
+        present = np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != axis)))
+        out.append(slice(int(present[0]), int(present[-1]) + 1))
+    return out[0], out[1], out[2]

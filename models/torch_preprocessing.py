@@ -41,7 +41,8 @@ def resample_inplane_torch(
     out = torch.empty((hu.shape[0], *sizes), dtype=torch.float32, device=hu.device)
     for start in range(0, hu.shape[0], RESAMPLE_CHUNK):
         chunk = hu[start : start + RESAMPLE_CHUNK].float().unsqueeze(1)
-        out[start : start + RESAMPLE_CHUNK] = F.interpolate(chunk, size=sizes, mode="bilinear", align_corners=False)[:, 0]
+        resampled = F.interpolate(chunk, size=sizes, mode="bilinear", align_corners=False)
+        out[start : start + RESAMPLE_CHUNK] = resampled[:, 0]
     return out, new_spacing
 
 

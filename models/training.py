@@ -12,7 +12,6 @@ Shorter runs (``steps``) keep the schedule's shape: the drop happens at the same
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 
 from models.checkpoint import (
     LESION_PROBABILITY_THRESHOLD,
-    SYNTHETIC_TRAINING_DATA,
     CheckpointMetadata,
     metadata_for,
     save_checkpoint,
@@ -34,9 +32,6 @@ from models.lung_network import LUNG_PROBABILITY_THRESHOLD, LungNetConfig, LungS
 from models.metrics import dice, roc_auc
 from models.multitask import MultitaskConfig, MultitaskNet, stack_slices
 from models.training_samples import PreparedSeries, lungs_batch, multitask_batch, multitask_pools
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class LrSchedule:
@@ -58,6 +53,7 @@ class TrainingOptions:
     batch_size: int
     slices_per_series: int = 32
     cls_weight: float = 0.1
+    #: Validation (and checkpoint) interval in batches: the authors' "epoch" is 300 batches.
     validate_every: int = 300
     seed: int = 0
     device: str = "cpu"
@@ -92,10 +88,6 @@ class CheckpointTarget:
     version: str
     training_data: str
     synthetic: bool = False
-
-    @classmethod
-    def phantoms(cls, path: Path, version: str) -> CheckpointTarget:
-        return cls(path=path, version=version, training_data=SYNTHETIC_TRAINING_DATA, synthetic=True)
 
 
 def split_validation(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from models.datasets import SeriesRecord
+from models.lung_network import lung_bounding_box
 from models.lungs_threshold import segment_lungs
 from models.preprocessing import PAPER_INPLANE_SPACING_MM, resample_inplane, window
 
@@ -47,32 +48,31 @@ def resample_mask(mask: np.ndarray, spacing: tuple[float, float, float],
     return resampled >= 0.5
 
 
-def lung_bounding_box(lungs: np.ndarray) -> tuple[slice, slice, slice]:
-    """Smallest box holding every lung voxel (the multitask network's field of view)."""
-    if not lungs.any():
-        raise ValueError("empty lung mask: no box to crop to")
-    out = []
-    for axis in range(3):
-        present = np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != axis)))
-        out.append(slice(int(present[0]), int(present[-1]) + 1))
-    return out[0], out[1], out[2]
-
-
 def threshold_lung_source(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     return segment_lungs(hu, spacing)
 
 
 def prepare_series(
-    record: SeriesRecord, *, crop_to_lungs: bool, lung_source: LungSource = threshold_lung_source,
+    record: SeriesRecord,
+    *,
+    crop_to_lungs: bool,
+    lung_source: LungSource = threshold_lung_source,
+    prefer_lung_source: bool = False,
 ) -> PreparedSeries:
-    """Load, resample, window and (optionally) crop one series with its masks."""
+    """Load, resample, window and (optionally) crop one series with its masks.
+
+    The crop is the bounding box of the series' own lung mask, or of ``lung_source``'s lungs
+    where it has none (or always, with ``prefer_lung_source``: the paper crops with its lungs
+    network's masks, as inference will).
+    """
     data = record.load()
     hu, spacing = resample_inplane(data.hu.astype(np.float32, copy=False), data.spacing)
     lungs = resample_mask(data.lungs > 0, data.spacing) if data.lungs is not None else None
     lesions = resample_mask(data.lesions, data.spacing) if data.lesions is not None else None
     image = window(hu)
     if crop_to_lungs:
-        box = lung_bounding_box(lungs if lungs is not None else lung_source(hu, spacing))
+        use_mask = lungs is not None and not prefer_lung_source
+        box = lung_bounding_box(lungs if use_mask else lung_source(hu, spacing))
         image = image[box]
         lungs = lungs[box] if lungs is not None else None
         lesions = lesions[box] if lesions is not None else None

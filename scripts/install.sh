@@ -9,9 +9,14 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
 fi
 "$PY" -m pip install -q -e '.[test]'
 # dcmtk: a real PACS-side DICOM client/node (storescu/storescp) for tests and manual checks;
-# docker-compose: validates docker-compose.yml (no Docker engine is needed for `config`).
+# dicom3tools: dciodvfy checks the SR, SEG and secondary capture we send back to the PACS;
+# docker-compose: validates docker-compose.yml (no Docker engine is needed for `config`);
+# chromium: the headless browser of tests/test_browser.py (Playwright drives Debian's build; never
+# `playwright install`, which downloads its own).
 missing=()
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
 command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null || echo "warning: could not install ${missing[*]}" >&2

@@ -19,6 +19,7 @@ from models.inference import TriageNetworks
 from models.lung_network import (
     LungNetConfig,
     LungSegmentationNet,
+    lung_bounding_box,
     lung_labels_from_probabilities,
     lung_mask_from_probabilities,
 )
@@ -35,7 +36,7 @@ from models.metrics import (
 from models.model_store import bundle_paths
 from models.multitask import MultitaskConfig, MultitaskNet
 from models.phantom import PhantomSpec, phantom_datasets, phantom_volume
-from models.training_samples import lung_bounding_box, resample_mask
+from models.training_samples import resample_mask
 from models.unet import UNetConfig
 from models.volume import hu_volume
 

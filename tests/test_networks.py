@@ -62,7 +62,9 @@ def test_pyramid_pooling_gives_a_fixed_length_for_any_volume() -> None:
     assert pooled[1:].tolist() == [0.0] * 7 + [5.0]  # only the last of the 8 octants holds it
 
 
-def _hooked(module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.utils.hooks.RemovableHandle:
+def _hooked(
+    module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.utils.hooks.RemovableHandle:
     return module.register_forward_hook(lambda _m, _inp, out: change(out))
 
 

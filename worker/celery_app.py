@@ -2,7 +2,8 @@
 
 Delivery is at-least-once: tasks are acknowledged after they finish (``acks_late``) and handed
 back if the worker process dies (``reject_on_worker_lost``); :mod:`worker.jobs` makes a repeated
-delivery harmless. Scoring goes to ``settings.scoring_queue`` (GPU workers in production).
+delivery harmless. Scoring goes to ``settings.scoring_queue`` (GPU workers in production); the
+export of results to the PACS (when enabled) to the ``default`` queue.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from models.inference import TriageNetworks
 
 SCORE_TASK = "cttriage.score_study"
+#: Results back to the PACS: light work, on the default queue (not the GPU one).
+EXPORT_TASK = "cttriage.export_results"
+EXPORT_QUEUE = "default"
 #: Retries of a task that hit a transient error (database or broker), with exponential backoff.
 MAX_TRANSIENT_RETRIES = 8
 
@@ -52,7 +56,7 @@ def create_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
         task_default_queue="default",
-        task_routes={SCORE_TASK: {"queue": settings.scoring_queue}},
+        task_routes={SCORE_TASK: {"queue": settings.scoring_queue}, EXPORT_TASK: {"queue": EXPORT_QUEUE}},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
         # Publishing must fail fast when the broker is down: the job stays in the outbox.
@@ -77,16 +81,35 @@ def create_celery(settings: Settings) -> Celery:
 
         try:
             outcome = run_job(job_id, resources.session_factory, resources.settings, worker=self.request.hostname,
-                              networks=lambda: resources.networks)
+                              networks=lambda: resources.networks,
+                              export=lambda result_id: enqueue_export(app, result_id))
         except DBAPIError as exc:
             raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 60)) from exc
         return {"job_id": outcome.job_id, "status": outcome.status}
+
+    @app.task(name=EXPORT_TASK, bind=True, max_retries=None)
+    def export_results_task(self: Task, result_id: int) -> dict[str, Any]:
+        """Send a result's pending objects; retried with backoff while some stay pending (the
+        exports table counts the attempts and decides when to give up)."""
+        from worker.exports import run_export
+
+        try:
+            run = run_export(result_id, resources.session_factory, resources.settings)
+        except DBAPIError as exc:  # the database is back some time: keep trying, a minute apart at most
+            raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 60)) from exc
+        if run.retry_in is not None:
+            raise self.retry(countdown=run.retry_in)
+        return {"result_id": result_id, "sent": run.sent, "failed": run.failed}
 
     return app
 
 
 def enqueue_scoring(app: Celery, settings: Settings, job_id: int, priority: int) -> str:
     return str(app.send_task(SCORE_TASK, args=[job_id], queue=settings.scoring_queue, priority=priority).id)
+
+
+def enqueue_export(app: Celery, result_id: int) -> str:
+    return str(app.send_task(EXPORT_TASK, args=[result_id], queue=EXPORT_QUEUE).id)
 
 
 def ping_broker(app: Celery) -> None:

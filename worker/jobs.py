@@ -26,6 +26,7 @@ from app.priority import priority_score, severity_band
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from worker.derived import save_derived
+from worker.exports import EnqueueExport, queue_exports
 from worker.pipeline import StudyScore, score_study
 from worker.series_selection import SeriesSelection
 
@@ -165,11 +166,13 @@ def with_derived_files(score: StudyScore, session_factory: sessionmaker[Session]
 
 
 def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Settings,
-            worker: str | None = None, networks: Callable[[], TriageNetworks | None] | None = None) -> JobOutcome:
+            worker: str | None = None, networks: Callable[[], TriageNetworks | None] | None = None,
+            export: EnqueueExport | None = None) -> JobOutcome:
     """Score the study of ``job_id``. Database errors propagate (the task retries them).
 
     ``networks`` gives the worker process's loaded networks (None: threshold method); it is
     called inside the job, so unusable configured weights fail the job with their reason.
+    ``export`` hands a result to the export queue (results back to the PACS, when enabled).
     """
     job = claim_job(session_factory, job_id, worker or socket.gethostname())
     if job is None:
@@ -194,6 +197,8 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
         return JobOutcome(job_id, "failed", reason)
     score = with_derived_files(score, session_factory, job, settings)
     write_result(session_factory, job, score, settings)
+    if settings.export_enabled and export is not None:
+        queue_exports(session_factory, job.id, export)  # never raises
     log.info("study scored", extra={"job_id": job_id, "severity": round(score.severity.severity, 2),
                                     "seconds": score.timings.get("total")})
     return JobOutcome(job_id, "scored")

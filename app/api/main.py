@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import __version__
-from app.api import routes_health, routes_studies
+from app.api import routes_admin, routes_health, routes_pages, routes_studies
+from app.api import routes_exports
 from app.api.problems import install_problem_handlers
 from app.assembly import Enqueue
 from app.settings import Settings
-
-STATIC_DIR = Path(__file__).parent / "static"
 
 
 def create_app(settings: Settings, session_factory: sessionmaker[Session], enqueue: Enqueue | None,
@@ -31,9 +28,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], enque
     install_problem_handlers(app)
     app.include_router(routes_studies.router)
     app.include_router(routes_health.router)
-
-    @app.get("/", include_in_schema=False)
-    def worklist_page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "worklist.html", media_type="text/html")
-
+    app.include_router(routes_admin.router)
+    app.include_router(routes_exports.router)  # results sent back to the PACS
+    app.include_router(routes_pages.router)  # the web pages: worklist, study detail, admin
     return app

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import pydicom
 from fastapi import APIRouter, File, Query, UploadFile, status
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import Field
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
@@ -46,10 +47,12 @@ def get_worklist(
     state: Annotated[list[StudyState] | None, Query(description="Only these states (repeatable).")] = None,
     received_from: Annotated[date | None, Query(description="First received on or after this day (UTC).")] = None,
     received_to: Annotated[date | None, Query(description="First received on or before this day (UTC).")] = None,
+    band: Annotated[list[Annotated[int, Field(ge=0, le=4)]] | None,
+                    Query(description="Only these severity bands, CT-0..CT-4 as 0..4 (repeatable).")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Worklist:
-    query = worklist_query([s.value for s in state] if state else None, received_from, received_to)
+    query = worklist_query([s.value for s in state] if state else None, received_from, received_to, band)
     total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
     rows = session.execute(query.order_by(*worklist_order()).limit(limit).offset(offset)).scalars().all()
     return Worklist(items=[WorklistItem.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
@@ -60,7 +63,8 @@ def get_study(study_uid: str, session: SessionDep, principal: Radiologist) -> St
     study = session.execute(
         select(Study)
         .where(Study.study_uid == study_uid)
-        .options(selectinload(Study.series), selectinload(Study.jobs), selectinload(Study.results))
+        .options(selectinload(Study.series), selectinload(Study.jobs), selectinload(Study.results),
+                 selectinload(Study.exports))
     ).scalar_one_or_none()
     if study is None:
         raise NotFoundError(f"no study {study_uid}")

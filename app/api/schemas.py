@@ -88,12 +88,27 @@ class ResultOut(Orm):
     created_at: datetime
 
 
+class ExportOut(Orm):
+    """One object sent back to the PACS for a result, with its last attempt's outcome."""
+
+    id: int
+    result_id: int
+    kind: str
+    sop_instance_uid: str
+    state: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    sent_at: datetime | None
+
+
 class StudyDetail(WorklistItem):
     version: int
     chosen_series_uid: str | None
     series: list[SeriesOut]
     jobs: list[JobOut]
     results: list[ResultOut]
+    exports: list[ExportOut]
 
 
 class UploadedFile(BaseModel):

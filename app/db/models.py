@@ -1,4 +1,4 @@
-"""Typed SQLAlchemy 2.0 models: studies, series, instances, jobs, results, quarantined files.
+"""Typed SQLAlchemy 2.0 models: studies, series, instances, jobs, results, exports, quarantined files.
 
 The study row carries its current scores (denormalised from the newest result) so the worklist
 is one indexed query; the ``results`` table keeps every scoring, rescores included.
@@ -112,6 +112,7 @@ class Study(Base):
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
     results: Mapped[list[Result]] = relationship(back_populates="study", order_by="Result.id")
+    exports: Mapped[list[Export]] = relationship(back_populates="study", order_by="Export.id")
 
     #: Set when the received files were deleted after the retention period (rows stay).
     files_purged_at: Mapped[datetime | None]
@@ -218,6 +219,44 @@ class Result(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="results")
+
+
+class ExportKind(str, enum.Enum):
+    sr = "sr"  # Structured Report with the scores
+    seg = "seg"  # Segmentation: right lung, left lung, lesions
+    sc = "sc"  # Secondary Capture of the projection picture
+
+
+class ExportState(str, enum.Enum):
+    pending = "pending"  # to be sent (again)
+    sent = "sent"
+    failed = "failed"  # attempts exhausted or the object could not be built; an admin may retry
+
+
+class Export(Base):
+    """One DICOM object sent back to the PACS for a result (SR, SEG or secondary capture), with
+    every attempt's outcome. Its SOP instance UID is fixed when the row is made, so a retried
+    send delivers the same instance."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # ExportKind
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.pending.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+
+    study: Mapped[Study] = relationship(back_populates="exports")
+
+    __table_args__ = (
+        UniqueConstraint("result_id", "kind", name="uq_exports_result_kind"),
+        Index("ix_exports_state", "state"),
+    )
 
 
 class QuarantinedFile(Base):

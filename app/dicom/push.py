@@ -1,4 +1,5 @@
-"""C-STORE SCU: send files to a DICOM node (the demo, `cttriage push`, tests and benchmarks)."""
+"""C-STORE SCU: send files to a DICOM node (the demo, `cttriage push`, tests and benchmarks) and
+our results back to the PACS (worker.exports)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
@@ -17,14 +19,25 @@ class AssociationFailed(RuntimeError):
 def push_files(paths: Sequence[Path], *, host: str, port: int, called_aet: str = "CTTRIAGE",
                calling_aet: str = "CTTRIAGE_SCU") -> list[int]:
     """Send every file over one association; returns the C-STORE status of each (-1: no answer)."""
-    datasets = [pydicom.dcmread(p) for p in paths]
+    return push_datasets([pydicom.dcmread(p) for p in paths], host=host, port=port, called_aet=called_aet,
+                         calling_aet=calling_aet)
+
+
+def push_datasets(datasets: Sequence[Dataset], *, host: str, port: int, called_aet: str,
+                  calling_aet: str, timeout: float | None = None) -> list[int]:
+    """Send datasets (each with its file meta's transfer syntax) over one association; returns
+    the C-STORE status of each (-1: no answer). ``timeout`` bounds connecting, association and
+    each reply. Raises AssociationFailed when the node cannot be reached or refuses us."""
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
     ae = AE(ae_title=calling_aet)
+    if timeout is not None:
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(build_context(sop_class, [syntax]).abstract_syntax, syntax)
     assoc = ae.associate(host, port, ae_title=called_aet)
     if not assoc.is_established:
-        raise AssociationFailed(f"association with {called_aet}@{host}:{port} was not established")
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
+        raise AssociationFailed(f"association with {called_aet}@{host}:{port} was not established ({why})")
     statuses: list[int] = []
     try:
         for ds in datasets:

@@ -1,0 +1,214 @@
+// One study: scores, chosen series and why others were passed over, timings, errors, score
+// history with model versions, and the two pictures (fetched with the key, shown as blob URLs).
+"use strict";
+
+(() => {
+  const { el } = CT;
+  const uid = decodeURIComponent(location.pathname.replace(/^\/studies\//, ""));
+  const FINAL = new Set(["scored", "failed", "rejected"]);
+  const STAGES = ["select", "load", "resample", "lungs", "lesions", "severity"];
+  let study = null;
+  let pictureOf = null; // result id the pictures were loaded for
+  const blobUrls = [];
+
+  const figure = (label, value, cls = "value") => el("div", { class: "figure" },
+    el("span", { class: "label", text: label }), el("span", { class: cls, text: value }));
+
+  function renderSummary(s) {
+    const summary = document.getElementById("summary");
+    summary.replaceChildren(
+      CT.band(s.severity_band),
+      figure("Max-lung severity", CT.pct(s.severity)),
+      figure("Left lung", CT.pct(s.severity_left)),
+      figure("Right lung", CT.pct(s.severity_right)),
+      figure("COVID-19 probability", CT.prob(s.identification)),
+      el("div", { class: "figure" }, el("span", { class: "label", text: "State" }), CT.state(s.state)),
+      figure("Accession", s.accession_number || CT.DASH, "value small"),
+    );
+    if (s.reason) {
+      summary.append(el("div", { class: "figure" }, el("span", { class: "label", text: `Reason (${s.reason_code || "—"})` }),
+        el("span", { class: "reason", text: s.reason })));
+    }
+    document.title = `cttriage · ${s.accession_number || "study"} · ${s.severity_band === null ? s.state : "CT-" + s.severity_band}`;
+  }
+
+  function renderMeta(s) {
+    const rows = [
+      ["Accession", s.accession_number || CT.DASH], ["Patient age", CT.age(s.patient_age)],
+      ["Study date", CT.dicomDate(s.study_date)], ["Description", s.study_description || CT.DASH],
+      ["First received", CT.dateTime(s.first_received_at, { seconds: true })],
+      ["Last received", CT.dateTime(s.last_received_at, { seconds: true })],
+      ["Scored", CT.dateTime(s.scored_at, { seconds: true })],
+      ["Instances", s.instance_count], ["Version", s.version],
+      ["Method", s.method || CT.DASH], ["Model version", s.model_version || CT.DASH],
+      ["Study UID", s.study_uid],
+    ];
+    document.getElementById("meta").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
+  }
+
+  function renderTimings(s) {
+    const box = document.getElementById("timings");
+    const result = s.results[s.results.length - 1];
+    if (!result) { box.replaceChildren(el("p", { class: "muted", text: "Not scored yet." })); return; }
+    const job = s.jobs.find((j) => j.id === result.job_id);
+    const t = result.timings || {};
+    const stages = [...STAGES.filter((k) => k in t), ...Object.keys(t).filter((k) => !STAGES.includes(k) && k !== "total")];
+    const longest = Math.max(...stages.map((k) => t[k]), 0.001);
+    const bar = (label, seconds, scale) => {
+      const fill = el("span");
+      fill.style.width = `${Math.min(100, (100 * (seconds || 0)) / scale)}%`;
+      return el("div", { class: "stagebar" }, el("span", { text: label }), el("span", { class: "track" }, fill),
+        el("span", { class: "num", text: CT.duration(seconds) }));
+    };
+    const lifecycle = [];
+    if (job) {
+      if (job.trigger !== "rescore") lifecycle.push(["settling", CT.between(s.last_received_at, job.created_at)]);
+      lifecycle.push(["to broker", CT.between(job.created_at, job.enqueued_at)]);
+      lifecycle.push(["worker wait", CT.between(job.enqueued_at, job.started_at)]);
+      lifecycle.push(["processing", CT.between(job.started_at, job.finished_at)]);
+    }
+    const longestStep = Math.max(...lifecycle.map(([, v]) => v || 0), 0.001);
+    box.replaceChildren(
+      el("p", { class: "hint", text: "Scoring stages in the worker:" }),
+      ...stages.map((k) => bar(k, t[k], longest)),
+      el("div", { class: "stagebar" }, el("strong", { text: "total" }), el("span"),
+        el("strong", { class: "num", text: CT.duration(t.total) })),
+      el("p", { class: "hint", text: "From the last instance to the score:" }),
+      ...lifecycle.map(([k, v]) => bar(k, v, longestStep)),
+    );
+  }
+
+  function renderSeries(s) {
+    const tbody = document.getElementById("series");
+    const rows = s.series.map((x) => el("tr", { class: x.chosen ? "chosen" : "" },
+      el("td", { class: "wrap" }, x.chosen ? "✓ scored" : el("span", { class: "reason", text: x.skip_reason || "not examined" })),
+      el("td", { class: "num", text: x.series_number ?? CT.DASH }),
+      el("td", { class: "wrap", text: x.description || CT.DASH }),
+      el("td", { text: x.modality || CT.DASH }),
+      el("td", { class: "num", text: x.instance_count }),
+      el("td", { class: "num", text: x.slice_count ?? CT.DASH }),
+      el("td", { class: "num", text: x.slice_spacing_mm === null ? CT.DASH : `${x.slice_spacing_mm.toFixed(2)} mm` }),
+      el("td", { class: "wrap muted", text: x.series_uid })));
+    tbody.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 8, class: "empty", text: "No series." }))]));
+  }
+
+  function renderResults(s) {
+    const trigger = new Map(s.jobs.map((j) => [j.id, j.trigger]));
+    const ml = (a, b) => `${Math.round(a)} / ${Math.round(b)} ml`;
+    const rows = [...s.results].reverse().map((r) => el("tr", {},
+      el("td", { text: CT.dateTime(r.created_at, { seconds: true }), title: r.created_at }),
+      el("td", { class: "num", text: r.study_version }),
+      el("td", { text: trigger.get(r.job_id) || CT.DASH }),
+      el("td", { text: r.method }),
+      el("td", { text: r.model_version }),
+      el("td", { class: "num", text: CT.prob(r.identification) }),
+      el("td", { class: "num", text: CT.pct(r.severity) }),
+      el("td", { class: "num", text: CT.pct(r.severity_left) }),
+      el("td", { class: "num", text: CT.pct(r.severity_right) }),
+      el("td", { class: "num", text: ml(r.lung_volume_left_ml, r.lung_volume_right_ml) }),
+      el("td", { class: "num", text: ml(r.lesion_volume_left_ml, r.lesion_volume_right_ml) })));
+    document.getElementById("results").replaceChildren(...(rows.length ? rows
+      : [el("tr", {}, el("td", { colspan: 11, class: "empty", text: "No scoring yet." }))]));
+  }
+
+  function renderJobs(s) {
+    const rows = [...s.jobs].reverse().map((j) => el("tr", {},
+      el("td", { class: "num", text: j.id }),
+      el("td", { class: "num", text: j.study_version }),
+      el("td", { text: j.trigger }),
+      el("td", {}, CT.state(j.state)),
+      el("td", { text: CT.dateTime(j.created_at, { seconds: true }) }),
+      el("td", { class: "num", text: CT.duration(CT.between(j.enqueued_at, j.started_at)) }),
+      el("td", { class: "num", text: CT.duration(CT.between(j.started_at, j.finished_at)) }),
+      el("td", { class: "num", text: j.attempts }),
+      el("td", { class: "wrap muted", text: j.worker || CT.DASH }),
+      el("td", { class: "wrap" }, j.error ? el("span", { class: "reason", text: j.error }) : CT.DASH)));
+    document.getElementById("jobs").replaceChildren(...(rows.length ? rows
+      : [el("tr", {}, el("td", { colspan: 10, class: "empty", text: "No job yet (the study is still arriving)." }))]));
+  }
+
+  const EXPORT_KINDS = { sr: "Structured Report (scores)", seg: "Segmentation (lungs, lesions)",
+                         sc: "Secondary capture (projection)" };
+
+  function renderExports(s) {
+    const exports = Array.isArray(s.exports) ? s.exports : [];
+    document.getElementById("exports-panel").hidden = !exports.length;
+    document.getElementById("exports").replaceChildren(...[...exports].reverse().map((x) => el("tr", {},
+      el("td", { text: EXPORT_KINDS[x.kind] || x.kind }),
+      el("td", {}, CT.state(x.state)),
+      el("td", { class: "num", text: x.attempts }),
+      el("td", { text: CT.dateTime(x.sent_at, { seconds: true }) }),
+      el("td", { class: "wrap" }, x.last_error ? el("span", { class: "reason", text: x.last_error }) : CT.DASH),
+      el("td", { class: "wrap muted", text: x.sop_instance_uid }))));
+  }
+
+  async function loadPicture(kind) {
+    const box = document.getElementById(kind);
+    const caption = box.querySelector("figcaption");
+    try {
+      const blob = await (await CT.api(`/api/studies/${encodeURIComponent(uid)}/images/${kind}.png`, { raw: true })).blob();
+      const url = URL.createObjectURL(blob);
+      blobUrls.push(url);
+      box.replaceChildren(el("img", { src: url, alt: caption.textContent }), caption);
+    } catch (error) {
+      if (CT.handleAuthError(error)) return;
+      const text = error.status === 404 ? "No picture (not scored yet, or removed after the retention period)."
+        : `Cannot load the picture: ${error.message}`;
+      box.replaceChildren(el("div", { class: "placeholder", text }), caption);
+    }
+  }
+
+  function renderPictures(s) {
+    const newest = s.results.length ? s.results[s.results.length - 1].id : null;
+    if (newest === pictureOf) return;
+    pictureOf = newest;
+    while (blobUrls.length) URL.revokeObjectURL(blobUrls.pop());
+    loadPicture("projection");
+    loadPicture("axial");
+  }
+
+  const load = CT.serial(async () => {
+    const errorBox = document.getElementById("error");
+    try {
+      study = await CT.api(`/api/studies/${encodeURIComponent(uid)}`);
+      errorBox.hidden = true;
+    } catch (error) {
+      if (CT.handleAuthError(error)) return;
+      errorBox.textContent = error.status === 404 ? "No such study." : `Cannot load the study: ${error.message}`;
+      errorBox.hidden = false;
+      return;
+    }
+    renderSummary(study);
+    renderMeta(study);
+    renderTimings(study);
+    renderSeries(study);
+    renderResults(study);
+    renderJobs(study);
+    renderExports(study);
+    renderPictures(study);
+  });
+
+  function neighbour(step) {
+    const order = CT.loadOrder();
+    const at = order.indexOf(uid);
+    const next = at < 0 ? null : order[at + step];
+    if (next) location.href = CT.studyUrl(next);
+  }
+
+  document.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.metaKey || event.altKey || CT.typing(event)) return;
+    const actions = {
+      Escape: () => { location.href = "/"; }, Backspace: () => { location.href = "/"; },
+      j: () => neighbour(1), n: () => neighbour(1), k: () => neighbour(-1), p: () => neighbour(-1),
+      r: () => load(),
+    };
+    if (actions[event.key]) { event.preventDefault(); actions[event.key](); }
+  });
+
+  CT.signIn("radiologist").then(async () => {
+    await load();
+    // Follow the study while it is still being received or scored (each read is audited, so
+    // a study that reached its final state is not read again on every worklist change).
+    CT.live(() => { if (study && !FINAL.has(study.state)) load(); });
+  });
+})();

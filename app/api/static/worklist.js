@@ -1,0 +1,168 @@
+// The worklist page: most urgent first, live, filterable, keyboard driven.
+"use strict";
+
+(() => {
+  const { el } = CT;
+  const PAGE = 200;
+  const rows = document.getElementById("rows");
+  const status = document.getElementById("status");
+  const filters = {
+    state: document.getElementById("f-state"),
+    band: document.getElementById("f-band"),
+    from: document.getElementById("f-from"),
+    to: document.getElementById("f-to"),
+  };
+  let items = [];
+  let previous = null; // uid -> state|priority of the last render (to flash what changed)
+  let selected = null; // uid of the selected row
+
+  // --- filters, kept in the URL so a reload or a bookmark keeps them -------------------------
+  function readFiltersFromUrl() {
+    const q = new URLSearchParams(location.search);
+    for (const [name, input] of Object.entries(filters)) input.value = q.get(name) || "";
+  }
+  function writeFiltersToUrl() {
+    const q = new URLSearchParams();
+    for (const [name, input] of Object.entries(filters)) if (input.value) q.set(name, input.value);
+    history.replaceState(null, "", q.toString() ? `?${q}` : location.pathname);
+  }
+  function worklistQuery() {
+    const q = new URLSearchParams({ limit: PAGE });
+    for (const s of filters.state.value.split(",").filter(Boolean)) q.append("state", s);
+    for (const b of filters.band.value.split(",").filter(Boolean)) q.append("band", b);
+    if (filters.from.value) q.set("received_from", filters.from.value);
+    if (filters.to.value) q.set("received_to", filters.to.value);
+    return q;
+  }
+
+  // --- rendering ------------------------------------------------------------------------------
+  function severityCell(item) {
+    const td = el("td", { class: "num sev" }, CT.pct(item.severity));
+    if (item.severity !== null) {
+      const fill = el("span", { class: `b${item.severity_band}` });
+      fill.style.width = `${Math.min(100, Math.max(0, item.severity))}%`;
+      td.append(el("span", { class: "sevbar" }, fill));
+    }
+    return td;
+  }
+
+  function stateCell(item) {
+    const td = el("td", {}, CT.state(item.state));
+    if (item.reason) td.append(el("span", { class: "reason", text: item.reason }));
+    return td;
+  }
+
+  function renderRow(item, index) {
+    const bandClass = item.severity_band === null ? "" : `band-row-${item.severity_band}`;
+    const tr = el("tr", {
+      tabindex: "-1", class: bandClass, dataset: { uid: item.study_uid },
+      "aria-label": `Study ${item.accession_number || item.study_uid}`,
+      on: { click: () => open(item.study_uid), focus: () => { selected = item.study_uid; } },
+    },
+    el("td", { class: "num muted", text: index + 1 }),
+    el("td", {}, CT.band(item.severity_band)),
+    severityCell(item),
+    el("td", { class: "num", text: CT.pct(item.severity_left) }),
+    el("td", { class: "num", text: CT.pct(item.severity_right) }),
+    el("td", { class: "num", text: CT.prob(item.identification),
+               title: item.identification === null ? "not computed by this method" : null }),
+    el("td", { class: "accession" }, el("a", { href: CT.studyUrl(item.study_uid), tabindex: "-1",
+                                               text: item.accession_number || "(no accession)" })),
+    el("td", { text: CT.age(item.patient_age) }),
+    el("td", { class: "wrap", text: item.study_description || CT.DASH }),
+    el("td", { text: CT.dateTime(item.first_received_at), title: item.first_received_at }),
+    el("td", { class: "num waiting", dataset: { since: item.first_received_at },
+               text: CT.duration(CT.since(item.first_received_at)) }),
+    stateCell(item));
+    const fingerprint = `${item.state}|${item.priority}`;
+    if (previous && previous.get(item.study_uid) !== fingerprint) tr.classList.add("fresh");
+    return tr;
+  }
+
+  function render(data) {
+    const hadFocus = rows.contains(document.activeElement);
+    items = data.items;
+    const rendered = items.map(renderRow);
+    rows.replaceChildren(...(rendered.length ? rendered
+      : [el("tr", {}, el("td", { colspan: 12, class: "empty", text: "No studies match the filters." }))]));
+    previous = new Map(items.map((i) => [i.study_uid, `${i.state}|${i.priority}`]));
+    CT.saveOrder(items.map((i) => i.study_uid));
+    const shown = items.length < data.total ? `${items.length} of ${data.total}` : `${data.total}`;
+    status.textContent = `${shown} studies · updated ${CT.dateTime(new Date().toISOString(), { seconds: true })}`;
+    if (selected && !items.some((i) => i.study_uid === selected)) selected = null;
+    rove(selectedIndex());
+    if (hadFocus || document.activeElement === document.body) focusRow(selectedIndex(), { scroll: false });
+  }
+
+  const refresh = CT.serial(async () => {
+    try {
+      render(await CT.api(`/api/worklist?${worklistQuery()}`));
+    } catch (error) {
+      if (!CT.handleAuthError(error)) status.textContent = `Cannot load the worklist: ${error.message}`;
+    }
+  });
+
+  // Waiting times tick without asking the server.
+  setInterval(() => {
+    for (const cell of rows.querySelectorAll("td.waiting")) cell.textContent = CT.duration(CT.since(cell.dataset.since));
+  }, 15000);
+
+  // --- keyboard ------------------------------------------------------------------------------
+  const rowElements = () => [...rows.querySelectorAll("tr[data-uid]")];
+  const selectedIndex = () => Math.max(0, items.findIndex((i) => i.study_uid === selected));
+  /** Roving tabindex: Tab reaches the table at the selected row, j/k move within it. */
+  function rove(index) {
+    rowElements().forEach((row, i) => { row.tabIndex = i === index ? 0 : -1; });
+  }
+  function focusRow(index, { scroll = true } = {}) {
+    const list = rowElements();
+    if (!list.length) return;
+    const at = Math.min(Math.max(index, 0), list.length - 1);
+    const row = list[at];
+    selected = row.dataset.uid;
+    rove(at);
+    row.focus({ preventScroll: !scroll });
+    if (scroll) row.scrollIntoView({ block: "nearest" });
+  }
+  const open = (uid) => { location.href = CT.studyUrl(uid); };
+
+  document.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    if (CT.typing(event)) {
+      if (event.key === "Escape") { event.target.blur(); focusRow(selectedIndex()); }
+      return;
+    }
+    const current = rows.contains(document.activeElement) ? selectedIndex() : -1;
+    const actions = {
+      j: () => focusRow(current + 1), ArrowDown: () => focusRow(current + 1),
+      k: () => focusRow(current - 1), ArrowUp: () => focusRow(current - 1),
+      Home: () => focusRow(0), g: () => focusRow(0),
+      End: () => focusRow(Infinity), G: () => focusRow(Infinity),
+      Enter: () => selected && open(selected), o: () => selected && open(selected),
+      "/": () => filters.state.focus(),
+      r: () => refresh(),
+    };
+    if (actions[event.key]) {
+      event.preventDefault();
+      actions[event.key]();
+    }
+  });
+
+  // --- start -----------------------------------------------------------------------------------
+  readFiltersFromUrl();
+  for (const input of Object.values(filters)) {
+    input.addEventListener("change", () => { writeFiltersToUrl(); previous = null; refresh(); });
+  }
+  document.getElementById("f-clear").addEventListener("click", () => {
+    for (const input of Object.values(filters)) input.value = "";
+    writeFiltersToUrl();
+    previous = null;
+    refresh();
+  });
+
+  CT.signIn("radiologist").then(async () => {
+    await refresh();
+    focusRow(0, { scroll: false });
+    CT.live(refresh);
+  });
+})();

@@ -1,0 +1,444 @@
+"""Results back to the PACS: the SR, SEG and secondary-capture writers on phantoms (SEG frames
+line up with sources stored mirrored, flipped or in reverse order), and the embedded service
+sending them to a real DICOM node (dcmtk's storescp), retrying while the node is down."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage, generate_uid
+
+from app.db.models import ExportKind
+from app.dicom.push import push_files
+from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
+from models.phantom import PhantomSpec, PhantomVolume, phantom_datasets, phantom_volume
+from models.rendering import projection_overlay
+from models.severity import lung_severity
+from models.volume import hu_volume
+from tests.conftest import free_port, write_phantom_study
+from tests.service_process import API, ServiceProcess, cttriage, wait_for_state, wait_healthy, wait_until
+from worker.export_common import COVID_PROBABILITY, PERCENT_AFFECTED, ExportScores, NewInstance
+from worker.export_sc import projection_capture
+from worker.export_seg import SEGMENT_LEFT_LUNG, SEGMENT_LESIONS, SEGMENT_RIGHT_LUNG, lung_segmentation
+from worker.export_sr import measurement_report
+from worker.pipeline import StepTimer, StudyMasks, grid_masks, score_volume
+
+DCIODVFY = Path("/usr/bin/dciodvfy")
+STORESCP = Path("/usr/bin/storescp")  # dcmtk's; another storescp may shadow it on PATH
+PACS_AET = "TESTPACS"
+#: 2 mm pixels: the scoring grid is the source grid, so SEG frames can be compared exactly.
+EXACT = {"slices": 24, "rows": 112, "columns": 112, "pixel_spacing": 2.0, "slice_spacing": 8.0}
+SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.25, "slice_spacing": 7.0}
+
+
+# --- writers on phantoms ------------------------------------------------------------------------
+
+
+def headers_only(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """What the export reads from storage: the files' headers, no pixel data."""
+    out = []
+    for ds in datasets:
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        buffer.seek(0)
+        out.append(pydicom.dcmread(buffer, stop_before_pixels=True))
+    return out
+
+
+def reversed_and_upside_down(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The same series stored the other way: last slice first, rows bottom to top (the column
+    direction points anterior)."""
+    out = []
+    for number, original in enumerate(reversed(datasets), start=1):
+        ds = copy.deepcopy(original)
+        stored = ds.pixel_array[::-1]
+        ds.PixelData = np.ascontiguousarray(stored).astype("<i2").tobytes()
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + (ds.Rows - 1) * float(ds.PixelSpacing[0]), z]
+        ds.ImageOrientationPatient = [*ds.ImageOrientationPatient[:3], 0.0, -1.0, 0.0]
+        ds.InstanceNumber = number
+        out.append(ds)
+    return out
+
+
+def truth_masks(phantom: PhantomVolume, datasets: Sequence[Dataset]) -> StudyMasks:
+    """The phantom's true lungs and lesions as scoring-grid masks of the series' volume."""
+    volume = hu_volume(datasets)
+    assert volume.spacing[1:] == (2.0, 2.0)  # no in-plane resampling: grid == source
+    return grid_masks(volume, volume.hu, volume.spacing, phantom.lungs, phantom.lesions > 0)
+
+
+def scores_of(masks: StudyMasks, series_uid: str) -> ExportScores:
+    """What the threshold method would report for ``masks``."""
+    return ExportScores(series_uid, "threshold", "threshold-1.0", None,
+                        lung_severity(masks.lung_labels, masks.lesions, masks.spacing))
+
+
+def segment_frames(seg: Dataset, sources: Sequence[Dataset]) -> np.ndarray:
+    """(instances, rows, columns, 3 segments) of ``seg`` in the order of ``sources``."""
+    parsed = hd.seg.Segmentation.from_dataset(seg)
+    return parsed.get_pixels_by_source_instance(
+        [str(ds.SOPInstanceUID) for ds in sources],
+        segment_numbers=[SEGMENT_RIGHT_LUNG, SEGMENT_LEFT_LUNG, SEGMENT_LESIONS],
+        assert_missing_frames_are_empty=True,
+    ).astype(bool)
+
+
+STORAGE_LAYOUTS = {
+    # name: (flip_lr, transform of the written series, truth slice -> stored layout for instance i)
+    "canonical": (False, list, lambda truth, i: truth[i]),
+    "mirrored": (True, list, lambda truth, i: truth[i][:, ::-1]),
+    "reversed_upside_down": (False, reversed_and_upside_down, lambda truth, i: truth[len(truth) - 1 - i][::-1, :]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(STORAGE_LAYOUTS))
+def test_seg_frames_line_up_with_the_source(layout: str) -> None:
+    flip_lr, transform, stored = STORAGE_LAYOUTS[layout]
+    spec = PhantomSpec(severity_left=30.0, severity_right=8.0, seed=5, flip_lr=flip_lr,
+                       **EXACT)  # type: ignore[arg-type]
+    phantom = phantom_volume(spec)
+    datasets = transform(phantom_datasets(phantom, spec))
+    masks = truth_masks(phantom, datasets)
+    sources = headers_only(datasets)
+    seg = lung_segmentation(sources, masks, scores_of(masks, str(sources[0].SeriesInstanceUID)),
+                            NewInstance(ExportKind.seg, str(generate_uid())))
+    frames = segment_frames(seg, sources)
+
+    lesions = phantom.lesions > 0
+    for i in range(len(sources)):
+        assert np.array_equal(frames[i, ..., 0], stored(phantom.lungs == RIGHT_LUNG, i)), (layout, i)
+        assert np.array_equal(frames[i, ..., 1], stored(phantom.lungs == LEFT_LUNG, i)), (layout, i)
+        assert np.array_equal(frames[i, ..., 2], stored(lesions, i)), (layout, i)
+
+    # One lesion voxel of the truth, followed by hand to its instance, row and column.
+    k, y, x = (int(v[len(v) // 2]) for v in np.nonzero(lesions))
+    instance = len(sources) - 1 - k if layout == "reversed_upside_down" else k
+    row = spec.rows - 1 - y if layout == "reversed_upside_down" else y
+    col = spec.columns - 1 - x if flip_lr else x
+    assert frames[instance, row, col, 2]
+    # The left lung segment is the patient's left: +x in LPS, whatever the image layout.
+    left = frames[..., 1]
+    cols = np.nonzero(left.any(axis=(0, 1)))[0]
+    source_x = [float(sources[0].ImagePositionPatient[0]) + c * float(sources[0].ImageOrientationPatient[0]) * 2.0
+                for c in (cols.min(), cols.max())]
+    assert min(source_x) > 0, (layout, source_x)
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} \
+        == {ds.SOPInstanceUID for ds in sources}
+
+
+def test_seg_from_the_pipeline_masks_is_upsampled_to_the_mirrored_source() -> None:
+    """Threshold masks on the 2 mm grid, source at 1.15 mm and stored mirrored: nearest-neighbour
+    upsampling puts the lungs and lesions on the source pixels, sides right."""
+    spec = PhantomSpec(slices=28, rows=320, columns=320, pixel_spacing=1.15, slice_spacing=8.0, severity_left=35.0,
+                       severity_right=4.0, seed=6, flip_lr=True)
+    phantom = phantom_volume(spec)
+    datasets = phantom_datasets(phantom, spec)
+    volume = hu_volume(datasets)
+    _, masks = score_volume(volume, 2.0, StepTimer())
+    assert masks.lung_labels.shape[1] < spec.rows  # resampled in-plane
+    sources = headers_only(datasets)
+    seg = lung_segmentation(sources, masks, scores_of(masks, str(sources[0].SeriesInstanceUID)),
+                            NewInstance(ExportKind.seg, str(generate_uid())))
+    frames = segment_frames(seg, sources)
+    mirrored = {"right": phantom.lungs[..., ::-1] == RIGHT_LUNG, "left": phantom.lungs[..., ::-1] == LEFT_LUNG,
+                "lesions": phantom.lesions[..., ::-1] > 0}
+
+    def dice(a: np.ndarray, b: np.ndarray) -> float:
+        return float(2 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b)))
+
+    assert dice(frames[..., 0], mirrored["right"]) > 0.9
+    assert dice(frames[..., 1], mirrored["left"]) > 0.9
+    assert dice(frames[..., 1], mirrored["right"]) < 0.01  # not swapped
+    assert dice(frames[..., 2], mirrored["lesions"]) > 0.7
+
+
+@dataclass
+class Written:
+    phantom: PhantomVolume
+    sources: list[Dataset]
+    masks: StudyMasks
+    scores: ExportScores
+    seg: NewInstance
+
+
+@pytest.fixture(scope="module")
+def written() -> Written:
+    spec = PhantomSpec(severity_left=30.0, severity_right=8.0, seed=7, flip_lr=True, **EXACT)  # type: ignore[arg-type]
+    phantom = phantom_volume(spec)
+    datasets = phantom_datasets(phantom, spec)
+    masks = truth_masks(phantom, datasets)
+    sources = headers_only(datasets)
+    return Written(phantom, sources, masks, scores_of(masks, str(sources[0].SeriesInstanceUID)),
+                   NewInstance(ExportKind.seg, str(generate_uid())))
+
+
+def parse_sr(ds: Dataset) -> hd.sr.Comprehensive3DSR:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return hd.sr.srread(buffer)  # type: ignore[return-value]
+
+
+def sr_measurements(sr: hd.sr.Comprehensive3DSR) -> dict[tuple[str, str], float]:
+    """(tracking identifier, concept code value) -> value for every measurement of the report."""
+    groups = [*sr.content.get_image_measurement_groups(), *sr.content.get_volumetric_roi_measurement_groups()]
+    return {(str(g.tracking_identifier), m.name.value): float(m.value) for g in groups for m in g.get_measurements()}
+
+
+def sr_texts(sr: Dataset, concept: Any) -> set[str]:
+    return {str(item.TextValue) for item in hd.sr.utils.find_content_items(sr, name=concept, recursive=True)}
+
+
+def sr_codes(sr: Dataset, concept: Any) -> set[str]:
+    return {item.ConceptCodeSequence[0].CodeValue
+            for item in hd.sr.utils.find_content_items(sr, name=concept, recursive=True)}
+
+
+def test_sr_of_a_threshold_result(written: Written) -> None:
+    scores, lungs = written.scores, written.scores.lungs
+    sr = parse_sr(measurement_report(written.sources, scores, NewInstance(ExportKind.sr, str(generate_uid())),
+                                     written.seg))
+    assert sr.StudyInstanceUID == written.sources[0].StudyInstanceUID
+    assert sr.PatientID == written.sources[0].PatientID and sr.PatientName == written.sources[0].PatientName
+    assert sr.SeriesDescription == "cttriage scores" and sr.Manufacturer == "cttriage"
+    assert "threshold-1.0" in sr.SoftwareVersions
+    evidence = {item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert {ds.SOPInstanceUID for ds in written.sources} | {written.seg.sop_instance_uid} == evidence
+
+    values = sr_measurements(sr)
+    volume = codes.SCT.Volume.value
+    assert values[("right lung", volume)] == pytest.approx(lungs.lung_volume_right_ml, abs=1e-3)
+    assert values[("left lung", volume)] == pytest.approx(lungs.lung_volume_left_ml, abs=1e-3)
+    assert values[("left lung", PERCENT_AFFECTED.value)] == pytest.approx(lungs.severity_left, abs=1e-3)
+    assert values[("right lung", PERCENT_AFFECTED.value)] == pytest.approx(lungs.severity_right, abs=1e-3)
+    assert values[("left lung lesions", volume)] == pytest.approx(lungs.lesion_volume_left_ml, abs=1e-3)
+    assert values[("study", PERCENT_AFFECTED.value)] == pytest.approx(lungs.severity, abs=1e-3)
+    assert lungs.severity_left > lungs.severity_right  # the truth's diseased side survives the mirror
+    assert not any(code == COVID_PROBABILITY.value for _, code in values)  # threshold: not estimated
+    # The method is said: algorithm name and family; the lung groups point at their SEG segments.
+    assert sr_texts(sr, codes.DCM.AlgorithmName) == {"cttriage threshold"}
+    assert sr_texts(sr, codes.DCM.AlgorithmVersion) == {"threshold-1.0"}
+    assert sr_codes(sr, codes.SCT.MeasurementMethod) == {codes.DCM.MorphologicalOperations.value}
+    references = [(g.tracking_identifier, g.referenced_segment[0].ReferencedSOPSequence[0])
+                  for g in sr.content.get_volumetric_roi_measurement_groups()]
+    assert {(name, ref.ReferencedSOPInstanceUID, int(ref.ReferencedSegmentNumber)) for name, ref in references} == {
+        ("right lung", written.seg.sop_instance_uid, SEGMENT_RIGHT_LUNG),
+        ("left lung", written.seg.sop_instance_uid, SEGMENT_LEFT_LUNG)}
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99CTTRIAGE"
+
+
+def test_sr_of_a_network_result_carries_the_probability(written: Written) -> None:
+    scores = dataclasses.replace(written.scores, method="multitask-unet", model_version="mt-2.1",
+                                 identification=0.8312)
+    sr = parse_sr(measurement_report(written.sources, scores, NewInstance(ExportKind.sr, str(generate_uid()))))
+    values = sr_measurements(sr)
+    assert values[("study", COVID_PROBABILITY.value)] == pytest.approx(0.8312)
+    assert sr_texts(sr, codes.DCM.AlgorithmName) == {"cttriage multitask-unet"}
+    assert sr_codes(sr, codes.SCT.MeasurementMethod) == {codes.DCM.ArtificialIntelligence.value}
+    assert not sr.content.get_volumetric_roi_measurement_groups()  # no SEG given: plain groups
+
+
+def test_secondary_capture_of_the_projection(written: Written) -> None:
+    masks = written.masks
+    picture = projection_overlay(masks.hu, masks.lung_labels, masks.lesions, masks.spacing)
+    sc = projection_capture(written.sources[0], picture, written.scores,
+                            NewInstance(ExportKind.sc, str(generate_uid())), masks.spacing[2])
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage
+    assert sc.StudyInstanceUID == written.sources[0].StudyInstanceUID
+    assert (sc.PatientID, sc.PatientBirthDate) == (written.sources[0].PatientID, written.sources[0].PatientBirthDate)
+    assert sc.SeriesDescription == "cttriage projection" and list(sc.PatientOrientation) == ["L", "F"]
+    assert np.array_equal(sc.pixel_array, picture)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's errors (warnings are listed but pass: our private coding scheme is one)."""
+    run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    print(f"dciodvfy {path.name}:", *lines, sep="\n  ")
+    return [line for line in lines if line.startswith("Error")]
+
+
+def test_written_objects_pass_dciodvfy(written: Written, tmp_path: Path) -> None:
+    if not DCIODVFY.exists():
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed; scripts/install.sh installs it")
+    masks = written.masks
+    picture = projection_overlay(masks.hu, masks.lung_labels, masks.lesions, masks.spacing)
+    objects = {
+        "seg": lung_segmentation(written.sources, masks, written.scores, written.seg),
+        "sr": measurement_report(written.sources, written.scores, NewInstance(ExportKind.sr, str(generate_uid())),
+                                 written.seg),
+        "sc": projection_capture(written.sources[0], picture, written.scores,
+                                 NewInstance(ExportKind.sc, str(generate_uid()))),
+    }
+    for name, ds in objects.items():
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        assert dciodvfy_errors(tmp_path / f"{name}.dcm") == [], name
+
+
+def test_export_settings() -> None:
+    from app.settings import Settings
+    from worker.exports import backoff_seconds
+
+    with pytest.raises(ValueError, match="CTTRIAGE_EXPORT_HOST"):
+        Settings(export_enabled=True)
+    settings = Settings(export_enabled=True, export_host="pacs", export_backoff_seconds=30,
+                        export_backoff_max_seconds=200)
+    assert settings.export_calling_aet == settings.ae_title
+    assert [backoff_seconds(n, settings) for n in (1, 2, 3, 4, 5)] == [30, 60, 120, 200, 200]
+
+
+# --- the service sends them to a DICOM node -----------------------------------------------------
+
+
+class Storescp:
+    """dcmtk's storescp as the PACS: every object it receives lands in ``folder``."""
+
+    def __init__(self, port: int, folder: Path) -> None:
+        self.port, self.folder = port, folder
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Storescp:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([str(STORESCP), "-aet", PACS_AET, "-od", str(self.folder), str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._listening, 15, "storescp to listen")
+        return self
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def __exit__(self, *_exc: object) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def received(self) -> list[Dataset]:
+        return [pydicom.dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
+
+
+@dataclass
+class Service:
+    api: str
+    dicom_port: int
+    pacs_port: int
+    process: ServiceProcess
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    if not STORESCP.exists():
+        pytest.fail("dcmtk's /usr/bin/storescp is required (scripts/install.sh installs dcmtk)")
+    root = tmp_path_factory.mktemp("exporting")
+    api_port, dicom_port, pacs_port = free_port(), free_port(), free_port()
+    env = {
+        "CTTRIAGE_DATA_DIR": str(root / "data"),
+        "CTTRIAGE_API_PORT": str(api_port),
+        "CTTRIAGE_DICOM_PORT": str(dicom_port),
+        "CTTRIAGE_SETTLE_SECONDS": "1",
+        "CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS": "0.3",
+        "CTTRIAGE_MIN_FREE_BYTES": "0",
+        "CTTRIAGE_EXPORT_ENABLED": "true",
+        "CTTRIAGE_EXPORT_HOST": "127.0.0.1",
+        "CTTRIAGE_EXPORT_PORT": str(pacs_port),
+        "CTTRIAGE_EXPORT_AE_TITLE": PACS_AET,
+        "CTTRIAGE_EXPORT_MAX_ATTEMPTS": "3",
+        "CTTRIAGE_EXPORT_BACKOFF_SECONDS": "0.5",
+        "CTTRIAGE_EXPORT_TIMEOUT_SECONDS": "10",
+    }
+    process = ServiceProcess(cttriage("serve"), env, root / "service.log").start()
+    api = f"http://127.0.0.1:{api_port}"
+    try:
+        wait_healthy(api, timeout=90, logs=process.log)
+        yield Service(api, dicom_port, pacs_port, process)
+    finally:
+        process.stop()
+
+
+def push_phantom(service: Service, folder: Path, **spec: Any) -> dict[str, Any]:
+    truth = write_phantom_study(folder, **SMALL, **spec)
+    assert set(push_files(sorted(folder.glob("*.dcm")), host="127.0.0.1", port=service.dicom_port)) == {0}
+    study = wait_for_state(service.api, truth["study_instance_uid"], timeout=120, logs=service.process.log)
+    assert study["state"] == "scored", study
+    return truth
+
+
+def wait_for_exports(service: Service, study_uid: str, state: str) -> list[dict[str, Any]]:
+    def settled() -> list[dict[str, Any]] | None:
+        exports = API.get(f"{service.api}/api/studies/{study_uid}").json()["exports"]
+        return exports if len(exports) == 3 and all(e["state"] == state for e in exports) else None
+
+    return wait_until(settled, 90, f"three exports {state}", logs=service.process.log)  # type: ignore[no-any-return]
+
+
+def check_received(received: list[Dataset], truth: dict[str, Any], exports: list[dict[str, Any]],
+                   folder: Path) -> None:
+    by_class = {str(ds.SOPClassUID): ds for ds in received}
+    assert len(received) == 3 and set(by_class) == {
+        SegmentationStorage, SecondaryCaptureImageStorage, Comprehensive3DSRStorage}, sorted(by_class)
+    assert {str(ds.SOPInstanceUID) for ds in received} == {e["sop_instance_uid"] for e in exports}
+    for ds in received:
+        assert ds.StudyInstanceUID == truth["study_instance_uid"]
+        assert (ds.PatientID, str(ds.PatientName)) == ("PH0001", "PHANTOM^CHEST")
+        assert ds.Manufacturer == "cttriage" and ds.SeriesInstanceUID != truth["series_instance_uid"]
+    seg = hd.seg.Segmentation.from_dataset(by_class[SegmentationStorage])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == truth["series_instance_uid"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Right lung", "Left lung", "Lesions"]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(by_class[Comprehensive3DSRStorage])
+    values = sr_measurements(sr)
+    assert abs(values[("left lung", PERCENT_AFFECTED.value)] - truth["severity_left"]) <= 3.0
+    assert abs(values[("right lung", PERCENT_AFFECTED.value)] - truth["severity_right"]) <= 3.0
+    assert sr_texts(sr, codes.DCM.AlgorithmName) == {"cttriage threshold"}
+    if DCIODVFY.exists():
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            assert dciodvfy_errors(path) == [], path.name
+    else:
+        print("dciodvfy not installed (Debian dicom3tools): received objects not validated by it")
+
+
+def test_results_reach_the_pacs(service: Service, tmp_path: Path) -> None:
+    with Storescp(service.pacs_port, tmp_path / "pacs") as pacs:
+        truth = push_phantom(service, tmp_path / "study", severity_left=30.0, severity_right=6.0, seed=31)
+        exports = wait_for_exports(service, truth["study_instance_uid"], "sent")
+    assert sorted(e["kind"] for e in exports) == ["sc", "seg", "sr"]
+    assert all(e["attempts"] == 1 and e["sent_at"] and e["last_error"] is None for e in exports)
+    check_received(pacs.received(), truth, exports, pacs.folder)
+
+
+def test_node_down_then_an_admin_retry(service: Service, tmp_path: Path) -> None:
+    truth = push_phantom(service, tmp_path / "study", severity_left=5.0, severity_right=40.0, seed=32)
+    uid = truth["study_instance_uid"]
+    failed = wait_for_exports(service, uid, "failed")
+    for export in failed:  # retried with backoff, then given up, with the reason for the admin
+        assert export["attempts"] == 3 and export["sent_at"] is None
+        assert "not established" in export["last_error"], export
+    listed = API.get(f"{service.api}/api/admin/exports", params={"state": "failed"}).json()
+    assert {e["id"] for e in failed} <= {e["id"] for e in listed if e["study_uid"] == uid}
+    assert API.post(f"{service.api}/api/admin/exports/999999/retry").status_code == 404
+
+    with Storescp(service.pacs_port, tmp_path / "pacs") as pacs:
+        for export in failed:
+            response = API.post(f"{service.api}/api/admin/exports/{export['id']}/retry")
+            assert response.status_code == 202, response.text
+            assert response.json()["enqueued"] is True and response.json()["export"]["state"] == "pending"
+        sent = wait_for_exports(service, uid, "sent")
+    assert all(e["attempts"] == 1 and e["last_error"] is None for e in sent)  # a fresh round of attempts
+    check_received(pacs.received(), truth, sent, pacs.folder)
+

@@ -1,0 +1,143 @@
+"""DICOM Structured Report of a scoring: a TID 1500 Measurement Report (Comprehensive 3D SR).
+
+Measurement groups, each with the method (CID 7162 family) and the algorithm (name, model
+version) that produced it:
+
+- per lung (right, left; finding site Lung + laterality): lung volume (mL) and percent of lung
+  volume affected (%); referencing that lung's SEG segment (TID 1411) when a SEG is exported;
+- per lung: the lesions' volume (mL) (finding type Lesion);
+- the study: max-lung severity (percent affected, derivation Maximum) and the probability of
+  COVID-19 (0..1), the latter only when the method estimates it (never for "threshold").
+
+The codes are listed and justified in :mod:`worker.export_common`. Every source instance is
+listed as evidence (CurrentRequestedProcedureEvidenceSequence). TID 1500's Image Library is
+left out on purpose: nothing here references single images (the groups reference the SEG,
+which references the series), and a library entry per slice (about 12 content items each)
+made a 300-slice report 1.2 MB and 15 s of work, and put 3,600 lines ahead of the scores in
+a PACS's SR view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage, generate_uid
+
+from worker.export_common import (
+    COVID_PROBABILITY,
+    LEFT,
+    LUNG,
+    MANUFACTURER,
+    MILLILITER,
+    MODEL_NAME,
+    PERCENT_AFFECTED,
+    PRIVATE_SCHEME_ITEM,
+    RIGHT,
+    ExportScores,
+    NewInstance,
+    label,
+)
+from worker.export_seg import SEGMENT_LEFT_LUNG, SEGMENT_RIGHT_LUNG
+
+#: The observer: this software, the same UID on every installation and version.
+DEVICE_OBSERVER_UID = str(generate_uid(entropy_srcs=["cttriage", "device observer"]))
+PROCEDURE_REPORTED = codes.LN.CTUnspecifiedBodyRegion
+
+
+def _evidence_stub(study_uid: str, segmentation: NewInstance) -> Dataset:
+    """What the evidence sequences need to know of the SEG this report references."""
+    ds = Dataset()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = segmentation.series_instance_uid
+    ds.SOPClassUID = SegmentationStorage
+    ds.SOPInstanceUID = segmentation.sop_instance_uid
+    return ds
+
+
+Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+
+
+def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | None) -> list[Group]:
+    method = scores.algorithm_family
+    algorithm = hd.sr.AlgorithmIdentification(name=scores.algorithm_name, version=scores.model_version)
+
+    def tracking(name: str) -> hd.sr.TrackingIdentifier:
+        return hd.sr.TrackingIdentifier(uid=str(generate_uid(entropy_srcs=[new.sop_instance_uid, name])),
+                                        identifier=name)
+
+    def measurement(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept,
+                    **kwargs: object) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit, **kwargs)  # type: ignore[arg-type]
+
+    groups: list[Group] = []
+    lungs = scores.lungs
+    for side, side_name, segment, lung_ml, percent, lesion_ml in (
+        (RIGHT, "right", SEGMENT_RIGHT_LUNG, lungs.lung_volume_right_ml, lungs.severity_right,
+         lungs.lesion_volume_right_ml),
+        (LEFT, "left", SEGMENT_LEFT_LUNG, lungs.lung_volume_left_ml, lungs.severity_left, lungs.lesion_volume_left_ml),
+    ):
+        site = [hd.sr.FindingSite(anatomic_location=LUNG, laterality=side)]
+        lung_measurements = [
+            measurement(codes.SCT.Volume, lung_ml, MILLILITER),
+            measurement(PERCENT_AFFECTED, percent, codes.UCUM.Percent),
+        ]
+        common = {"method": method, "algorithm_id": algorithm, "finding_sites": site}
+        if segmentation is not None:
+            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(f"{side_name} lung"),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=SegmentationStorage, sop_instance_uid=segmentation.sop_instance_uid,
+                    segment_number=segment,
+                    source_series=hd.sr.SourceSeriesForSegmentation(scores.series_uid)),
+                measurements=lung_measurements, **common))
+        else:
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(f"{side_name} lung"), measurements=lung_measurements, **common))
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(f"{side_name} lung lesions"), finding_type=codes.SCT.Lesion,
+            measurements=[measurement(codes.SCT.Volume, lesion_ml, MILLILITER)], **common))
+
+    study_measurements = [measurement(PERCENT_AFFECTED, lungs.severity, codes.UCUM.Percent,
+                                      derivation=codes.SCT.Maximum,
+                                      finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG)])]
+    if scores.identification is not None:
+        study_measurements.append(measurement(COVID_PROBABILITY, scores.identification, codes.UCUM.NoUnits))
+    # No finding type here: "Finding: COVID-19" would read as a diagnosis, even from the threshold
+    # method that does not estimate it; the probability's concept name says what it is about.
+    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking("study"), method=method, algorithm_id=algorithm, measurements=study_measurements))
+    return groups
+
+
+def measurement_report(sources: Sequence[Dataset], scores: ExportScores, new: NewInstance,
+                       segmentation: NewInstance | None = None) -> hd.sr.Comprehensive3DSR:
+    """The scores of one result as a Measurement Report on ``sources`` (the scored series'
+    instances; headers suffice). ``segmentation`` names the SEG exported beside it, whose lung
+    segments the per-lung groups then reference."""
+    if not sources:
+        raise ValueError("a measurement report needs the source instances")
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_OBSERVER_UID, name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=MODEL_NAME),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_REPORTED,
+        imaging_measurements=_groups(scores, new, segmentation),
+    )
+    evidence = list(sources)
+    if segmentation is not None:
+        evidence.append(_evidence_stub(str(sources[0].StudyInstanceUID), segmentation))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        is_complete=True,
+        is_final=True,
+        coding_schemes=[PRIVATE_SCHEME_ITEM],
+        **new.identity(),
+    )
+    return label(sr, new, scores)

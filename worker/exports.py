@@ -1,0 +1,260 @@
+"""Results back to the PACS: which objects to send for a result, sending them, and every
+attempt's outcome in the ``exports`` table.
+
+After a scoring (export enabled), :func:`queue_exports` writes one pending row per object (SR
+always; SEG and secondary capture where the masks and the projection were saved) and hands the
+result to the broker; the export task runs :func:`run_export`, which builds the pending objects
+(the pure writers, :mod:`worker.export_sr` etc.) and sends them over one association. A network
+failure or a non-success status keeps an object pending with the error, for a retry after an
+exponential backoff, until ``export_max_attempts``; then it is failed, and an admin may retry it
+(:func:`reset_export`). An object that cannot be built fails at once: trying again would fail
+the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Export, ExportKind, ExportState, Instance, Result, Series, utcnow
+from app.dicom.push import push_datasets
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Hands a result id to the broker's export queue; raises when the broker is down.
+EnqueueExport = Callable[[int], Any]
+#: Sends datasets to the configured node: push_datasets' signature.
+Send = Callable[..., list[int]]
+#: Built and sent in this order: the SR references the SEG.
+BUILD_ORDER = (ExportKind.seg, ExportKind.sr, ExportKind.sc)
+
+
+@dataclass(frozen=True)
+class ExportRun:
+    """What one run of the export task left: counts per state, and when to try again."""
+
+    result_id: int
+    sent: int
+    failed: int
+    pending: int
+    retry_in: float | None  # seconds; None when nothing is left to retry
+
+
+def backoff_seconds(attempts: int, settings: Settings) -> float:
+    """Wait after the ``attempts``-th failed send: the base doubling, capped."""
+    return float(min(settings.export_backoff_seconds * 2 ** max(attempts - 1, 0), settings.export_backoff_max_seconds))
+
+
+def create_exports(session_factory: sessionmaker[Session], job_id: int) -> int | None:
+    """Pending rows for the result of ``job_id`` (kinds it already has are kept); returns the
+    result id, None when the job has no result."""
+    with session_factory.begin() as session:
+        result = session.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none()
+        if result is None:
+            return None
+        files = (result.details or {}).get("files") or {}
+        kinds = [ExportKind.sr]
+        if files.get("masks"):
+            kinds.append(ExportKind.seg)
+        if files.get("projection"):
+            kinds.append(ExportKind.sc)
+        existing = set(session.execute(select(Export.kind).where(Export.result_id == result.id)).scalars())
+        for kind in kinds:
+            if kind.value not in existing:
+                session.add(Export(study_id=result.study_id, result_id=result.id, kind=kind.value,
+                                   sop_instance_uid=str(generate_uid()), state=ExportState.pending.value,
+                                   attempts=0, created_at=utcnow()))
+        return result.id
+
+
+def queue_exports(session_factory: sessionmaker[Session], job_id: int, enqueue: EnqueueExport) -> None:
+    """The hook after a scoring: rows, then the broker. Never raises: the scores are written
+    already, and rows left pending can be retried by an admin."""
+    try:
+        result_id = create_exports(session_factory, job_id)
+        if result_id is not None:
+            enqueue(result_id)
+    except Exception:
+        log.exception("could not queue the export of a result", extra={"job_id": job_id})
+
+
+def reset_export(session_factory: sessionmaker[Session], export_id: int) -> Export | None:
+    """An admin's retry: the export is pending again with a fresh set of attempts (its last
+    error stays visible until an attempt succeeds). None when there is no such export."""
+    with session_factory.begin() as session:
+        row = session.get(Export, export_id)
+        if row is None:
+            return None
+        row.state = ExportState.pending.value
+        row.attempts = 0
+        session.flush()
+        session.expunge(row)
+        return row
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
+def read_headers(paths: Sequence[Path]) -> list[Dataset]:
+    """The source instances' headers (the writers never need their pixel data)."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} source instances are gone from storage "
+                                "(retention?)")
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+def build_dataset(kind: ExportKind, sop_instance_uid: str, result: Result, sources: Sequence[Dataset],
+                  storage_root: Path, segmentation_uid: str | None) -> Dataset:
+    """One object of ``result``. ``segmentation_uid``: the SEG the SR references (None: none)."""
+    # The writers pull in highdicom and the pipeline: imported where objects are built only.
+    import numpy as np
+    from PIL import Image
+
+    from worker.derived import load_masks
+    from worker.export_common import ExportScores, NewInstance
+    from worker.export_sc import projection_capture
+    from worker.export_seg import lung_segmentation
+    from worker.export_sr import measurement_report
+
+    scores = ExportScores.of(result)
+    new = NewInstance(kind, sop_instance_uid)
+    files = (result.details or {}).get("files") or {}
+    if kind is ExportKind.sr:
+        seg = NewInstance(ExportKind.seg, segmentation_uid) if segmentation_uid else None
+        return measurement_report(sources, scores, new, seg)
+    masks = load_masks(storage_root / files["masks"]) if files.get("masks") else None
+    if kind is ExportKind.seg:
+        if masks is None:
+            raise ValueError("no masks were saved for this result")
+        return lung_segmentation(sources, masks, scores, new)
+    with Image.open(storage_root / files["projection"]) as picture:
+        rgb = np.asarray(picture.convert("RGB"))
+    return projection_capture(sources[0], rgb, scores, new, masks.spacing[2] if masks is not None else None)
+
+
+# --- sending ------------------------------------------------------------------------------------
+
+
+def _status_error(status: int) -> str | None:
+    """None for success (warnings included: the object was stored), else what went wrong."""
+    if status == 0x0000 or 0xB000 <= status <= 0xBFFF:
+        return None
+    return "no C-STORE answer" if status < 0 else f"C-STORE status 0x{status:04X}"
+
+
+def _source_paths(session: Session, result: Result) -> list[Path]:
+    rows = session.execute(
+        select(Instance.path).join(Series, Series.id == Instance.series_id)
+        .where(Series.series_uid == result.series_uid).order_by(Instance.id)
+    ).scalars().all()
+    return [Path(p) for p in rows]
+
+
+def run_export(result_id: int, session_factory: sessionmaker[Session], settings: Settings,
+               send: Send = push_datasets) -> ExportRun:
+    """Build and send the pending objects of ``result_id``; record each one's outcome."""
+    with session_factory() as session:
+        result = session.get(Result, result_id)
+        rows = session.execute(select(Export).where(Export.result_id == result_id)).scalars().all()
+        paths = _source_paths(session, result) if result is not None else []
+    pending = sorted((r for r in rows if r.state == ExportState.pending.value),
+                     key=lambda r: BUILD_ORDER.index(ExportKind(r.kind)))
+    attempt = _Attempt()
+    if result is not None and pending:
+        _build(attempt, pending, rows, result, paths, settings.storage_root)
+        _send(attempt, settings, send)
+    return _record(session_factory, settings, result_id, [r.id for r in pending], attempt)
+
+
+@dataclass
+class _Attempt:
+    """One run's objects and outcomes, by export id."""
+
+    built: dict[int, Dataset] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # why it failed this time
+    final: set[int] = field(default_factory=set)  # failures no retry can mend (cannot be built)
+    warnings: dict[int, str] = field(default_factory=dict)  # stored, with a warning status
+
+
+def _build(attempt: _Attempt, pending: list[Export], rows: Sequence[Export], result: Result, paths: list[Path],
+           storage_root: Path) -> None:
+    try:
+        if not paths:
+            raise ValueError(f"no instances of the scored series {result.series_uid} are recorded")
+        sources = read_headers(paths)
+    except Exception as exc:  # gone (retention), unreadable: no retry brings them back
+        for row in pending:
+            attempt.errors[row.id] = f"cannot read the source instances: {exc}"
+            attempt.final.add(row.id)
+        return
+    seg = next((r for r in rows if r.kind == ExportKind.seg.value), None)
+    for row in pending:  # the SEG first: the SR references it once it is sent or about to be
+        seg_uid = seg.sop_instance_uid if seg and (seg.state == ExportState.sent.value or seg.id in attempt.built) \
+            else None
+        try:
+            attempt.built[row.id] = build_dataset(ExportKind(row.kind), row.sop_instance_uid, result, sources,
+                                                  storage_root, seg_uid)
+        except Exception as exc:  # a bug or unusable masks: fail visibly, keep the others going
+            log.exception("could not build an export", extra={"export_id": row.id, "kind": row.kind})
+            attempt.errors[row.id] = f"could not build the {row.kind.upper()}: {type(exc).__name__}: {exc}"
+            attempt.final.add(row.id)
+
+
+def _send(attempt: _Attempt, settings: Settings, send: Send) -> None:
+    if not attempt.built:
+        return
+    try:
+        statuses = send(list(attempt.built.values()), host=settings.export_host, port=settings.export_port,
+                        called_aet=settings.export_ae_title, calling_aet=settings.export_calling_aet,
+                        timeout=settings.export_timeout_seconds)
+    except Exception as exc:  # unreachable, refused, aborted: all of them wait for the next try
+        for export_id in attempt.built:
+            attempt.errors[export_id] = f"{type(exc).__name__}: {exc}"
+        return
+    for export_id, status in zip(attempt.built, statuses, strict=True):
+        problem = _status_error(status)
+        if problem:
+            attempt.errors[export_id] = problem
+        elif status:
+            attempt.warnings[export_id] = f"stored with warning status 0x{status:04X}"
+
+
+def _record(session_factory: sessionmaker[Session], settings: Settings, result_id: int, attempted: list[int],
+            attempt: _Attempt) -> ExportRun:
+    now = utcnow()
+    counts = {state: 0 for state in ExportState}
+    retry_in: float | None = None
+    with session_factory.begin() as session:
+        for export_id in attempted:
+            row = session.get(Export, export_id)
+            if row is None or row.state != ExportState.pending.value:
+                continue  # an admin or another delivery got there first
+            row.attempts += 1
+            error = attempt.errors.get(export_id)
+            if error is None:
+                row.state, row.sent_at, row.last_error = ExportState.sent.value, now, attempt.warnings.get(export_id)
+            else:
+                row.last_error = error[:2000]
+                if export_id in attempt.final or row.attempts >= settings.export_max_attempts:
+                    row.state = ExportState.failed.value
+                else:
+                    wait = backoff_seconds(row.attempts, settings)
+                    retry_in = wait if retry_in is None else min(retry_in, wait)
+            counts[ExportState(row.state)] += 1
+    if attempted:
+        log.info("export attempt", extra={"result_id": result_id, "sent": counts[ExportState.sent],
+                                          "failed": counts[ExportState.failed],
+                                          "pending": counts[ExportState.pending]})
+    return ExportRun(result_id, counts[ExportState.sent], counts[ExportState.failed], counts[ExportState.pending],
+                     retry_in)
