@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     storage_dir: Path | None = Field(None, description="Received DICOM; defaults to data_dir/storage.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; defaults to SQLite in data_dir.")
     broker_url: str | None = Field(None, description="Celery broker; defaults to SQLite in data_dir.")
+    #: Prefix of every Redis key of this deployment, so several deployments (or test runs) can
+    #: share one Redis database without taking each other's tasks.
+    broker_key_prefix: str = ""
     #: Refuse C-STORE with 0xA700 (out of resources) below this much free space.
     min_free_bytes: int = 512 * 1024 * 1024
 

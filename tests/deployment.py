@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def start_deployment(root: Path, pg_url: str, redis_url: str, workers: int = 1, 
     env = {
         "CTTRIAGE_DATABASE_URL": pg_url,
         "CTTRIAGE_BROKER_URL": redis_url,
+        # Test runs beside each other share Redis; each deployment keeps to its own keys.
+        "CTTRIAGE_BROKER_KEY_PREFIX": f"cttriage-test-{uuid.uuid4().hex[:8]}:",
         "CTTRIAGE_STORAGE_DIR": str(root / "storage"),
         "CTTRIAGE_DATA_DIR": str(root),
         "CTTRIAGE_API_PORT": str(api_port),

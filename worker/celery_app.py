@@ -69,6 +69,7 @@ def create_celery(settings: Settings) -> Celery:
                 "priority_steps": list(range(10)),
                 "sep": ":",
                 "queue_order_strategy": "priority",
+                **({"global_keyprefix": settings.broker_key_prefix} if settings.broker_key_prefix else {}),
             }
         ),
         worker_hijack_root_logger=False,
