@@ -98,10 +98,15 @@ def dispatch_pending_jobs(session_factory: sessionmaker[Session], enqueue: Enque
             log.warning("broker unavailable, job left pending", extra={"job_id": job_id, "error": type(exc).__name__})
             break
         with session_factory.begin() as session:
+            # A fast worker may have claimed the job already: record the hand-over anyway, and
+            # move the state on only from pending.
+            session.execute(
+                update(Job).where(Job.id == job_id).values(celery_task_id=task_id, enqueued_at=utcnow())
+            )
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.pending.value)
-                .values(state=JobState.enqueued.value, celery_task_id=task_id, enqueued_at=utcnow())
+                .values(state=JobState.enqueued.value)
             )
         sent += 1
     return sent

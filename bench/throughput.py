@@ -69,7 +69,6 @@ import queue
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -479,7 +478,7 @@ def push_all(studies: list[StudyFiles], port: int, pool: SenderPool, log: PushLo
 
 
 def poll_until_terminal(api: str, uids: set[str], interval: float, timeout: float,
-                        processes: list[Proc]) -> tuple[dict[str, float], dict[str, str]]:
+                        processes: list[Proc], db_url: str) -> tuple[dict[str, float], dict[str, str]]:
     """Poll the worklist until every study in ``uids`` is terminal.
 
     Returns when the API first showed each study terminal (bench clock, epoch s) and its state.
@@ -512,7 +511,8 @@ def poll_until_terminal(api: str, uids: set[str], interval: float, timeout: floa
             if dead:
                 raise RuntimeError(f"service process(es) exited during the run: {', '.join(dead)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(uids) - len(seen)} of {len(uids)} studies not terminal after {timeout:.0f} s")
+                raise TimeoutError(f"{len(uids) - len(seen)} of {len(uids)} studies not terminal after {timeout:.0f} s:\n"
+                                   f"{describe_stuck(db_url, uids - set(seen))}")
             time.sleep(interval)
 
 
@@ -544,6 +544,52 @@ def wait_ready(api: str, dicom_port: int, workers: list[Proc], processes: list[P
 
 
 # --- database -------------------------------------------------------------------------------
+
+
+def server_epochs(db_url: str, redis_url: str) -> dict[str, str]:
+    """When PostgreSQL and Redis last started: a change during a batch means a restart (another
+    user of a shared machine, a fault test), and Redis here keeps no data across one, so tasks
+    already handed to it are gone until the assembler re-queues them (processing timeout)."""
+    import redis
+
+    out: dict[str, str] = {}
+    try:
+        engine = create_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                out["postgres"] = str(conn.execute(text("SELECT pg_postmaster_start_time()")).scalar_one())
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - down right now: that is the answer
+        out["postgres"] = f"unreachable ({type(exc).__name__})"
+    try:
+        out["redis"] = str(redis.Redis.from_url(redis_url).info("server")["run_id"])
+    except Exception as exc:  # noqa: BLE001
+        out["redis"] = f"unreachable ({type(exc).__name__})"
+    return out
+
+
+def restarted(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return [name for name in before if before[name] != after.get(name)]
+
+
+def describe_stuck(db_url: str, uids: set[str]) -> str:
+    """The studies of a batch that are not terminal, with their jobs: why a batch timed out."""
+    try:
+        rows = read_study_rows(db_url, sorted(uids))
+    except Exception as exc:  # noqa: BLE001
+        return f"(database unreadable: {type(exc).__name__})"
+    lines = []
+    for uid, row in rows.items():
+        if row["state"] in TERMINAL:
+            continue
+        jobs = "; ".join(f"job {j['id']} {j['state']} attempts {j['attempts']} enqueued {j['enqueued_at']} "
+                         f"started {j['started_at']}" for j in row["jobs"]) or "no job"
+        lines.append(f"  {uid[-12:]}: {row['state']}, {row['instance_count']} instances; {jobs}")
+    missing = len(uids) - len(rows)
+    if missing:
+        lines.append(f"  {missing} studies not in the database at all")
+    return "\n".join(lines)
 
 
 def create_database(admin_url: str) -> tuple[str, str]:
@@ -726,22 +772,24 @@ def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles
             push_all(warmups, dicom_port, pool, wlog, stop)
             if wlog.failures:
                 print(f"warning: warm-up push trouble: {wlog.failures[:3]}", file=sys.stderr)
-            poll_until_terminal(api_url, {s.uid for s in warmups}, cfg.poll, cfg.timeout, processes)
+            poll_until_terminal(api_url, {s.uid for s in warmups}, cfg.poll, cfg.timeout, processes, db_url)
 
         if cfg.wait_quiet:
             wait_quiet(cfg.wait_quiet)
         progress(f"workers={cfg.workers}: end-to-end batch of {len(studies)} studies")
         # The timed end-to-end window: pushes, settling and scoring all at once.
+        epochs0 = server_epochs(db_url, redis_url)
         window = CpuWindow({"dicom": [dicom], "api": [api], "worker": workers}).start()
         log = PushLog()
         t_first_push = time.time()
         pusher = threading.Thread(target=push_all, args=(studies, dicom_port, pool, log, stop),
                                   name="pusher", daemon=True)
         pusher.start()
-        seen, api_states = poll_until_terminal(api_url, {s.uid for s in studies}, cfg.poll, cfg.timeout, processes)
+        seen, api_states = poll_until_terminal(api_url, {s.uid for s in studies}, cfg.poll, cfg.timeout, processes, db_url)
         while pusher.is_alive():
             pusher.join(0.2)
         cpu, busy, wall = window.end()
+        e2e_restarts = restarted(epochs0, server_epochs(db_url, redis_url))
 
         if drain:
             # Drain: the same number of studies received first with a settle time that never ends, then
@@ -764,13 +812,15 @@ def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles
             hold.stop()
             processes.remove(hold)
             release = Proc("dicom-release", cttriage("dicom"), env, run_dir / "dicom-release.log")
+            depochs0 = server_epochs(db_url, redis_url)
             dwindow = CpuWindow({"dicom": [release], "api": [api], "worker": workers}).start()
             start(release)
             processes.append(release)
-            poll_until_terminal(api_url, {s.uid for s in drain}, cfg.poll, cfg.timeout, processes)
+            poll_until_terminal(api_url, {s.uid for s in drain}, cfg.poll, cfg.timeout, processes, db_url)
             dcpu, dbusy, dwall = dwindow.end()
             drain_result = summarise_drain(read_study_rows(db_url, [s.uid for s in drain]), drain, dcpu, dbusy,
                                            dwall)
+            drain_result["servers_restarted"] = restarted(depochs0, server_epochs(db_url, redis_url))
     except BaseException as exc:
         stop.set()
         for p in started if isinstance(exc, Exception) else []:
@@ -788,6 +838,7 @@ def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles
     truth = {s.uid: s for s in studies}
     result = summarise(cfg, studies, rows, truth, log, seen, api_states, t_first_push, wall, cpu, busy, run_dir)
     result["drain"] = drain_result
+    result["servers_restarted"] = e2e_restarts
     return result
 
 
@@ -946,6 +997,8 @@ def print_run(r: dict[str, Any]) -> None:
     print(f"studies {r['studies']} ({r['instances']} instances, {r['megabytes']} MB): scored {r['scored']}"
           + (f", NOT scored {r['not_scored']}" if r["not_scored"] else "")
           + (f", reopened {r['reopened_studies']}" if r["reopened_studies"] else ""))
+    if r.get("servers_restarted"):
+        print(f"WARNING: {' and '.join(r['servers_restarted'])} restarted during this batch: not a clean measurement")
     print(f"ingest (first push -> last push answered): {r['ingest_seconds']:.1f} s, "
           f"{r['ingest_instances_per_s']} instances/s"
           + (f"; {len(r['push_failures'])} PUSH FAILURES (re-sent once), first: {r['push_failures'][0]}"
@@ -983,6 +1036,8 @@ def print_run(r: dict[str, Any]) -> None:
         print(f"    job run p50/p95 {fmt(m['job_run_s']['p50'], 0)}/{fmt(m['job_run_s']['p95'], 0)} s, pure scoring "
               f"p50/p95 {fmt(m['scoring_total_s']['p50'], 0)}/{fmt(m['scoring_total_s']['p95'], 0)} s, "
               f"most jobs at once {d['peak_concurrent_jobs']}")
+        if d.get("servers_restarted"):
+            print(f"    WARNING: {' and '.join(d['servers_restarted'])} restarted during the drain")
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in d["cpu_seconds_in_window"].items())
         print(f"    CPU seconds in the {d['window_seconds']:.1f} s window: {cpu}; machine busy "
               f"{100 * d['machine_cpu_busy']:.0f} %")
@@ -1044,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain", action=argparse.BooleanOptionalAction, default=True,
                         help="after the end-to-end batch, also time the workers emptying a queue of --studies "
                              "studies received beforehand (default: on)")
-    parser.add_argument("--timeout", type=float, default=600, help="per batch, s (default 600)")
+    parser.add_argument("--timeout", type=float, default=300, help="per batch, s (default 300)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each timed batch, wait up to this long for the machine to be under 15 %% "
                              "busy (a shared machine; default 0: do not wait)")

@@ -23,11 +23,36 @@ def push_files(paths: Sequence[Path], *, host: str, port: int, called_aet: str =
                          calling_aet=calling_aet)
 
 
+#: New associations tried for instances that got no answer at all.
+UNANSWERED_RETRIES = 2
+
+
 def push_datasets(datasets: Sequence[Dataset], *, host: str, port: int, called_aet: str,
                   calling_aet: str, timeout: float | None = None) -> list[int]:
-    """Send datasets (each with its file meta's transfer syntax) over one association; returns
-    the C-STORE status of each (-1: no answer). ``timeout`` bounds connecting, association and
-    each reply. Raises AssociationFailed when the node cannot be reached or refuses us."""
+    """Send datasets (each with its file meta's transfer syntax); returns the C-STORE status of
+    each (-1: no answer). ``timeout`` bounds connecting, association and each reply. Raises
+    AssociationFailed when the node cannot be reached or refuses us.
+
+    Instances that got no answer (the association timed out or broke) are sent again on a new
+    association, as a PACS would: a C-STORE is idempotent. pynetdicom's SCU occasionally loses
+    a reply under load (its issue #435), which this also covers.
+    """
+    statuses = _push_once(datasets, host=host, port=port, called_aet=called_aet, calling_aet=calling_aet,
+                          timeout=timeout)
+    for _ in range(UNANSWERED_RETRIES):
+        unanswered = [i for i, status in enumerate(statuses) if status == -1]
+        if not unanswered:
+            break
+        again = _push_once([datasets[i] for i in unanswered], host=host, port=port, called_aet=called_aet,
+                           calling_aet=calling_aet, timeout=timeout)
+        for i, status in zip(unanswered, again):
+            statuses[i] = status
+    return statuses
+
+
+def _push_once(datasets: Sequence[Dataset], *, host: str, port: int, called_aet: str, calling_aet: str,
+               timeout: float | None) -> list[int]:
+    """One association: the status of each dataset, -1 where no answer came."""
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
     ae = AE(ae_title=calling_aet)
     if timeout is not None:
@@ -41,8 +66,9 @@ def push_datasets(datasets: Sequence[Dataset], *, host: str, port: int, called_a
     statuses: list[int] = []
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds)
+            status = assoc.send_c_store(ds) if assoc.is_established else None
             statuses.append(int(status.Status) if status and "Status" in status else -1)
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     return statuses
