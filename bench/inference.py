@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all available cores)")
     parser.add_argument("--batch-slices", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
 
@@ -169,24 +169,25 @@ def main() -> int:
                       lambda: eager_baseline(plain_multitask, image[box].contiguous(), args.batch_slices, True))
     print(f"lungs grid {tuple(image.shape)} at {grid[1]:.2f} mm; multitask crop "
           f"{tuple(s.stop - s.start for s in box)}; identification {ident:.3f}, severity {severity.severity:.1f} %")
-    stages = ["load", "resample", "lungs_net", "lungs_post", "multitask", "postprocess"]
-    print(f"\n{'stage':14} {'fast path s':>12} {'eager baseline s':>17}")
-    stages = [n for n in stages if n in times]
+    stages = [n for n in ("load", "resample", "lungs_net", "lungs_post", "multitask", "postprocess") if n in times]
+    # Best of N is what the code can do; the median shows how much other load on the machine moved it.
+    print(f"\n{'stage':14} {'fast best':>10} {'fast median':>12} {'eager best':>11} {'eager median':>13}")
     for name in stages:
-        base = f"{statistics.median(baseline[name]):17.2f}" if name in baseline else f"{'':17}"
-        print(f"{name:14} {statistics.median(times[name]):12.2f} {base}")
-    total = sum(statistics.median(times[n]) for n in stages)
-    print(f"{'total':14} {total:12.2f}   (per study, networks loaded; median of {args.repeat})")
+        base = (f"{min(baseline[name]):11.2f} {statistics.median(baseline[name]):13.2f}" if name in baseline else "")
+        print(f"{name:14} {min(times[name]):10.2f} {statistics.median(times[name]):12.2f} {base}")
+    best, median = (sum(f(times[n]) for n in stages) for f in (min, statistics.median))
+    print(f"{'total':14} {best:10.2f} {median:12.2f}   s per study, networks loaded, {args.repeat} repeats")
     if "predict (worker path)" in times:
-        print(f"load + TriageNetworks.predict (the worker's call): "
-              f"{statistics.median(times['load']) + statistics.median(times['predict (worker path)']):.2f} s")
+        worker = [a + b for a, b in zip(times["load"], times["predict (worker path)"], strict=True)]
+        print(f"load + TriageNetworks.predict (the worker's call): best {min(worker):.2f} s, "
+              f"median {statistics.median(worker):.2f} s")
     if baseline:
         nets = [n for n in ("lungs_net", "multitask") if n in baseline]
-        fast = sum(statistics.median(times[n]) for n in nets)
-        slow = sum(statistics.median(baseline[n]) for n in nets)
+        fast = sum(min(times[n]) for n in nets)
+        slow = sum(min(baseline[n]) for n in nets)
         slices = (image.shape[0] if "lungs_net" in nets else 0) + (box[0].stop - box[0].start)
-        print(f"networks only: fast {fast:.2f} s ({slices / fast:.0f} slices/s) vs eager {slow:.2f} s "
-              f"({slices / slow:.0f} slices/s): {slow / fast:.2f}x")
+        print(f"networks only (best of {args.repeat}): fast {fast:.2f} s ({slices / fast:.0f} slices/s) vs eager "
+              f"{slow:.2f} s ({slices / slow:.0f} slices/s): {slow / fast:.2f}x")
     return 0
 
 
