@@ -121,6 +121,20 @@ class SegmentationError(StudyRejectedError):
 # --- API -------------------------------------------------------------------------------------
 
 
+class NotAuthenticatedError(CtTriageError):
+    """No API key, or one that is unknown or revoked."""
+
+    http_status = 401
+    title = "Not authenticated"
+
+
+class ForbiddenError(CtTriageError):
+    """A valid key whose role does not allow the request."""
+
+    http_status = 403
+    title = "Forbidden"
+
+
 class NotFoundError(CtTriageError):
     http_status = 404
     title = "Not found"

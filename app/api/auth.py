@@ -7,18 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from app.api.deps import SessionFactoryDep
-from app.errors import CtTriageError
+from app.errors import ForbiddenError, NotAuthenticatedError
 from app.security import Principal, Role, authenticate
-
-
-class NotAuthenticatedError(CtTriageError):
-    http_status = 401
-    title = "Not authenticated"
-
-
-class ForbiddenError(CtTriageError):
-    http_status = 403
-    title = "Forbidden"
 
 
 def _key_from(authorization: str | None, x_api_key: str | None) -> str | None:
