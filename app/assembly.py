@@ -18,11 +18,15 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobState, Study, StudyState, utcnow
+from app.dicom.storage import remove_abandoned_incoming
 from app.priority import queue_priority
 from app.retention import purge_expired_studies
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: An incoming file this old belongs to no running write (a C-STORE answers within minutes).
+ABANDONED_INCOMING_SECONDS = 3600.0
 
 #: Hands (job id, queue priority) to the broker, returns the broker's task id; raises if it is down.
 Enqueue = Callable[[int, int], str]
@@ -166,6 +170,7 @@ def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, sett
             assembler_pass(session_factory, enqueue, settings.settle_seconds, settings.processing_timeout_seconds)
             if time.monotonic() >= next_purge:
                 purge_expired_studies(session_factory, settings.storage_root, settings.retention_days)
+                remove_abandoned_incoming(settings.storage_root, ABANDONED_INCOMING_SECONDS)
                 next_purge = time.monotonic() + settings.retention_check_interval_seconds
         except Exception:
             log.exception("assembler pass failed; retrying")

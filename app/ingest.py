@@ -8,20 +8,29 @@ and new instances for a study that was already queued or scored reopen it for a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, case, null, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, QuarantinedFile, Series, Study, StudyState, utcnow
 from app.db.upsert import insert_ignore
-from app.dicom.storage import ensure_free_space, instance_path, quarantine_path, write_atomic
+from app.dicom.storage import (
+    IncomingFile,
+    ensure_free_space,
+    instance_path,
+    quarantine_path,
+    write_atomic,
+)
 from app.errors import DatabaseUnavailableError, InvalidDicomError
 from models.dicom_headers import slice_headers
 
@@ -65,36 +74,64 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
 
 def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance:
     """Read the keys and header fields we index on; raise InvalidDicomError when UIDs are missing."""
+    # Read strictly: a UID pydicom cannot decode raises here (slice_headers reads leniently).
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not ds.get(k)]
     if missing:
         raise InvalidDicomError(f"instance lacks {', '.join(missing)}")
-    try:
-        series_number = int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None
-    except (TypeError, ValueError):
-        series_number = None
+    headers = slice_headers(ds)
+    first = headers[0]  # every frame shares the instance-level fields
     return ReceivedInstance(
-        study_uid=str(ds.StudyInstanceUID),
-        series_uid=str(ds.SeriesInstanceUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
+        study_uid=first.study_uid,
+        series_uid=first.series_uid,
+        sop_instance_uid=first.sop_instance_uid,
+        sop_class_uid=first.sop_class_uid,
         transfer_syntax_uid=str(transfer_syntax_uid),
-        modality=_text(ds, "Modality", 16),
-        series_number=series_number,
-        series_description=_text(ds, "SeriesDescription", 128),
+        modality=first.modality[:16] or None,
+        series_number=first.series_number,
+        series_description=first.series_description[:128] or None,
         accession_number=_text(ds, "AccessionNumber", 64),
         study_date=_text(ds, "StudyDate", 8),
         study_description=_text(ds, "StudyDescription", 128),
         patient_age=_text(ds, "PatientAge", 8),
         patient_sex=_text(ds, "PatientSex", 4),
-        headers=[h.to_dict() for h in slice_headers(ds)],
+        headers=[h.to_dict() for h in headers],
     )
 
 
-# Built once: executed with parameters, their compiled forms are reused, which keeps recording
-# an instance (on the C-STORE hot path, once per instance) at about 2 ms instead of 8.
+# Built once: executed with parameters, their compiled forms are reused. Recording an instance
+# is on the C-STORE hot path (once per instance, before the answer), so the usual case (a new
+# instance of a study and series already known) takes three statements.
 _STUDIES, _SERIES, _INSTANCES = Study.__table__, Series.__table__, Instance.__table__
 _STUDY_ID = select(_STUDIES.c.id).where(_STUDIES.c.study_uid == bindparam("uid"))
 _SERIES_ID = select(_SERIES.c.id).where(_SERIES.c.series_uid == bindparam("uid"))
+_INSTANCE_VALUES = ("sop_instance_uid", "sop_class_uid", "transfer_syntax_uid", "path", "size_bytes", "received_at",
+                    "receive_count", "source", "calling_aet", "headers")
+
+
+@cache
+def _insert_into_known_series(dialect: str) -> Any:
+    """INSERT the instance under its study and series found by UID, unless it is there already.
+
+    Returns the study and series ids, or no row (the study or series is new, or a re-send).
+    """
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    source = (
+        select(
+            _STUDIES.c.id,
+            _SERIES.c.id,
+            *(bindparam(name, type_=_INSTANCES.c[name].type) for name in _INSTANCE_VALUES),
+        )
+        .join_from(_SERIES, _STUDIES, _SERIES.c.study_id == _STUDIES.c.id)
+        .where(_STUDIES.c.study_uid == bindparam("study_uid"), _SERIES.c.series_uid == bindparam("series_uid"))
+    )
+    return (
+        insert(_INSTANCES)
+        .from_select(["study_id", "series_id", *_INSTANCE_VALUES], source)
+        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        .returning(_INSTANCES.c.study_id, _INSTANCES.c.series_id)
+    )
+
+
 _RESENT = (
     update(_INSTANCES)
     .where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
@@ -104,17 +141,30 @@ _STUDY_TOUCHED = update(_STUDIES).where(_STUDIES.c.id == bindparam("sid")).value
 _SERIES_GREW = (
     update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count + 1)
 )
+# A new instance for a study that already left `receiving` reopens it as a new version to score.
+# (Every SET expression reads the row as it was, on PostgreSQL and SQLite alike.)
+_LEFT_RECEIVING = _STUDIES.c.state != StudyState.receiving.value
 _STUDY_GREW = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("sid"))
-    .values(instance_count=_STUDIES.c.instance_count + 1, last_received_at=bindparam("now"))
+    .values(
+        instance_count=_STUDIES.c.instance_count + 1,
+        last_received_at=bindparam("now"),
+        version=case((_LEFT_RECEIVING, _STUDIES.c.version + 1), else_=_STUDIES.c.version),
+        reason=case((_LEFT_RECEIVING, null()), else_=_STUDIES.c.reason),
+        reason_code=case((_LEFT_RECEIVING, null()), else_=_STUDIES.c.reason_code),
+        state=StudyState.receiving.value,
+    )
 )
-# A new instance for a study that already left `receiving` makes it a new version to score.
-_STUDY_REOPENED = (
-    update(_STUDIES)
-    .where(_STUDIES.c.id == bindparam("sid"), _STUDIES.c.state != StudyState.receiving.value)
-    .values(state=StudyState.receiving.value, version=_STUDIES.c.version + 1, reason=None, reason_code=None)
-)
+
+
+def _row_id(session: Session, lookup: Any, uid: str, insert: Callable[[], object]) -> int:
+    """The id of the row keyed by ``uid``, inserting it first when it is new."""
+    found = session.execute(lookup, {"uid": uid}).scalar_one_or_none()
+    if found is not None:
+        return int(found)
+    insert()  # ignored if a concurrent association inserted it meanwhile
+    return int(session.execute(lookup, {"uid": uid}).scalar_one())
 
 
 def record_instance(
@@ -128,96 +178,99 @@ def record_instance(
     now: datetime,
 ) -> bool:
     """Insert or refresh the rows for one instance. Returns True when it was a re-send."""
-    insert_ignore(
-        session,
-        Study,
-        {
-            "study_uid": received.study_uid,
-            "accession_number": received.accession_number,
-            "study_date": received.study_date,
-            "study_description": received.study_description,
-            "patient_age": received.patient_age,
-            "patient_sex": received.patient_sex,
-            "state": StudyState.receiving.value,
-            "version": 1,
-            "first_received_at": now,
-            "last_received_at": now,
-            "instance_count": 0,
-        },
-        "study_uid",
-    )
-    study_id = session.execute(_STUDY_ID, {"uid": received.study_uid}).scalar_one()
-    insert_ignore(
-        session,
-        Series,
-        {
-            "study_id": study_id,
-            "series_uid": received.series_uid,
-            "modality": received.modality,
-            "series_number": received.series_number,
-            "description": received.series_description,
-            "instance_count": 0,
-            "chosen": False,
-        },
-        "series_uid",
-    )
-    series_id = session.execute(_SERIES_ID, {"uid": received.series_uid}).scalar_one()
-    inserted = insert_ignore(
-        session,
-        Instance,
-        {
-            "study_id": study_id,
-            "series_id": series_id,
-            "sop_instance_uid": received.sop_instance_uid,
-            "sop_class_uid": received.sop_class_uid,
-            "transfer_syntax_uid": received.transfer_syntax_uid,
-            "path": str(path),
-            "size_bytes": size_bytes,
-            "received_at": now,
-            "receive_count": 1,
-            "source": source,
-            "calling_aet": calling_aet,
-            "headers": received.headers,
-        },
-        "sop_instance_uid",
-    )
-    if not inserted:
-        session.execute(_RESENT, {"uid": received.sop_instance_uid, "now": now})
-        session.execute(_STUDY_TOUCHED, {"sid": study_id, "now": now})
-        return True
+    instance = {
+        "sop_instance_uid": received.sop_instance_uid,
+        "sop_class_uid": received.sop_class_uid,
+        "transfer_syntax_uid": received.transfer_syntax_uid,
+        "path": str(path),
+        "size_bytes": size_bytes,
+        "received_at": now,
+        "receive_count": 1,
+        "source": source,
+        "calling_aet": calling_aet,
+        "headers": received.headers,
+    }
+    statement = _insert_into_known_series(session.get_bind().dialect.name)
+    known = session.execute(
+        statement, {**instance, "study_uid": received.study_uid, "series_uid": received.series_uid}
+    ).first()
+    if known is not None:
+        study_id, series_id = known
+    else:  # the first instance of its study or series, or a re-send
+        study_id = _row_id(session, _STUDY_ID, received.study_uid, lambda: insert_ignore(
+            session,
+            Study,
+            {
+                "study_uid": received.study_uid,
+                "accession_number": received.accession_number,
+                "study_date": received.study_date,
+                "study_description": received.study_description,
+                "patient_age": received.patient_age,
+                "patient_sex": received.patient_sex,
+                "state": StudyState.receiving.value,
+                "version": 1,
+                "first_received_at": now,
+                "last_received_at": now,
+                "instance_count": 0,
+            },
+            "study_uid",
+        ))
+        series_id = _row_id(session, _SERIES_ID, received.series_uid, lambda: insert_ignore(
+            session,
+            Series,
+            {
+                "study_id": study_id,
+                "series_uid": received.series_uid,
+                "modality": received.modality,
+                "series_number": received.series_number,
+                "description": received.series_description,
+                "instance_count": 0,
+                "chosen": False,
+            },
+            "series_uid",
+        ))
+        inserted = insert_ignore(
+            session, Instance, {**instance, "study_id": study_id, "series_id": series_id}, "sop_instance_uid"
+        )
+        if not inserted:
+            session.execute(_RESENT, {"uid": received.sop_instance_uid, "now": now})
+            session.execute(_STUDY_TOUCHED, {"sid": study_id, "now": now})
+            return True
     session.execute(_SERIES_GREW, {"seid": series_id})
     session.execute(_STUDY_GREW, {"sid": study_id, "now": now})
-    session.execute(_STUDY_REOPENED, {"sid": study_id})
     return False
 
 
 def store_instance(
-    data: bytes,
+    incoming: IncomingFile,
     received: ReceivedInstance,
     *,
     storage_root: Path,
-    min_free_bytes: int,
     session_factory: sessionmaker[Session],
     source: str,
     calling_aet: str | None,
 ) -> StoredInstance:
-    """Write ``data`` (a complete DICOM file) durably, then record it. Raises typed errors."""
-    ensure_free_space(storage_root, len(data), min_free_bytes)
+    """Record an instance whose bytes are being written, and commit once they are durable.
+
+    The record is prepared while ``incoming`` is still being flushed; placing the file inside the
+    transaction means a failed write rolls the record back, so no row ever points at a missing
+    file. Raises typed errors.
+    """
     path = instance_path(storage_root, received.study_uid, received.series_uid, received.sop_instance_uid)
-    write_atomic(path, data)
     try:
         with session_factory.begin() as session:
             duplicate = record_instance(
                 session,
                 received,
                 path=path,
-                size_bytes=len(data),
+                size_bytes=incoming.size,
                 source=source,
                 calling_aet=calling_aet,
                 now=utcnow(),
             )
+            incoming.place(path)
     except (OperationalError, DBAPIError, PoolTimeoutError) as exc:  # pool timeout: all connections busy
-        # The file stays on disk; the sender retries and the re-send is recorded then.
+        # Nothing is kept; the sender retries.
         log.warning("database unavailable while recording an instance", extra={"error": type(exc).__name__})
         raise DatabaseUnavailableError("the database could not record the instance; retry later") from exc
     return StoredInstance(received.study_uid, received.sop_instance_uid, path, duplicate)

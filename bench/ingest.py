@@ -34,9 +34,11 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -162,21 +164,30 @@ def _wait_until_listening(port: int, proc: subprocess.Popen[bytes], log_path: Pa
 # --- the measurement -----------------------------------------------------------------------
 
 
-def send_study(port: int, paths: list[Path]) -> float:
-    """Send every file over one association; seconds from first request to last response."""
+def send_study(port: int, paths: list[Path], associations: int = 1) -> float:
+    """Send every file, split over ``associations`` concurrent associations (round robin);
+    seconds from the first request to the last response."""
     meta = pydicom.dcmread(paths[0], stop_before_pixels=True)
     ae = AE(ae_title=CALLING_AET)
     ae.add_requested_context(meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
     ae.maximum_pdu_size = 0
-    assoc = ae.associate("127.0.0.1", port, ae_title=CALLED_AET)
-    if not assoc.is_established:
+    assocs = [ae.associate("127.0.0.1", port, ae_title=CALLED_AET) for _ in range(associations)]
+    if not all(assoc.is_established for assoc in assocs):
         raise RuntimeError("association was not established")
+    shares = [paths[i::associations] for i in range(associations)]
+    failed: list[str] = []
+
+    def send(assoc: Any, share: list[Path]) -> None:
+        failed.extend(p.name for p in share if assoc.send_c_store(p).get("Status") != 0)  # None: aborted
+
     try:
         started = time.perf_counter()
-        failed = [p.name for p in paths if assoc.send_c_store(p).get("Status") != 0]  # None: aborted
+        with ThreadPoolExecutor(associations) as pool:
+            list(pool.map(send, assocs, shares))
         elapsed = time.perf_counter() - started
     finally:
-        assoc.release()
+        for assoc in assocs:
+            assoc.release()
     if failed:
         raise RuntimeError(f"{len(failed)} C-STORE failures, first {failed[0]}")
     return elapsed
@@ -187,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=300, help="slices in the study (default 300)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per server (default 3)")
     parser.add_argument("--max-pdu", type=int, default=0, help="both servers' maximum PDU (default 0: unlimited)")
+    parser.add_argument("--associations", type=int, default=1,
+                        help="concurrent associations the study is split over (default 1)")
     parser.add_argument("--workdir", type=Path, help="keep the study and the received files here")
     args = parser.parse_args(argv)
 
@@ -197,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_study(workdir / "study", args.slices)
         os.sync()  # no dirty pages left over to slow down the first server's fsyncs
         total_mb = sum(p.stat().st_size for p in paths) / 1e6
-        print(f"study: {len(paths)} instances, {total_mb:.1f} MB (written in {time.perf_counter() - started:.1f} s)")
+        print(f"study: {len(paths)} instances, {total_mb:.1f} MB (written in {time.perf_counter() - started:.1f} s), "
+              f"{args.associations} association(s), max PDU {args.max_pdu or 'unlimited'}")
 
         times: dict[str, list[float]] = {server.name: [] for server in SERVERS}
         for repeat in range(args.repeat):
@@ -205,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 work = workdir / f"{server.name}-{repeat}"
                 work.mkdir(parents=True)
                 with running(server, work, args.max_pdu) as port:
-                    times[server.name].append(send_study(port, paths))
+                    times[server.name].append(send_study(port, paths, args.associations))
                 os.sync()  # the baseline does not fsync: flush its writes outside the next timing
                 kept = server.kept(work)
                 if kept != len(paths):

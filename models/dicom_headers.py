@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,8 @@ class SliceHeader:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (tuples become lists) for storing beside the instance."""
-        out = asdict(self)
+        # Not dataclasses.asdict: its deep copy costs more than the rest of the C-STORE header work.
+        out = {f.name: getattr(self, f.name) for f in _FIELDS}
         for key in ("image_type", "orientation", "position", "pixel_spacing"):
             if out[key] is not None:
                 out[key] = list(out[key])
@@ -81,6 +82,9 @@ class SliceHeader:
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+_FIELDS = fields(SliceHeader)
 
 
 def functional_group_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:

@@ -7,6 +7,7 @@ sent is exactly a file's dataset bytes and can be compared with what was stored.
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import subprocess
@@ -33,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Base, Instance, QuarantinedFile, Series, Study
 from app.db.session import make_session_factory
-from app.dicom import listener
+from app.dicom import listener, storage
 from app.dicom.listener import start_listener
 from app.errors import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from app.settings import Settings
@@ -360,6 +361,26 @@ def test_disk_full_is_out_of_resources(start: Callable[..., Listener], series: l
     assert listener_.store(series[:1]) == [STATUS_OUT_OF_RESOURCES]
     assert listener_.count(Instance) == listener_.count(Study) == 0
     assert not list(listener_.settings.storage_root.rglob("*.dcm"))
+
+
+def test_failed_write_records_nothing(
+    start: Callable[..., Listener], series: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is prepared while the file is written; a write that fails rolls it back."""
+    listener_ = start()
+
+    def disk_full(*_args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "_write_synced", disk_full)
+        assert listener_.store(series[:1]) == [STATUS_OUT_OF_RESOURCES]
+    assert listener_.count(Instance) == listener_.count(Study) == 0
+    root = listener_.settings.storage_root
+    assert not list(root.rglob("*.dcm")) and not list((root / storage.INCOMING_DIR).iterdir())
+    assert listener_.store(series) == [STATUS_SUCCESS] * len(series)  # the retry succeeds
+    assert listener_.count(Instance) == len(series)
+    assert not list((root / storage.INCOMING_DIR).iterdir())  # every incoming file was placed
 
 
 def test_database_unavailable_is_out_of_resources(start: Callable[..., Listener], series: list[Path]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Study, StudyState, utcnow
-from app.dicom.storage import instance_path, write_atomic
+from app.dicom.storage import INCOMING_DIR, instance_path, remove_abandoned_incoming, write_atomic
 from app.retention import purge_expired_studies
 from app.settings import Settings
 
@@ -40,3 +42,16 @@ def test_purges_only_finished_studies_past_retention(sqlite_settings: Settings,
         purged = session.execute(select(Study.study_uid).where(Study.files_purged_at.is_not(None))).scalars().all()
     assert sorted(purged) == ["1.1", "1.2"]
     assert purge_expired_studies(sqlite_factory, root, retention_days=30) == 0  # once
+
+
+def test_abandoned_incoming_files_are_removed(tmp_path: Path) -> None:
+    """A process killed mid-write leaves its incoming file; only old ones go (a live write is young)."""
+    incoming = tmp_path / INCOMING_DIR
+    incoming.mkdir()
+    old, young = incoming / "old.tmp", incoming / "young.tmp"
+    old.write_bytes(b"DICM")
+    young.write_bytes(b"DICM")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert remove_abandoned_incoming(tmp_path, older_than_seconds=3600) == 1
+    assert not old.exists() and young.exists()
+    assert remove_abandoned_incoming(tmp_path / "nowhere", older_than_seconds=3600) == 0

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import queue_settled_studies
 from app.db.models import Result, Study, utcnow
+from app.dicom.storage import IncomingFile
 from app.ingest import describe_instance, store_instance
 from app.settings import Settings
 from models.checkpoint import SYNTHETIC_TRAINING_DATA, CheckpointError, load_checkpoint
@@ -148,11 +149,11 @@ def test_lungs_training_drives_the_loss_down() -> None:
 
 def store_study(settings: Settings, factory: sessionmaker[Session], folder: Path) -> None:
     for path in sorted(folder.glob("*.dcm")):
-        data = path.read_bytes()
         ds = pydicom.dcmread(path)
-        store_instance(data, describe_instance(ds, str(ds.file_meta.TransferSyntaxUID)),
-                       storage_root=settings.storage_root, min_free_bytes=0, session_factory=factory,
-                       source="test", calling_aet=None)
+        with IncomingFile(settings.storage_root, path.read_bytes(), min_free_bytes=0) as incoming:
+            store_instance(incoming, describe_instance(ds, str(ds.file_meta.TransferSyntaxUID)),
+                           storage_root=settings.storage_root, session_factory=factory, source="test",
+                           calling_aet=None)
 
 
 def test_worker_scores_with_the_configured_phantom_weights(

@@ -29,6 +29,7 @@ from app.api.schemas import (
 )
 from app.assembly import dispatch_pending_jobs, request_rescore
 from app.db.models import QuarantinedFile, Result, Study, StudyState
+from app.dicom.storage import IncomingFile
 from app.errors import InvalidDicomError, NotFoundError
 from app.security import record_audit
 from app.ingest import describe_instance, quarantine_bytes, store_instance
@@ -104,15 +105,16 @@ def _dicom_members(upload_name: str | None, data: bytes) -> list[tuple[str | Non
 
 
 def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factory: SessionFactoryDep) -> UploadedFile:
-    common = {"storage_root": settings.storage_root, "min_free_bytes": settings.min_free_bytes,
-              "session_factory": factory, "source": "upload"}
+    common = {"storage_root": settings.storage_root, "session_factory": factory, "source": "upload"}
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
-        received = describe_instance(ds, str(ds.file_meta.TransferSyntaxUID))
-        stored = store_instance(data, received, calling_aet=None, **common)  # type: ignore[arg-type]
+        with IncomingFile(settings.storage_root, data, min_free_bytes=settings.min_free_bytes) as incoming:
+            ds = pydicom.dcmread(io.BytesIO(data), force=False)
+            received = describe_instance(ds, str(ds.file_meta.TransferSyntaxUID))
+            stored = store_instance(incoming, received, calling_aet=None, **common)  # type: ignore[arg-type]
     except (PydicomInvalidDicomError, InvalidDicomError, AttributeError, KeyError, ValueError, EOFError) as exc:
         reason = f"not a readable DICOM Part 10 file: {exc}"
-        quarantine_bytes(data, reason, original_name=name, **common)  # type: ignore[arg-type]
+        quarantine_bytes(data, reason, original_name=name, min_free_bytes=settings.min_free_bytes,
+                         **common)  # type: ignore[arg-type]
         return UploadedFile(filename=name, stored=False, error=reason)
     return UploadedFile(filename=name, stored=True, study_uid=stored.study_uid,
                         sop_instance_uid=stored.sop_instance_uid, duplicate=stored.duplicate)

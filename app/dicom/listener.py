@@ -20,8 +20,10 @@ import threading
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -38,13 +40,25 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, CtTriageError, InvalidDicomError
-from app.ingest import ReceivedInstance, describe_instance, quarantine_bytes, store_instance
+from app.dicom.storage import IncomingFile
+from app.errors import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_SUCCESS,
+    CtTriageError,
+    InvalidDicomError,
+)
+from app.ingest import (
+    ReceivedInstance,
+    describe_instance,
+    quarantine_bytes,
+    store_instance,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,11 +107,14 @@ class ListenerContext:
     session_factory: sessionmaker[Session]
     tally: _Tally = field(default_factory=_Tally, compare=False)
 
+    def receive(self, data: bytes) -> IncomingFile:
+        """Start writing received bytes under the storage root (refused below the free-space floor)."""
+        return IncomingFile(self.settings.storage_root, data, min_free_bytes=self.settings.min_free_bytes)
+
     def ingest_kwargs(self, calling_aet: str) -> dict[str, Any]:
-        """Where and how ``store_instance`` and ``quarantine_bytes`` keep what this listener receives."""
+        """Where and how ``store_instance`` keeps what this listener receives."""
         return {
             "storage_root": self.settings.storage_root,
-            "min_free_bytes": self.settings.min_free_bytes,
             "session_factory": self.session_factory,
             "source": SOURCE,
             "calling_aet": calling_aet,
@@ -214,8 +231,10 @@ def handle_store(event: Event, context: ListenerContext) -> int:
     """Store one instance durably and record it; the one place errors become C-STORE statuses."""
     calling_aet = _calling_aet(event)
     try:
-        received = _describe(event)
-        stored = store_instance(event.encoded_dataset(), received, **context.ingest_kwargs(calling_aet))
+        file_meta = event.file_meta
+        with context.receive(_part10_bytes(event, file_meta)) as incoming:  # written while we read the header
+            received = _describe(event, file_meta)
+            stored = store_instance(incoming, received, **context.ingest_kwargs(calling_aet))
     except CtTriageError as exc:
         if isinstance(exc, InvalidDicomError):  # retrying will not help: keep the bytes for an admin
             _quarantine(event, context, str(exc), calling_aet)
@@ -244,7 +263,16 @@ def handle_store(event: Event, context: ListenerContext) -> int:
     return STATUS_SUCCESS
 
 
-def _describe(event: Event) -> ReceivedInstance:
+def _part10_bytes(event: Event, file_meta: FileMetaDataset) -> bytes:
+    """The dataset as the peer encoded it, behind a preamble and file meta: a DICOM file.
+
+    What ``event.encoded_dataset()`` returns, with the file meta built once per instance.
+    """
+    dataset = cast(BytesIO, event.request.DataSet).getvalue()  # type: ignore[union-attr]
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), dataset))
+
+
+def _describe(event: Event, file_meta: FileMetaDataset) -> ReceivedInstance:
     """Decode the dataset and read what we index on; any decoding failure is InvalidDicomError.
 
     pydicom decodes lazily, so a malformed element only fails when it is first read, which is
@@ -254,7 +282,7 @@ def _describe(event: Event) -> ReceivedInstance:
         ds = event.dataset
         # As storescp does: the received dataset has no file meta, and header readers look for
         # the transfer syntax there.
-        ds.file_meta = event.file_meta
+        ds.file_meta = file_meta
         return describe_instance(ds, event.context.transfer_syntax)
     except CtTriageError:
         raise
@@ -269,6 +297,7 @@ def _quarantine(event: Event, context: ListenerContext, reason: str, calling_aet
             event.encoded_dataset(),
             reason,
             original_name=str(event.request.AffectedSOPInstanceUID or "") or None,
+            min_free_bytes=context.settings.min_free_bytes,
             **context.ingest_kwargs(calling_aet),
         )
     except Exception as exc:  # noqa: BLE001 - the answer is 0xC000 either way
