@@ -7,12 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.conftest import free_port
 
 #: Registered by the services under test as their first admin key (CTTRIAGE_BOOTSTRAP_ADMIN_KEY).
 ADMIN_KEY = "ctt_test-admin-key-not-for-production-0123456789"
@@ -95,3 +98,33 @@ def wait_for_state(base_url: str, study_uid: str, states: tuple[str, ...] = ("sc
         return body if body["state"] in states else None
 
     return wait_until(done, timeout, f"study to reach {states}", interval=0.5, logs=logs)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class EmbeddedService:
+    """A running ``cttriage serve`` (API, DICOM listener, assembler, worker) on its own data folder."""
+
+    api: str
+    dicom_port: int
+    process: ServiceProcess
+    data_dir: Path
+
+
+@contextmanager
+def embedded_service(root: Path, **settings: str) -> Iterator[EmbeddedService]:
+    """Start ``cttriage serve`` on free ports under ``root``; ``settings`` are extra CTTRIAGE_* variables."""
+    api_port, dicom_port = free_port(), free_port()
+    env = {
+        "CTTRIAGE_DATA_DIR": str(root / "data"),
+        "CTTRIAGE_API_PORT": str(api_port),
+        "CTTRIAGE_DICOM_PORT": str(dicom_port),
+        "CTTRIAGE_MIN_FREE_BYTES": "0",
+        **settings,
+    }
+    process = ServiceProcess(cttriage("serve"), env, root / "service.log").start()
+    api = f"http://127.0.0.1:{api_port}"
+    try:
+        wait_healthy(api, timeout=90, logs=process.log)
+        yield EmbeddedService(api, dicom_port, process, root / "data")
+    finally:
+        process.stop()

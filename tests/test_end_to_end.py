@@ -14,7 +14,6 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,40 +25,21 @@ from pydicom.uid import RLELossless, generate_uid
 from pynetdicom import AE
 
 from app.dicom.push import push_files
-from tests.conftest import dcmtk_storescu, free_port, write_phantom_study
-from tests.service_process import ADMIN_KEY, API, ServiceProcess, cttriage, wait_for_state, wait_healthy, wait_until
+from tests.conftest import dcmtk_storescu, write_phantom_study
+from tests.service_process import ADMIN_KEY, API, EmbeddedService, embedded_service, wait_for_state, wait_until
 
 #: Small but anatomically complete phantoms keep the module fast on 2 cores.
 SMALL = {"slices": 48, "rows": 192, "columns": 192, "pixel_spacing": 1.9, "slice_spacing": 6.0}
 
 
-@dataclass
-class Service:
-    api: str
-    dicom_port: int
-    process: ServiceProcess
-    data_dir: Path
+Service = EmbeddedService
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    root = tmp_path_factory.mktemp("embedded")
-    api_port, dicom_port = free_port(), free_port()
-    env = {
-        "CTTRIAGE_DATA_DIR": str(root / "data"),
-        "CTTRIAGE_API_PORT": str(api_port),
-        "CTTRIAGE_DICOM_PORT": str(dicom_port),
-        "CTTRIAGE_SETTLE_SECONDS": "3",
-        "CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS": "0.5",
-        "CTTRIAGE_MIN_FREE_BYTES": "0",
-    }
-    process = ServiceProcess(cttriage("serve"), env, root / "service.log").start()
-    api = f"http://127.0.0.1:{api_port}"
-    try:
-        wait_healthy(api, timeout=90, logs=process.log)
-        yield Service(api, dicom_port, process, root / "data")
-    finally:
-        process.stop()
+    with embedded_service(tmp_path_factory.mktemp("embedded"), CTTRIAGE_SETTLE_SECONDS="3",
+                          CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS="0.5") as running:
+        yield running
 
 
 def study_files(folder: Path) -> list[Path]:
@@ -282,9 +262,11 @@ def test_logs_hold_no_patient_data(service: Service, base_series: Path) -> None:
         assert value not in log
 
 
-def test_api_keys_and_roles(service: Service) -> None:
+def test_api_keys_and_roles(service: Service, tmp_path: Path) -> None:
     """No key → 401; a radiologist reads the worklist but not admin endpoints (403); keys are
     stored hashed; every study read is audited."""
+    truth = write_phantom_study(tmp_path, severity_left=5.0, severity_right=5.0, seed=21, **SMALL)
+    push_files(study_files(tmp_path), host="127.0.0.1", port=service.dicom_port)  # a study of its own to read
     assert httpx.get(f"{service.api}/api/worklist").status_code == 401
     assert httpx.get(f"{service.api}/api/worklist", headers={"Authorization": "Bearer nope"}).status_code == 401
     env = {**os.environ, "CTTRIAGE_DATA_DIR": str(service.data_dir)}
@@ -293,11 +275,12 @@ def test_api_keys_and_roles(service: Service) -> None:
     key = added.stdout.strip().rsplit(" ", 1)[-1]
     assert key.startswith("ctt_")
     reader = {"Authorization": f"Bearer {key}"}
-    worklist = httpx.get(f"{service.api}/api/worklist", headers=reader)
+    worklist = httpx.get(f"{service.api}/api/worklist", params={"limit": 500}, headers=reader)
     assert worklist.status_code == 200
     assert httpx.get(f"{service.api}/api/quarantine", headers=reader).status_code == 403
     assert httpx.post(f"{service.api}/api/studies/1.2.3/rescore", headers=reader).status_code == 403
-    uid = worklist.json()["items"][0]["study_uid"]
+    uid = truth["study_instance_uid"]
+    assert uid in {item["study_uid"] for item in worklist.json()["items"]}
     assert httpx.get(f"{service.api}/api/studies/{uid}", headers={"X-API-Key": key}).status_code == 200
     database = (service.data_dir / "cttriage.sqlite").read_bytes()
     assert key.encode() not in database and ADMIN_KEY.encode() not in database

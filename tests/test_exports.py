@@ -30,7 +30,7 @@ from models.rendering import projection_overlay
 from models.severity import lung_severity
 from models.volume import hu_volume
 from tests.conftest import free_port, write_phantom_study
-from tests.service_process import API, ServiceProcess, cttriage, wait_for_state, wait_healthy, wait_until
+from tests.service_process import API, ServiceProcess, embedded_service, wait_for_state, wait_until
 from worker.export_common import COVID_PROBABILITY, PERCENT_AFFECTED, ExportScores, NewInstance
 from worker.export_sc import projection_capture
 from worker.export_seg import SEGMENT_LEFT_LUNG, SEGMENT_LESIONS, SEGMENT_RIGHT_LUNG, lung_segmentation
@@ -346,30 +346,20 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     if not STORESCP.exists():
         pytest.fail("dcmtk's /usr/bin/storescp is required (scripts/install.sh installs dcmtk)")
-    root = tmp_path_factory.mktemp("exporting")
-    api_port, dicom_port, pacs_port = free_port(), free_port(), free_port()
-    env = {
-        "CTTRIAGE_DATA_DIR": str(root / "data"),
-        "CTTRIAGE_API_PORT": str(api_port),
-        "CTTRIAGE_DICOM_PORT": str(dicom_port),
-        "CTTRIAGE_SETTLE_SECONDS": "1",
-        "CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS": "0.3",
-        "CTTRIAGE_MIN_FREE_BYTES": "0",
-        "CTTRIAGE_EXPORT_ENABLED": "true",
-        "CTTRIAGE_EXPORT_HOST": "127.0.0.1",
-        "CTTRIAGE_EXPORT_PORT": str(pacs_port),
-        "CTTRIAGE_EXPORT_AE_TITLE": PACS_AET,
-        "CTTRIAGE_EXPORT_MAX_ATTEMPTS": "3",
-        "CTTRIAGE_EXPORT_BACKOFF_SECONDS": "0.5",
-        "CTTRIAGE_EXPORT_TIMEOUT_SECONDS": "10",
-    }
-    process = ServiceProcess(cttriage("serve"), env, root / "service.log").start()
-    api = f"http://127.0.0.1:{api_port}"
-    try:
-        wait_healthy(api, timeout=90, logs=process.log)
-        yield Service(api, dicom_port, pacs_port, process)
-    finally:
-        process.stop()
+    pacs_port = free_port()
+    with embedded_service(
+        tmp_path_factory.mktemp("exporting"),
+        CTTRIAGE_SETTLE_SECONDS="1",
+        CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS="0.3",
+        CTTRIAGE_EXPORT_ENABLED="true",
+        CTTRIAGE_EXPORT_HOST="127.0.0.1",
+        CTTRIAGE_EXPORT_PORT=str(pacs_port),
+        CTTRIAGE_EXPORT_AE_TITLE=PACS_AET,
+        CTTRIAGE_EXPORT_MAX_ATTEMPTS="3",
+        CTTRIAGE_EXPORT_BACKOFF_SECONDS="0.5",
+        CTTRIAGE_EXPORT_TIMEOUT_SECONDS="10",
+    ) as running:
+        yield Service(running.api, running.dicom_port, pacs_port, running.process)
 
 
 def push_phantom(service: Service, folder: Path, **spec: Any) -> dict[str, Any]:
