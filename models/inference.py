@@ -62,8 +62,9 @@ class InferenceOptions:
     channels_last: bool = True
     #: Fold each batch norm that directly follows a convolution into it (eval only).
     fold_batchnorm: bool = True
-    #: bf16 (fp16 where bf16 is unsupported) autocast for the convolutions; CUDA only.
-    autocast: bool = True
+    #: bf16 autocast for the convolutions (fp16 on GPUs without bf16). None: on CUDA only, where
+    #: it pays; True also on CPU (bf16, worth it on CPUs with AMX; how the tests check this path).
+    autocast: bool | None = None
     compile: bool = False
     #: torch CPU threads; 0 means every core this process may run on.
     threads: int = 0
@@ -120,8 +121,10 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _autocast_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def _autocast_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 class _CompiledOrEager:
@@ -241,8 +244,9 @@ class TriageNetworks:
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
         with torch.inference_mode():
-            if self.device.type == "cuda" and self.options.autocast:
-                with torch.autocast("cuda", dtype=_autocast_dtype()):
+            autocast = self.options.autocast if self.options.autocast is not None else self.device.type == "cuda"
+            if autocast:
+                with torch.autocast(self.device.type, dtype=_autocast_dtype(self.device)):
                     yield
             else:
                 yield

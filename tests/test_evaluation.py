@@ -15,7 +15,7 @@ from models.checkpoint import SYNTHETIC_TRAINING_DATA, metadata_for, save_checkp
 from models.commands import DataSource, evaluate_command
 from models.datasets import DatasetError, read_labels, scan_dataset
 from models.evaluation import StudyOutcome, format_table, summarize
-from models.inference import TriageNetworks
+from models.inference import InferenceOptions, TriageNetworks
 from models.lung_network import (
     LungNetConfig,
     LungSegmentationNet,
@@ -162,7 +162,7 @@ def test_nifti_dataset_is_read_in_canonical_orientation(tmp_path: Path) -> None:
 # --- left and right through the network path --------------------------------------------------------
 
 
-def tiny_networks(tmp_path: Path) -> TriageNetworks:
+def tiny_networks(tmp_path: Path, options: InferenceOptions = InferenceOptions()) -> TriageNetworks:
     torch.manual_seed(0)
     net = MultitaskNet(MultitaskConfig(unet=UNetConfig(levels=3, base_channels=4, max_channels=8,
                                                        top_decoder_blocks=1), hidden_features=8, pyramid_levels=2))
@@ -170,7 +170,32 @@ def tiny_networks(tmp_path: Path) -> TriageNetworks:
     for name, module in (("multitask.pt", net), ("lungs.pt", lungs)):
         save_checkpoint(tmp_path / name, module.eval(),
                         metadata_for(module, version="t-1", training_data=SYNTHETIC_TRAINING_DATA, synthetic=True))
-    return TriageNetworks.from_bundle(bundle_paths(tmp_path))
+    return TriageNetworks.from_bundle(bundle_paths(tmp_path), options)
+
+
+def test_bf16_autocast_path_matches_fp32(tmp_path: Path) -> None:
+    """The mixed-precision path that GPUs run (convolutions in bf16, the classifier in fp32), run
+    here on the CPU: the convolutions really run in bf16 and the outputs stay close to fp32."""
+    fp32 = tiny_networks(tmp_path / "fp32", InferenceOptions(autocast=False))
+    bf16 = tiny_networks(tmp_path / "bf16", InferenceOptions(autocast=True))
+    conv_dtypes: set[torch.dtype] = set()
+    first_conv = next(m for m in bf16.multitask.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda _m, _i, out: conv_dtypes.add(out.dtype))
+    fc_dtypes: set[torch.dtype] = set()
+    for fc in (m for m in bf16.multitask.modules() if isinstance(m, torch.nn.Linear)):
+        fc.register_forward_hook(lambda _m, _i, out: fc_dtypes.add(out.dtype))
+    image = torch.from_numpy(np.random.default_rng(3).random((20, 48, 40), dtype=np.float32))
+
+    lesion_32, identification_32 = fp32.multitask_outputs(image)
+    lesion_16, identification_16 = bf16.multitask_outputs(image)
+    assert conv_dtypes == {torch.bfloat16} and fc_dtypes == {torch.float32}
+    assert lesion_16.dtype == np.float32 and lesion_16.shape == lesion_32.shape
+    # Untrained outputs vary little around 0.5, so "close" is judged against their own spread too.
+    lungs_32, lungs_16 = fp32.lung_probabilities(image), bf16.lung_probabilities(image)
+    for ours, reference in ((lesion_16, lesion_32), (lungs_16, lungs_32)):
+        assert np.abs(ours - reference).max() < 0.01
+        assert np.corrcoef(ours.ravel(), reference.ravel())[0, 1] > 0.99
+    assert abs(identification_16 - identification_32) < 0.01
 
 
 @pytest.mark.parametrize("flip_lr", [False, True], ids=["stored-as-is", "stored-mirrored"])
