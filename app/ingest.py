@@ -17,13 +17,12 @@ from typing import Any
 
 from pydicom import Dataset
 from sqlalchemy import bindparam, case, null, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, QuarantinedFile, Series, Study, StudyState, utcnow
-from app.db.upsert import insert_ignore
+from app.db.upsert import ignoring_insert, insert_ignore
 from app.dicom.storage import (
     IncomingFile,
     ensure_free_space,
@@ -114,7 +113,6 @@ def _insert_into_known_series(dialect: str) -> Any:
 
     Returns the study and series ids, or no row (the study or series is new, or a re-send).
     """
-    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
     source = (
         select(
             _STUDIES.c.id,
@@ -125,9 +123,8 @@ def _insert_into_known_series(dialect: str) -> Any:
         .where(_STUDIES.c.study_uid == bindparam("study_uid"), _SERIES.c.series_uid == bindparam("series_uid"))
     )
     return (
-        insert(_INSTANCES)
+        ignoring_insert(dialect, _INSTANCES, "sop_instance_uid")
         .from_select(["study_id", "series_id", *_INSTANCE_VALUES], source)
-        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
         .returning(_INSTANCES.c.study_id, _INSTANCES.c.series_id)
     )
 
@@ -270,7 +267,7 @@ def store_instance(
             )
             incoming.place(path)
     except (OperationalError, DBAPIError, PoolTimeoutError) as exc:  # pool timeout: all connections busy
-        # Nothing is kept; the sender retries.
+        # Nothing is recorded; the sender retries (a file already placed is replaced by the re-send).
         log.warning("database unavailable while recording an instance", extra={"error": type(exc).__name__})
         raise DatabaseUnavailableError("the database could not record the instance; retry later") from exc
     return StoredInstance(received.study_uid, received.sop_instance_uid, path, duplicate)

@@ -14,18 +14,22 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session
 
 
+def ignoring_insert(dialect: str, table: Table, key: str) -> Any:
+    """``INSERT INTO table ... ON CONFLICT (key) DO NOTHING`` for the session's backend; the caller
+    adds values or a SELECT, and RETURNING."""
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+    raise NotImplementedError(f"unsupported database dialect {dialect}")  # pragma: no cover - two backends
+
+
 @cache
 def _insert_ignore_statement(dialect: str, table: Table, key: str) -> Any:
     """Built once per table: executed with parameters, its compiled form is reused (C-STORE hot path)."""
-    if dialect == "postgresql":
-        statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
-    elif dialect == "sqlite":
-        statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
-    else:  # pragma: no cover - only the two supported backends
-        raise NotImplementedError(f"unsupported database dialect {dialect}")
     # RETURNING says whether a row went in (a Core insert's rowcount is -1 on psycopg, which
     # returns the primary key implicitly).
-    return statement.returning(table.c[key])
+    return ignoring_insert(dialect, table, key).returning(table.c[key])
 
 
 def insert_ignore(session: Session, model: type[DeclarativeBase], values: dict[str, Any], key: str) -> bool:
