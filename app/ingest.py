@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from sqlalchemy import bindparam, case, null, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, null, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, QuarantinedFile, Series, Study, StudyState, utcnow
-from app.db.upsert import ignoring_insert, insert_ignore
+from app.db.upsert import dialect_name, ignoring_insert, insert_ignore
 from app.dicom.storage import (
     IncomingFile,
     ensure_free_space,
@@ -155,7 +155,7 @@ _STUDY_GREW = (
 )
 
 
-def _row_id(session: Session, lookup: Any, uid: str, insert: Callable[[], object]) -> int:
+def _row_id(session: Connection | Session, lookup: Any, uid: str, insert: Callable[[], object]) -> int:
     """The id of the row keyed by ``uid``, inserting it first when it is new."""
     found = session.execute(lookup, {"uid": uid}).scalar_one_or_none()
     if found is not None:
@@ -165,7 +165,7 @@ def _row_id(session: Session, lookup: Any, uid: str, insert: Callable[[], object
 
 
 def record_instance(
-    session: Session,
+    session: Connection | Session,
     received: ReceivedInstance,
     *,
     path: Path,
@@ -187,7 +187,7 @@ def record_instance(
         "calling_aet": calling_aet,
         "headers": received.headers,
     }
-    statement = _insert_into_known_series(session.get_bind().dialect.name)
+    statement = _insert_into_known_series(dialect_name(session))
     known = session.execute(
         statement, {**instance, "study_uid": received.study_uid, "series_uid": received.series_uid}
     ).first()
@@ -247,17 +247,19 @@ def store_instance(
     source: str,
     calling_aet: str | None,
 ) -> StoredInstance:
-    """Record an instance whose bytes are being written, and commit once they are durable.
+    """Record an instance whose bytes are being flushed, and commit once they are in place.
 
-    The record is prepared while ``incoming`` is still being flushed; placing the file inside the
-    transaction means a failed write rolls the record back, so no row ever points at a missing
-    file. Raises typed errors.
+    The file is placed (durable, under its UID path) inside the transaction, after the record's
+    statements: no committed row ever points at a missing file, and a record that fails leaves no
+    file behind (``incoming`` removes what it placed unless kept). The statements go through a Core
+    connection, as this is the C-STORE hot path. Raises typed errors.
     """
     path = instance_path(storage_root, received.study_uid, received.series_uid, received.sop_instance_uid)
+    engine: Engine = session_factory.kw["bind"]
     try:
-        with session_factory.begin() as session:
+        with engine.begin() as connection:
             duplicate = record_instance(
-                session,
+                connection,
                 received,
                 path=path,
                 size_bytes=incoming.size,
@@ -267,9 +269,10 @@ def store_instance(
             )
             incoming.place(path)
     except (OperationalError, DBAPIError, PoolTimeoutError) as exc:  # pool timeout: all connections busy
-        # Nothing is recorded; the sender retries (a file already placed is replaced by the re-send).
+        # Nothing is recorded and the placed file goes again with ``incoming``; the sender retries.
         log.warning("database unavailable while recording an instance", extra={"error": type(exc).__name__})
         raise DatabaseUnavailableError("the database could not record the instance; retry later") from exc
+    incoming.keep()
     return StoredInstance(received.study_uid, received.sop_instance_uid, path, duplicate)
 
 

@@ -220,7 +220,8 @@ def _grid(spec: PhantomSpec) -> _Grid:
 
 def _lungs(spec: PhantomSpec, grid: _Grid) -> dict[int, _Lung]:
     extent = spec.slices * spec.slice_spacing
-    margin = max(2 * spec.slice_spacing, 0.04 * extent)
+    # At most a quarter of the coverage each side, so a few slices still hold some lung.
+    margin = min(max(2 * spec.slice_spacing, 0.04 * extent), extent / 4)
     height = min(LUNG_MAX_HEIGHT_MM, extent - 2 * margin)
     base = float(grid.z[0]) - spec.slice_spacing / 2 + (extent - height) / 2
     s = grid.scale

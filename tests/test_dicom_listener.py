@@ -363,17 +363,25 @@ def test_disk_full_is_out_of_resources(start: Callable[..., Listener], series: l
     assert not list(listener_.settings.storage_root.rglob("*.dcm"))
 
 
+@pytest.mark.parametrize("failing", ["write", "fsync"])
 def test_failed_write_records_nothing(
-    start: Callable[..., Listener], series: list[Path], monkeypatch: pytest.MonkeyPatch
+    start: Callable[..., Listener], series: list[Path], monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    """The record is prepared while the file is written; a write that fails rolls it back."""
+    """A write refused at once (disk full) or a flush that fails after the record's statements ran
+    (I/O error) answers out of resources, records nothing and leaves no file."""
     listener_ = start()
 
     def disk_full(*_args: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def io_error(*_args: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
     with monkeypatch.context() as patch:
-        patch.setattr(storage, "_write_synced", disk_full)
+        if failing == "write":
+            patch.setattr(storage, "_write_all", disk_full)
+        else:
+            patch.setattr(storage.os, "fsync", io_error)
         assert listener_.store(series[:1]) == [STATUS_OUT_OF_RESOURCES]
     assert listener_.count(Instance) == listener_.count(Study) == 0
     root = listener_.settings.storage_root

@@ -189,6 +189,15 @@ def test_scout_is_a_localizer_of_the_same_study(diseased: ph.PhantomVolume) -> N
     assert ds.StudyInstanceUID == "9.8.7" and list(ds.ImageType)[2] == "LOCALIZER"
 
 
+@pytest.mark.parametrize("slices", [2, 4, 7])
+def test_a_few_slices_still_cut_through_both_lungs(slices: int) -> None:
+    """Short coverages (the single-slice and small-series tests) squash the lungs, never lose them."""
+    phantom = ph.phantom_volume(ph.PhantomSpec(slices=slices, rows=64, columns=64, noise_hu=0.0))
+    assert phantom.hu.shape == (slices, 64, 64)
+    for side in (ph.RIGHT_LUNG, ph.LEFT_LUNG):
+        assert (phantom.lungs == side).any()
+
+
 def test_unsupported_transfer_syntax_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="not supported by the phantom"):
         PhantomSpec(transfer_syntax=JPEGBaseline8Bit)

@@ -11,7 +11,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Study, StudyState, utcnow
-from app.dicom.storage import INCOMING_DIR, instance_path, remove_abandoned_incoming, write_atomic
+from app.dicom.storage import (
+    INCOMING_DIR,
+    IncomingFile,
+    instance_path,
+    remove_abandoned_incoming,
+    write_atomic,
+)
 from app.retention import purge_expired_studies
 from app.settings import Settings
 
@@ -55,3 +61,25 @@ def test_abandoned_incoming_files_are_removed(tmp_path: Path) -> None:
     assert remove_abandoned_incoming(tmp_path, older_than_seconds=3600) == 1
     assert not old.exists() and young.exists()
     assert remove_abandoned_incoming(tmp_path / "nowhere", older_than_seconds=3600) == 0
+
+
+def test_incoming_file_is_kept_only_once_recorded(tmp_path: Path) -> None:
+    """Bytes placed but never kept (the record's commit failed) go again with the ``with`` block,
+    unless they replaced a file a committed row already points at (a re-send)."""
+    path = instance_path(tmp_path, "1.2", "1.2.3", "1.2.3.4")
+    with IncomingFile(tmp_path, b"DICM first", min_free_bytes=0) as incoming:
+        incoming.place(path)
+        assert path.read_bytes() == b"DICM first"
+    assert not path.exists()  # not kept: removed
+
+    with IncomingFile(tmp_path, b"DICM first", min_free_bytes=0) as incoming:
+        incoming.place(path)
+        incoming.keep()
+    with IncomingFile(tmp_path, b"DICM again", min_free_bytes=0) as incoming:
+        incoming.place(path)  # a re-send whose record then fails
+    assert path.read_bytes() == b"DICM again"  # the committed row still has its file
+    assert not list((tmp_path / INCOMING_DIR).iterdir())
+
+    with IncomingFile(tmp_path, b"DICM never placed", min_free_bytes=0):
+        assert len(list((tmp_path / INCOMING_DIR).iterdir())) == 1
+    assert not list((tmp_path / INCOMING_DIR).iterdir())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Connection, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session
 
@@ -32,7 +32,16 @@ def _insert_ignore_statement(dialect: str, table: Table, key: str) -> Any:
     return ignoring_insert(dialect, table, key).returning(table.c[key])
 
 
-def insert_ignore(session: Session, model: type[DeclarativeBase], values: dict[str, Any], key: str) -> bool:
+def dialect_name(executor: Connection | Session) -> str:
+    """``postgresql`` or ``sqlite``, for a Core connection or an ORM session alike."""
+    if isinstance(executor, Connection):
+        return executor.dialect.name
+    return executor.get_bind().dialect.name
+
+
+def insert_ignore(
+    session: Connection | Session, model: type[DeclarativeBase], values: dict[str, Any], key: str
+) -> bool:
     """Insert ``values`` unless a row with the same ``key`` exists. Returns True if inserted."""
-    statement = _insert_ignore_statement(session.get_bind().dialect.name, model.__table__, key)  # type: ignore[attr-defined]
+    statement = _insert_ignore_statement(dialect_name(session), model.__table__, key)  # type: ignore[attr-defined]
     return session.execute(statement, values).first() is not None

@@ -232,7 +232,7 @@ def handle_store(event: Event, context: ListenerContext) -> int:
     calling_aet = _calling_aet(event)
     try:
         file_meta = event.file_meta
-        with context.receive(_part10_bytes(event, file_meta)) as incoming:  # written while we read the header
+        with context.receive(_part10_bytes(event, file_meta)) as incoming:  # flushed while we read the header
             received = _describe(event, file_meta)
             stored = store_instance(incoming, received, **context.ingest_kwargs(calling_aet))
     except CtTriageError as exc:
