@@ -6,8 +6,9 @@ A hand-run benchmark, not a test::
     python bench/ingest.py --slices 100 --repeat 5
 
 It writes one synthetic CT study (``models.phantom``, 512x512 slices), then, for each repeat and
-each server, starts the server in a subprocess on a free port and sends the whole study over one
-association with a pynetdicom SCU, timing from the first C-STORE request to the last response.
+each server, starts the server in a subprocess on a free port, warms it up with a small separate
+study (``--warmup``, untimed) and sends the whole study over one association with a pynetdicom
+SCU, timing from the first C-STORE request to the last response.
 The page cache is flushed (``os.sync``) before each timing, since the baseline does not fsync.
 The servers:
 
@@ -217,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pdu", type=int, default=0, help="both servers' maximum PDU (default 0: unlimited)")
     parser.add_argument("--associations", type=int, default=1,
                         help="concurrent associations the study is split over (default 1)")
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="slices of a separate study each server gets, untimed, before the timed one "
+                             "(default 20; 0: none): a listener runs for months, so its first instances "
+                             "(imports, caches, a new database file) are not what is measured")
     parser.add_argument("--workdir", type=Path, help="keep the study and the received files here")
     args = parser.parse_args(argv)
 
@@ -225,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or Path(tmp)
         started = time.perf_counter()
         paths = write_study(workdir / "study", args.slices)
+        warmup = write_study(workdir / "warmup", args.warmup) if args.warmup else []
         os.sync()  # no dirty pages left over to slow down the first server's fsyncs
         total_mb = sum(p.stat().st_size for p in paths) / 1e6
         print(f"study: {len(paths)} instances, {total_mb:.1f} MB (written in {time.perf_counter() - started:.1f} s), "
-              f"{args.associations} association(s), max PDU {args.max_pdu or 'unlimited'}")
+              f"{args.associations} association(s), max PDU {args.max_pdu or 'unlimited'}, "
+              f"warm-up {len(warmup)} instances")
 
         times: dict[str, list[float]] = {server.name: [] for server in SERVERS}
         cpu: dict[str, list[float]] = {server.name: [] for server in SERVERS}
@@ -237,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                 work = workdir / f"{server.name}-{repeat}"
                 work.mkdir(parents=True)
                 with running(server, work, args.max_pdu) as (port, pid):
+                    if warmup:
+                        send_study(port, warmup)
+                        os.sync()
                     cpu_before = cpu_seconds(pid)
                     times[server.name].append(send_study(port, paths, args.associations))
                     cpu_after = cpu_seconds(pid)
@@ -244,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                     cpu[server.name].append(cpu_after - cpu_before)
                 os.sync()  # the baseline does not fsync: flush its writes outside the next timing
                 kept = server.kept(work)
-                if kept != len(paths):
-                    raise RuntimeError(f"{server.name} kept {kept} of {len(paths)} instances")
+                if kept != len(paths) + len(warmup):
+                    raise RuntimeError(f"{server.name} kept {kept} of {len(paths) + len(warmup)} instances")
 
         print(f"\n{'server':<10} {'run':>4} {'seconds':>8} {'inst/s':>8} {'MB/s':>8} {'CPU ms/inst':>12}")
         for name, runs in times.items():
