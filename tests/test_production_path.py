@@ -4,7 +4,9 @@ separate processes `cttriage dicom`, `cttriage api` and `cttriage worker` (a rea
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,3 +63,19 @@ def test_readiness_and_metrics(deployment: Deployment, tmp_path: Path) -> None:
     assert re.search(r'^cttriage_instances_received_total (\S+)$', text, re.M)
     assert 'cttriage_scoring_stage_seconds_bucket{le="+Inf",stage="lungs"}' in text
     assert "cttriage_queue_depth" in text
+
+
+def test_worker_loads_its_networks_as_it_starts(deployment: Deployment) -> None:
+    """The first study after a worker (re)start must not wait for weights: the worker settles its
+    scoring method before it reports ready, and logs structured lines like the other processes.
+    This worker listens on a queue no job goes to, so nothing but its start-up can log this."""
+    worker = deployment.start("idle-worker", "worker", "--device", "cpu", "--queues", "no-jobs-here")
+    deadline = time.monotonic() + 90
+    while " ready." not in worker.log() and time.monotonic() < deadline:
+        assert worker.alive(), worker.log()[-3000:]
+        time.sleep(0.2)
+    records = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    loggers = [record["logger"] for record in records]
+    assert "worker.networks" in loggers and "celery.apps.worker" in loggers, worker.log()[-3000:]
+    assert loggers.index("worker.networks") < loggers.index("celery.apps.worker")  # before "ready"
+    assert "threshold method" in records[loggers.index("worker.networks")]["message"]

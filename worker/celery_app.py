@@ -8,10 +8,12 @@ export of results to the PACS (when enabled) to the ``default`` queue.
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
+from celery.signals import worker_process_init
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +30,8 @@ EXPORT_QUEUE = "default"
 #: Retries of a task that hit a transient error (database or broker), with exponential backoff.
 MAX_TRANSIENT_RETRIES = 8
 
+log = logging.getLogger(__name__)
+
 
 class WorkerResources:
     """Per-process resources of a worker (database pool, networks), built on first use."""
@@ -41,11 +45,21 @@ class WorkerResources:
 
     @cached_property
     def networks(self) -> TriageNetworks | None:
-        """The configured networks, loaded on the first job and kept warm (None: threshold).
-        A loading error is not cached: each job reports it until the weights are fixed."""
+        """The configured networks, kept warm (None: threshold). A loading error is not cached:
+        each job reports it until the weights are fixed."""
         from worker.networks import load_networks
 
         return load_networks(self.settings)
+
+    def warm_up(self, **_signal: Any) -> None:
+        """Load the networks as the worker process starts (``worker_process_init``, sent by the
+        solo and prefork pools alike), so the first study after a (re)start is not slowed by
+        weights, CUDA start-up or compilation. A failure is logged here and reported by the jobs."""
+        try:
+            _ = self.networks
+        except Exception as exc:  # noqa: BLE001 - the jobs fail with the reason; the worker stays up
+            log.error("networks could not be loaded at worker start", extra={"error": type(exc).__name__,
+                                                                             "reason": str(exc)})
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -75,6 +89,7 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     resources = WorkerResources(settings)
+    worker_process_init.connect(resources.warm_up, weak=False)  # fires only in worker processes
 
     @app.task(name=SCORE_TASK, bind=True, max_retries=MAX_TRANSIENT_RETRIES)
     def score_study_task(self: Task, job_id: int) -> dict[str, Any]:
