@@ -80,6 +80,23 @@ def test_incoming_file_is_kept_only_once_recorded(tmp_path: Path) -> None:
     assert path.read_bytes() == b"DICM again"  # the committed row still has its file
     assert not list((tmp_path / INCOMING_DIR).iterdir())
 
+    # Two associations deliver the same new instance at once: only the first to place it owns the
+    # new file, so the other's failed record cannot take away a file whose row was committed.
+    other = instance_path(tmp_path, "1.2", "1.2.3", "1.2.3.5")
+    first = IncomingFile(tmp_path, b"DICM from A", min_free_bytes=0)
+    second = IncomingFile(tmp_path, b"DICM from B", min_free_bytes=0)
+    first.place(other)
+    second.place(other)  # exists by now: a replacement, not a new file
+    second.discard()  # B's record failed
+    first.keep()  # A's record committed
+    first.discard()
+    assert other.read_bytes() == b"DICM from B"
+    first = IncomingFile(tmp_path, b"DICM from A", min_free_bytes=0)
+    other.unlink()
+    first.place(other)
+    first.discard()  # no one recorded it: the file it placed goes
+    assert not other.exists()
+
     with IncomingFile(tmp_path, b"DICM never placed", min_free_bytes=0):
         assert len(list((tmp_path / INCOMING_DIR).iterdir())) == 1
     assert not list((tmp_path / INCOMING_DIR).iterdir())

@@ -102,13 +102,14 @@ class IncomingFile:
             fd, self._fd = self._fd, None
             try:
                 os.fsync(fd)
+                inode = os.fstat(fd).st_ino
             finally:
                 os.close(fd)
             _make_dirs_durable(path.parent)
-            replacing = path.exists()  # a re-send: a committed row points here already
-            os.replace(self._tmp, path)
-            if not replacing:
-                self._placed = (path, path.stat().st_ino)
+            if _link_if_absent(self._tmp, path):
+                self._placed = (path, inode)
+            else:  # a re-send: a committed row may point here already; replace the bytes
+                os.replace(self._tmp, path)
             _fsync_dir(path.parent)
         except OSError as exc:
             raise _storage_error(exc) from exc
@@ -154,6 +155,23 @@ def remove_abandoned_incoming(root: Path, older_than_seconds: float, now: float 
                 path.unlink()
                 removed += 1
     return removed
+
+
+def _link_if_absent(tmp: Path, path: Path) -> bool:
+    """Give ``tmp`` the name ``path`` only if nothing has it yet, atomically (a hard link, then the
+    temp name goes): of two associations placing the same new instance at once, exactly one is
+    told it placed a new file, so a failed record of the other never removes it. False: ``path``
+    exists, or the file system has no hard links (then ``path`` is taken as existing)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            return False
+        raise
+    os.unlink(tmp)
+    return True
 
 
 def _write_synced(path: Path, data: bytes) -> None:
