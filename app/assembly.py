@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Job, JobState, Study, StudyState, utcnow
+from app.db.models import Export, ExportState, Job, JobState, Study, StudyState, utcnow
 from app.dicom.storage import remove_abandoned_incoming
 from app.priority import queue_priority
 from app.retention import purge_expired_studies
@@ -30,6 +30,8 @@ ABANDONED_INCOMING_SECONDS = 3600.0
 
 #: Hands (job id, queue priority) to the broker, returns the broker's task id; raises if it is down.
 Enqueue = Callable[[int, int], str]
+#: Hands a result id to the broker's export queue; raises when the broker is down.
+EnqueueExport = Callable[[int], object]
 
 
 def create_job(session: Session, study: Study, *, trigger: str, now: datetime) -> Job:
@@ -150,16 +152,52 @@ def requeue_stale_jobs(session_factory: sessionmaker[Session], timeout_seconds: 
     return stale
 
 
+def dispatch_overdue_exports(session_factory: sessionmaker[Session], enqueue_export: EnqueueExport,
+                             grace_seconds: float, now: datetime | None = None, limit: int = 100) -> int:
+    """Hand results whose pending exports are overdue back to the broker (the exports' outbox
+    relay). Returns how many results were handed over.
+
+    An export is overdue once its next attempt is ``grace_seconds`` late: its task was never
+    queued (the broker was down after the scoring) or the broker lost it (a Redis restart), since
+    a task the broker still holds runs before then and moves ``next_attempt_at`` on. A late task
+    that runs after all only repeats a send; the PACS receives the same SOP instance again.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=grace_seconds)
+    overdue = (Export.state == ExportState.pending.value) & (
+        Export.next_attempt_at.is_(None) | (Export.next_attempt_at <= cutoff))
+    with session_factory() as session:
+        result_ids = session.execute(
+            select(Export.result_id).where(overdue).group_by(Export.result_id).order_by(Export.result_id).limit(limit)
+        ).scalars().all()
+    sent = 0
+    for result_id in result_ids:
+        try:
+            enqueue_export(result_id)
+        except Exception as exc:  # broker down: left overdue for the next pass
+            log.warning("broker unavailable, exports left pending",
+                        extra={"result_id": result_id, "error": type(exc).__name__})
+            break
+        with session_factory.begin() as session:
+            session.execute(update(Export).where(Export.result_id == result_id, overdue).values(next_attempt_at=now))
+        sent += 1
+    if sent:
+        log.warning("overdue exports handed to the broker again", extra={"results": sent})
+    return sent
+
+
 def assembler_pass(session_factory: sessionmaker[Session], enqueue: Enqueue, settle_seconds: float,
-                   processing_timeout_seconds: float) -> None:
-    """One round of the assembler: settle, recover lost jobs, relay the outbox."""
+                   processing_timeout_seconds: float, enqueue_export: EnqueueExport | None = None) -> None:
+    """One round of the assembler: settle, recover lost jobs, relay the outboxes (jobs, exports)."""
     queue_settled_studies(session_factory, settle_seconds)
     requeue_stale_jobs(session_factory, processing_timeout_seconds)
     dispatch_pending_jobs(session_factory, enqueue)
+    if enqueue_export is not None:
+        dispatch_overdue_exports(session_factory, enqueue_export, processing_timeout_seconds)
 
 
 def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, settings: Settings,
-                  stop: threading.Event) -> None:
+                  stop: threading.Event, enqueue_export: EnqueueExport | None = None) -> None:
     """Loop until ``stop`` is set; a failing pass (database down) is logged and retried.
 
     Housekeeping (purging expired files) runs in the same loop, less often.
@@ -167,7 +205,8 @@ def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, sett
     next_purge = 0.0
     while not stop.is_set():
         try:
-            assembler_pass(session_factory, enqueue, settings.settle_seconds, settings.processing_timeout_seconds)
+            assembler_pass(session_factory, enqueue, settings.settle_seconds, settings.processing_timeout_seconds,
+                           enqueue_export)
             if time.monotonic() >= next_purge:
                 purge_expired_studies(session_factory, settings.storage_root, settings.retention_days)
                 remove_abandoned_incoming(settings.storage_root, ABANDONED_INCOMING_SECONDS)

@@ -20,12 +20,12 @@ import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.main import create_app
-from app.assembly import Enqueue, run_assembler
+from app.assembly import Enqueue, EnqueueExport, run_assembler
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
 from app.security import ensure_bootstrap_admin
 from app.settings import Settings
-from worker.celery_app import create_celery, enqueue_scoring, ping_broker
+from worker.celery_app import create_celery, enqueue_export, enqueue_scoring, ping_broker
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,14 @@ def make_broker_hooks(settings: Settings) -> tuple[Enqueue, Callable[[], None]]:
     celery_app = create_celery(settings)
     return (lambda job_id, priority: enqueue_scoring(celery_app, settings, job_id, priority),
             lambda: ping_broker(celery_app))
+
+
+def make_export_hook(settings: Settings) -> EnqueueExport | None:
+    """The exports' hand-off to the broker, for their outbox relay; None while exports are off."""
+    if not settings.export_enabled:
+        return None
+    celery_app = create_celery(settings)
+    return lambda result_id: enqueue_export(celery_app, result_id)
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
@@ -127,7 +135,8 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     listener = start_listener(settings, session_factory)
     assembler = threading.Thread(
         target=run_assembler, name="assembler", daemon=True,
-        kwargs={"session_factory": session_factory, "enqueue": enqueue, "settings": settings, "stop": stop},
+        kwargs={"session_factory": session_factory, "enqueue": enqueue, "settings": settings, "stop": stop,
+                "enqueue_export": make_export_hook(settings)},
     )
     assembler.start()
     log.info("cttriage embedded service started", extra={
@@ -165,7 +174,7 @@ def serve_dicom(settings: Settings) -> None:
     listener = start_listener(settings, session_factory)
     stop = threading.Event()
     try:
-        run_assembler(session_factory, make_broker_hooks(settings)[0], settings, stop)
+        run_assembler(session_factory, make_broker_hooks(settings)[0], settings, stop, make_export_hook(settings))
     except KeyboardInterrupt:
         pass
     finally:

@@ -10,8 +10,14 @@ import pytest
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import dispatch_pending_jobs, queue_settled_studies, request_rescore, requeue_stale_jobs
-from app.db.models import Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
+from app.assembly import (
+    dispatch_overdue_exports,
+    dispatch_pending_jobs,
+    queue_settled_studies,
+    request_rescore,
+    requeue_stale_jobs,
+)
+from app.db.models import Export, ExportState, Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
 from app.db.session import make_engine
 from app.ingest import ReceivedInstance, record_instance
 
@@ -145,3 +151,48 @@ def test_dispatch_uses_the_queue_priority_policy(factory: sessionmaker[Session])
         by_study = {(uid, trigger): sent[job_id] for job_id, uid, trigger in session.execute(
             select(Job.id, Study.study_uid, Job.trigger).join(Study).where(Job.id.in_(list(sent))))}
     assert by_study == {("1.9.7", "settled"): 0, ("1.9.9", "settled"): 3, ("1.9.8", "rescore"): 6}
+
+
+def pending_exports(factory: sessionmaker[Session], uid: str, due_offsets_s: list[float | None]) -> int:
+    """A scored study whose result has one pending export per offset (next attempt due that many
+    seconds from now; None: never set, as rows from before migration 0006). Returns the result id."""
+    now = utcnow()
+    with factory.begin() as session:
+        row = Study(study_uid=uid, state=StudyState.scored.value, first_received_at=now, last_received_at=now)
+        session.add(row)
+        session.flush()
+        job = Job(study_id=row.id, study_version=1, state=JobState.done.value, trigger="settled")
+        session.add(job)
+        session.flush()
+        result = Result(study_id=row.id, job_id=job.id, study_version=1, series_uid=f"{uid}.1", method="threshold",
+                        model_version="t", severity=1.0, severity_left=1.0, severity_right=0.5,
+                        lung_volume_left_ml=1.0, lung_volume_right_ml=1.0, lesion_volume_left_ml=0.0,
+                        lesion_volume_right_ml=0.0)
+        session.add(result)
+        session.flush()
+        for i, offset in enumerate(due_offsets_s):
+            session.add(Export(study_id=row.id, result_id=result.id, kind=("sr", "seg", "sc")[i],
+                               sop_instance_uid=f"{uid}.9.{i}", state=ExportState.pending.value, attempts=0,
+                               next_attempt_at=None if offset is None else now + timedelta(seconds=offset)))
+        return result.id
+
+
+def test_overdue_exports_go_back_to_the_broker(factory: sessionmaker[Session]) -> None:
+    """Exports whose task the broker never got or lost are handed over again, once per result, only
+    when late by the grace period, and kept for the next pass while the broker is down."""
+    overdue = pending_exports(factory, "7.1", [-7200.0, -7200.0])
+    legacy = pending_exports(factory, "7.2", [None])
+    waiting = pending_exports(factory, "7.3", [-60.0, 600.0])  # a retry the broker still holds
+
+    def broker_down(_result_id: int) -> str:
+        raise ConnectionError("broker down")
+
+    assert dispatch_overdue_exports(factory, broker_down, grace_seconds=1800) == 0
+    handed: list[int] = []
+    assert dispatch_overdue_exports(factory, handed.append, grace_seconds=1800) == 2
+    assert handed == [overdue, legacy]
+    assert dispatch_overdue_exports(factory, handed.append, grace_seconds=1800) == 0  # due again only later
+    assert waiting not in handed
+    later = utcnow() + timedelta(seconds=3600)
+    assert dispatch_overdue_exports(factory, handed.append, grace_seconds=1800, now=later) == 3
+    assert sorted(handed[2:]) == sorted([overdue, legacy, waiting])

@@ -11,6 +11,7 @@ import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ import pytest
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage, generate_uid
+from sqlalchemy import create_engine, update
+from sqlalchemy.orm import Session
 
-from app.db.models import ExportKind
+from app.db.models import Export, ExportKind, ExportState, utcnow
 from app.dicom.push import push_files
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
 from models.phantom import PhantomSpec, PhantomVolume, phantom_datasets, phantom_volume
@@ -340,6 +343,7 @@ class Service:
     dicom_port: int
     pacs_port: int
     process: ServiceProcess
+    data_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +363,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         CTTRIAGE_EXPORT_BACKOFF_SECONDS="0.5",
         CTTRIAGE_EXPORT_TIMEOUT_SECONDS="10",
     ) as running:
-        yield Service(running.api, running.dicom_port, pacs_port, running.process)
+        yield Service(running.api, running.dicom_port, pacs_port, running.process, running.data_dir)
 
 
 def push_phantom(service: Service, folder: Path, **spec: Any) -> dict[str, Any]:
@@ -432,3 +436,23 @@ def test_node_down_then_an_admin_retry(service: Service, tmp_path: Path) -> None
     assert all(e["attempts"] == 1 and e["last_error"] is None for e in sent)  # a fresh round of attempts
     check_received(pacs.received(), truth, sent, pacs.folder)
 
+
+
+def test_an_export_whose_task_was_lost_is_sent_by_the_relay(service: Service, tmp_path: Path) -> None:
+    """Pending exports with no task anywhere (the broker was down after the scoring, or a Redis
+    restart lost the retry) are overdue; the assembler's relay hands them to the broker again, and
+    they reach the PACS without an admin's retry."""
+    with Storescp(service.pacs_port, tmp_path / "pacs") as pacs:
+        truth = push_phantom(service, tmp_path / "study", severity_left=12.0, severity_right=20.0, seed=33)
+        uid = truth["study_instance_uid"]
+        first = wait_for_exports(service, uid, "sent")
+        engine = create_engine(f"sqlite:///{service.data_dir / 'cttriage.sqlite'}")
+        with Session(engine) as session, session.begin():  # as if the sends had never happened
+            session.execute(update(Export).where(Export.id.in_([e["id"] for e in first])).values(
+                state=ExportState.pending.value, attempts=0, sent_at=None,
+                next_attempt_at=utcnow() - timedelta(days=2)))
+        engine.dispose()
+        again = wait_for_exports(service, uid, "sent")
+    assert all(e["attempts"] == 1 for e in again)
+    assert {e["sop_instance_uid"] for e in again} == {e["sop_instance_uid"] for e in first}  # the same objects
+    assert {str(ds.SOPInstanceUID) for ds in pacs.received()} >= {e["sop_instance_uid"] for e in again}

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from pydicom import Dataset
@@ -25,14 +25,13 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.assembly import EnqueueExport
 from app.db.models import Export, ExportKind, ExportState, Instance, Result, Series, utcnow
 from app.dicom.push import push_datasets
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Hands a result id to the broker's export queue; raises when the broker is down.
-EnqueueExport = Callable[[int], Any]
 #: Sends datasets to the configured node: push_datasets' signature.
 Send = Callable[..., list[int]]
 #: Built and sent in this order: the SR references the SEG.
@@ -56,8 +55,9 @@ def backoff_seconds(attempts: int, settings: Settings) -> float:
 
 
 def create_exports(session_factory: sessionmaker[Session], job_id: int) -> int | None:
-    """Pending rows for the result of ``job_id`` (kinds it already has are kept); returns the
-    result id, None when the job has no result."""
+    """Pending rows for the result of ``job_id`` (kinds it already has are kept), due now; returns
+    the result id, None when the job has no result."""
+    now = utcnow()
     with session_factory.begin() as session:
         result = session.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none()
         if result is None:
@@ -73,13 +73,14 @@ def create_exports(session_factory: sessionmaker[Session], job_id: int) -> int |
             if kind.value not in existing:
                 session.add(Export(study_id=result.study_id, result_id=result.id, kind=kind.value,
                                    sop_instance_uid=str(generate_uid()), state=ExportState.pending.value,
-                                   attempts=0, created_at=utcnow()))
+                                   attempts=0, created_at=now, next_attempt_at=now))
         return result.id
 
 
 def queue_exports(session_factory: sessionmaker[Session], job_id: int, enqueue: EnqueueExport) -> None:
     """The hook after a scoring: rows, then the broker. Never raises: the scores are written
-    already, and rows left pending can be retried by an admin."""
+    already, and rows left pending go to the broker again with the outbox relay
+    (:func:`app.assembly.dispatch_overdue_exports`)."""
     try:
         result_id = create_exports(session_factory, job_id)
         if result_id is not None:
@@ -97,6 +98,7 @@ def reset_export(session_factory: sessionmaker[Session], export_id: int) -> Expo
             return None
         row.state = ExportState.pending.value
         row.attempts = 0
+        row.next_attempt_at = utcnow()
         session.flush()
         session.expunge(row)
         return row
@@ -242,6 +244,7 @@ def _record(session_factory: sessionmaker[Session], settings: Settings, result_i
                 continue  # an admin or another delivery got there first
             row.attempts += 1
             error = attempt.errors.get(export_id)
+            row.next_attempt_at = None
             if error is None:
                 row.state, row.sent_at, row.last_error = ExportState.sent.value, now, attempt.warnings.get(export_id)
             else:
@@ -250,6 +253,7 @@ def _record(session_factory: sessionmaker[Session], settings: Settings, result_i
                     row.state = ExportState.failed.value
                 else:
                     wait = backoff_seconds(row.attempts, settings)
+                    row.next_attempt_at = now + timedelta(seconds=wait)
                     retry_in = wait if retry_in is None else min(retry_in, wait)
             counts[ExportState(row.state)] += 1
     if attempted:

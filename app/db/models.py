@@ -250,6 +250,9 @@ class Export(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
+    #: When the next send is due while pending; the outbox relay hands overdue ones back to the
+    #: broker (a task lost with the broker, or never queued because it was down).
+    next_attempt_at: Mapped[datetime | None]
 
     study: Mapped[Study] = relationship(back_populates="exports")
 
