@@ -122,7 +122,9 @@ def request_rescore(session_factory: sessionmaker[Session], study_uid: str) -> i
     """Queue a new version of a study on demand. Returns the job id, or None if unknown."""
     now = utcnow()
     with session_factory.begin() as session:
-        study = session.execute(select(Study).where(Study.study_uid == study_uid).with_for_update()).scalar_one_or_none()
+        study = session.execute(
+            select(Study).where(Study.study_uid == study_uid).with_for_update()
+        ).scalar_one_or_none()
         if study is None:
             return None
         study.version += 1

@@ -80,7 +80,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from app.dicom.push import push_files
 
-    files = sorted(p for path in args.paths for p in (Path(path).rglob("*.dcm") if Path(path).is_dir() else [Path(path)]))
+    files = sorted(p for path in args.paths
+                   for p in (Path(path).rglob("*.dcm") if Path(path).is_dir() else [Path(path)]))
     statuses = push_files(files, host=args.host, port=args.port, called_aet=args.aet, calling_aet=args.calling_aet)
     failed = [s for s in statuses if s != 0]
     print(f"sent {len(statuses)} instances, {len(failed)} failed")

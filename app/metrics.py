@@ -49,7 +49,8 @@ class DatabaseCollector(Collector):
             timings = session.execute(
                 select(Result.timings).where(Result.created_at >= utcnow() - HISTOGRAM_WINDOW)).scalars().all()
 
-        instances = CounterMetricFamily("cttriage_instances_received", "DICOM instances received (unique SOP instances)")
+        instances = CounterMetricFamily("cttriage_instances_received",
+                                        "DICOM instances received (unique SOP instances)")
         instances.add_metric([], float(received[0]))
         yield instances
         deliveries = CounterMetricFamily("cttriage_instance_deliveries", "Instance deliveries, re-sends included")

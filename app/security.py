@@ -67,7 +67,9 @@ def revoke_api_key(session: Session, name: str) -> None:
 
 def authenticate(session: Session, key: str) -> Principal | None:
     digest = hash_key(key)
-    row = session.execute(select(ApiKey).where(ApiKey.key_sha256 == digest, ApiKey.revoked_at.is_(None))).scalar_one_or_none()
+    row = session.execute(
+        select(ApiKey).where(ApiKey.key_sha256 == digest, ApiKey.revoked_at.is_(None))
+    ).scalar_one_or_none()
     if row is None or not hmac.compare_digest(row.key_sha256, digest):
         return None
     return Principal(row.name, Role(row.role))

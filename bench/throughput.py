@@ -511,8 +511,8 @@ def poll_until_terminal(api: str, uids: set[str], interval: float, timeout: floa
             if dead:
                 raise RuntimeError(f"service process(es) exited during the run: {', '.join(dead)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(uids) - len(seen)} of {len(uids)} studies not terminal after {timeout:.0f} s:\n"
-                                   f"{describe_stuck(db_url, uids - set(seen))}")
+                raise TimeoutError(f"{len(uids) - len(seen)} of {len(uids)} studies not terminal after "
+                                   f"{timeout:.0f} s:\n{describe_stuck(db_url, uids - set(seen))}")
             time.sleep(interval)
 
 
@@ -785,7 +785,8 @@ def run_once(cfg: RunConfig, studies: list[StudyFiles], warmups: list[StudyFiles
         pusher = threading.Thread(target=push_all, args=(studies, dicom_port, pool, log, stop),
                                   name="pusher", daemon=True)
         pusher.start()
-        seen, api_states = poll_until_terminal(api_url, {s.uid for s in studies}, cfg.poll, cfg.timeout, processes, db_url)
+        seen, api_states = poll_until_terminal(api_url, {s.uid for s in studies}, cfg.poll, cfg.timeout, processes,
+                                               db_url)
         while pusher.is_alive():
             pusher.join(0.2)
         cpu, busy, wall = window.end()
@@ -1131,7 +1132,8 @@ def main(argv: list[str] | None = None) -> int:
         studies = generate_studies(workdir / "studies", args.studies, seed0=1000, label="s", **geometry)
         n_warm = max(worker_counts) if args.warmup is None else args.warmup
         warmups = generate_studies(workdir / "warmup", n_warm, seed0=9000, label="w", **geometry) if n_warm else []
-        drain = generate_studies(workdir / "drain", args.studies, seed0=5000, label="d", **geometry) if args.drain else []
+        drain = (generate_studies(workdir / "drain", args.studies, seed0=5000, label="d", **geometry)
+                 if args.drain else [])
         mb = sum(s.size_bytes for s in studies) / 1e6
         print(f"generated {len(studies)} studies ({args.slices} slices {args.size}x{args.size}, "
               f"{args.pixel_spacing} mm pixels, {args.slice_spacing} mm apart; {mb:.1f} MB) and {len(warmups)} "

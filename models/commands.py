@@ -163,8 +163,14 @@ def evaluate_command(
     echo: Print = print,
 ) -> dict[str, Any]:
     """Evaluate the threshold method and/or the networks; print the table, write JSON."""
-    from models.evaluation import evaluate, format_table, network_predictor, outcomes_json, summarize, \
-        threshold_predictor
+    from models.evaluation import (
+        evaluate,
+        format_table,
+        network_predictor,
+        outcomes_json,
+        summarize,
+        threshold_predictor,
+    )
 
     records = source.records()
     labelled = [r for r in records if r.covid is not None]

@@ -27,8 +27,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
-    EnhancedCTImageStorage,
     DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -682,7 +682,8 @@ def thick_datasets(
         slabs[i] = np.rint(phantom.hu[slab_of == i].mean(axis=0))
     z = bottom + (np.arange(n) + 0.5) * thickness_mm
     return _axial_series(
-        slabs, z, float(thickness_mm), spec, study, series_uid or generate_uid(), series_number, f"CHEST {thickness_mm:g}mm"
+        slabs, z, float(thickness_mm), spec, study, series_uid or generate_uid(), series_number,
+        f"CHEST {thickness_mm:g}mm"
     )
 
 

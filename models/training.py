@@ -33,6 +33,7 @@ from models.metrics import dice, roc_auc
 from models.multitask import MultitaskConfig, MultitaskNet, stack_slices
 from models.training_samples import PreparedSeries, lungs_batch, multitask_batch, multitask_pools
 
+
 @dataclass(frozen=True)
 class LrSchedule:
     """Piecewise-constant learning rate: ``initial`` until ``drop_at`` of the run, then ``later``."""

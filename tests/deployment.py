@@ -7,7 +7,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from tests.conftest import free_port
 from tests.service_process import API, ServiceProcess, cttriage, wait_healthy
 

@@ -24,7 +24,8 @@ from app.ingest import ReceivedInstance, record_instance
 
 def received(study: str, sop: str, series: str = "1.2.3.1") -> ReceivedInstance:
     return ReceivedInstance(
-        study_uid=study, series_uid=f"{study}.{series}", sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_uid=study, series_uid=f"{study}.{series}", sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", series_number=2, series_description="axial",
         accession_number="A1", study_date="20260101", study_description="CT chest", patient_age="054Y",
         patient_sex="F", headers=[],

@@ -26,8 +26,8 @@ import pytest
 from app.admin import directory_bytes
 from app.dicom.push import push_files
 from models.phantom import PhantomSpec, write_phantom
-from tests.service_process import ADMIN_KEY, API, wait_for_state, wait_until
 from tests import test_end_to_end
+from tests.service_process import ADMIN_KEY, API, wait_for_state, wait_until
 from tests.test_end_to_end import SMALL, Service, study_files
 
 #: The embedded service of the end-to-end tests (settle 3 s), one instance for this module.
@@ -189,7 +189,8 @@ def test_admin_api_roles_and_overview_numbers(service: Service, browser: Any, tm
     assert overview["queue"] == {"depth": 0, "pending": 0, "enqueued": 0, "running": 0}
     for window in ("hour", "day"):
         numbers = overview["throughput"][window]
-        assert (numbers["scored"], numbers["rejected"], numbers["failed"]) == (expected["scored"], expected["rejected"], 0)
+        counted = (numbers["scored"], numbers["rejected"], numbers["failed"])
+        assert counted == (expected["scored"], expected["rejected"], 0)
         latency = numbers["latency_seconds"]
         assert latency["count"] == expected["scored"]
         assert 0 < latency["p50"] <= latency["p95"] < 240  # settle (3 s) + queue + scoring
@@ -222,8 +223,9 @@ def test_admin_api_roles_and_overview_numbers(service: Service, browser: Any, tm
 
     # the admin page: tiles, the failure with its retry button (a new version, rejected again, audited)
     _retry_on_the_admin_page(service, browser, tmp_path, "ADMIN02")
-    wait_until(lambda: (s := API.get(f"{service.api}/api/studies/{lonely['study_instance_uid']}").json())["version"] == 2
-               and s["state"] == "rejected", 120, "the retry", logs=service.process.log)
+    lonely_url = f"{service.api}/api/studies/{lonely['study_instance_uid']}"
+    wait_until(lambda: (s := API.get(lonely_url).json())["version"] == 2 and s["state"] == "rejected", 120,
+               "the retry", logs=service.process.log)
     audit = API.get(f"{service.api}/api/admin/audit", params={"study_uid": lonely["study_instance_uid"]}).json()
     assert ("admin", "rescore") in [(a["actor"], a["action"]) for a in audit["items"]]
     assert API.get(f"{service.api}/api/admin/audit", params={"action": "export"}).json()["total"] == 2

@@ -414,7 +414,10 @@ def test_database_unreachable_is_out_of_resources(
 
 
 def test_unexpected_error_fails_and_keeps_serving(
-    start: Callable[..., Listener], series: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    start: Callable[..., Listener],
+    series: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     listener_ = start()
 

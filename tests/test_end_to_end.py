@@ -220,7 +220,8 @@ def test_duplicate_positions_are_rejected(service: Service, base_series: Path, t
 
 
 def test_non_dicom_and_truncated_uploads(service: Service, base_series: Path) -> None:
-    garbage = API.post(f"{service.api}/api/studies", files=[("files", ("notes.txt", b"not a dicom file", "text/plain"))])
+    garbage = API.post(f"{service.api}/api/studies",
+                       files=[("files", ("notes.txt", b"not a dicom file", "text/plain"))])
     assert garbage.status_code == 400
     assert garbage.headers["content-type"].startswith("application/problem+json")
     assert "not a readable DICOM" in garbage.json()["files"][0]["error"]

@@ -143,8 +143,9 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
         session.execute(
             update(Study)
             .where(Study.id == job.study_id, Study.version == job.study_version)
-            .values(state=StudyState.scored.value, reason=None, reason_code=None, scored_at=now, identification=score.identification,
-                    severity=sev.severity, severity_left=sev.severity_left, severity_right=sev.severity_right,
+            .values(state=StudyState.scored.value, reason=None, reason_code=None, scored_at=now,
+                    identification=score.identification, severity=sev.severity, severity_left=sev.severity_left,
+                    severity_right=sev.severity_right,
                     severity_band=band, priority=priority, method=score.method, model_version=score.model_version,
                     chosen_series_uid=score.series_uid)
         )

@@ -8,8 +8,7 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import __version__
-from app.api import routes_admin, routes_health, routes_pages, routes_studies
-from app.api import routes_exports
+from app.api import routes_admin, routes_exports, routes_health, routes_pages, routes_studies
 from app.api.problems import install_problem_handlers
 from app.assembly import Enqueue
 from app.settings import Settings

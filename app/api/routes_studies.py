@@ -15,9 +15,9 @@ from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
-from app.api.problems import problem
 from app.api.auth import Admin, Radiologist
 from app.api.deps import EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.problems import problem
 from app.api.schemas import (
     QuarantinedOut,
     RescoreAccepted,
@@ -31,8 +31,8 @@ from app.assembly import dispatch_pending_jobs, request_rescore
 from app.db.models import QuarantinedFile, Result, Study, StudyState
 from app.dicom.storage import IncomingFile
 from app.errors import InvalidDicomError, NotFoundError
-from app.security import record_audit
 from app.ingest import describe_instance, quarantine_bytes, store_instance
+from app.security import record_audit
 from app.worklist import worklist_order, worklist_query
 
 router = APIRouter(prefix="/api", tags=["studies"])

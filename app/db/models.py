@@ -121,7 +121,8 @@ class Study(Base):
         # The worklist order (app.api.routes_studies.worklist_order) as an index, so the first page
         # is an index scan at any size. SQLite already sorts NULLs last under DESC and cannot
         # say NULLS LAST in an index, hence one index per backend.
-        Index("ix_studies_worklist_pg", priority.desc().nulls_last(), first_received_at, id).ddl_if(dialect="postgresql"),
+        Index("ix_studies_worklist_pg", priority.desc().nulls_last(), first_received_at, id).ddl_if(
+            dialect="postgresql"),
         Index("ix_studies_worklist_sqlite", priority.desc(), first_received_at, id).ddl_if(dialect="sqlite"),
         Index("ix_studies_state_received", "state", "last_received_at"),
     )
