@@ -13,7 +13,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,7 +61,9 @@ class WorkerResources:
                                                                              "reason": str(exc)})
 
 
-def create_celery(settings: Settings) -> Celery:
+def create_celery(settings: Settings, resources: WorkerResources | None = None) -> Celery:
+    """The app, with its tasks bound to ``resources`` (the worker entry point passes the ones it
+    warms up at start; elsewhere tasks are only sent, and these are never built)."""
     app = Celery("cttriage", broker=settings.celery_broker_url)
     app.conf.update(
         task_acks_late=True,
@@ -88,8 +89,7 @@ def create_celery(settings: Settings) -> Celery:
         ),
         worker_hijack_root_logger=False,
     )
-    resources = WorkerResources(settings)
-    worker_process_init.connect(resources.warm_up, weak=False)  # fires only in worker processes
+    resources = resources or WorkerResources(settings)
 
     @app.task(name=SCORE_TASK, bind=True, max_retries=MAX_TRANSIENT_RETRIES)
     def score_study_task(self: Task, job_id: int) -> dict[str, Any]:
