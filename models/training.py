@@ -183,7 +183,7 @@ def train_lungs(
         _log_step(progress, options, step, report)
         if _validation_due(step, options):
             result = validate_lungs(model, val, device) if val else {"metric": "last_step", "value": float(step)}
-            _keep_if_best(model, result, step, options, target, report, progress)
+            keep_if_best(model, result, step, options, target, report, progress)
     report.seconds = time.perf_counter() - start
     return model, report
 
@@ -276,7 +276,7 @@ def train_multitask(
         _log_step(progress, options, step, report)
         if _validation_due(step, options):
             result = validate_multitask(model, val, device) if val else {"metric": "last_step", "value": float(step)}
-            _keep_if_best(model, result, step, options, target, report, progress)
+            keep_if_best(model, result, step, options, target, report, progress)
     report.seconds = time.perf_counter() - start
     return model, report
 
@@ -296,7 +296,7 @@ def _log_step(progress: Callable[[str], None] | None, options: TrainingOptions, 
                  f"lr {options.lr.at(step, options.steps):.1e}")
 
 
-def _keep_if_best(
+def keep_if_best(
     model: torch.nn.Module,
     result: dict[str, Any],
     step: int,
@@ -305,6 +305,8 @@ def _keep_if_best(
     report: TrainingReport,
     progress: Callable[[str], None] | None,
 ) -> None:
+    """Record one validation and save the network if it is the best so far: ties go to the later
+    step, and a value that could not be computed (NaN) never replaces a number."""
     result = {**result, "step": step + 1}
     report.validations.append(result)
     value = result["value"]
