@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import (
@@ -20,6 +20,7 @@ from app.assembly import (
 from app.db.models import Export, ExportState, Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
 from app.db.session import make_engine
 from app.ingest import ReceivedInstance, record_instance
+from worker.jobs import claim_job
 
 
 def received(study: str, sop: str, series: str = "1.2.3.1") -> ReceivedInstance:
@@ -124,6 +125,36 @@ def test_rescore_supersedes_pending_job(factory: sessionmaker[Session]) -> None:
         assert session.get(Job, job1).state == JobState.superseded.value
         assert session.get(Job, job2).study_version == 2
     assert request_rescore(factory, "9.9.9") is None
+
+
+def test_a_late_instance_while_a_worker_claims_the_job_is_never_lost(factory: sessionmaker[Session]) -> None:
+    """The listener reopens the study (version 2, receiving) just as a worker claims the version-1
+    job: the job is superseded and the study stays receiving, so it settles and is scored again."""
+    add(factory, received("1.9.9", "1.9.9.1"))
+    [job_id] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+    engine = factory.kw["bind"]
+    late = {"sent": False}
+
+    def late_instance_first(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        # Just before the claim's first write: the late instance commits on another connection.
+        if not late["sent"] and statement.lstrip().upper().startswith("UPDATE"):
+            late["sent"] = True
+            add(factory, received("1.9.9", "1.9.9.2"))
+
+    event.listen(engine, "before_cursor_execute", late_instance_first)
+    try:
+        assert claim_job(factory, job_id, worker="w") is None
+    finally:
+        event.remove(engine, "before_cursor_execute", late_instance_first)
+    assert late["sent"]
+    s = study(factory, "1.9.9")
+    assert (s.state, s.version, s.instance_count) == (StudyState.receiving.value, 2, 2)
+    with factory() as session:
+        assert session.get(Job, job_id).state == JobState.superseded.value
+    [job2] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+    claimed = claim_job(factory, job2, worker="w")
+    assert claimed is not None and claimed.study_version == 2
+    assert study(factory, "1.9.9").state == StudyState.processing.value
 
 
 def test_stale_jobs_go_back_to_the_outbox(factory: sessionmaker[Session]) -> None:

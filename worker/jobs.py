@@ -51,9 +51,17 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str) 
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
         if job is None or job.state in FINISHED:
             return None
-        study = session.get(Study, job.study_id)
-        assert study is not None
-        if study.version != job.study_version:
+        # One statement that checks the version and moves the study: a late instance may reopen the
+        # study (a new version, back to receiving) at any moment, and a check read before this write
+        # would let it be overwritten with `processing` by a job whose result no longer applies,
+        # leaving the study stuck there, never settled and never scored.
+        moved = session.execute(
+            update(Study)
+            .where(Study.id == job.study_id, Study.version == job.study_version)
+            .values(state=StudyState.processing.value)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not moved:
             job.state = JobState.superseded.value
             job.finished_at = utcnow()
             return None
@@ -61,7 +69,6 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str) 
         job.attempts += 1
         job.started_at = utcnow()
         job.worker = worker
-        study.state = StudyState.processing.value
         session.flush()
         session.expunge(job)
         return job
