@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.models import Instance, QuarantinedFile, Series, Study, StudyState, utcnow
 from app.db.upsert import dialect_name, ignoring_insert, insert_ignore
 from app.dicom.storage import (
+    MAX_UID_LENGTH,
     IncomingFile,
     ensure_free_space,
     instance_path,
@@ -79,6 +80,11 @@ def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance
         raise InvalidDicomError(f"instance lacks {', '.join(missing)}")
     headers = slice_headers(ds)
     first = headers[0]  # every frame shares the instance-level fields
+    uids = {"StudyInstanceUID": first.study_uid, "SeriesInstanceUID": first.series_uid,
+            "SOPInstanceUID": first.sop_instance_uid, "SOPClassUID": first.sop_class_uid}
+    too_long = [keyword for keyword, uid in uids.items() if len(uid) > MAX_UID_LENGTH]
+    if too_long:  # not a UID (PS3.5 9.1); a retry would not change that, so it is no 'retry later'
+        raise InvalidDicomError(f"{', '.join(too_long)} longer than {MAX_UID_LENGTH} characters")
     return ReceivedInstance(
         study_uid=first.study_uid,
         series_uid=first.series_uid,

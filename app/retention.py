@@ -15,7 +15,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Study, StudyState, utcnow
-from app.dicom.storage import sanitize_uid
+from app.dicom.storage import storage_name
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def purge_expired_studies(session_factory: sessionmaker[Session], storage_root: 
                 .values(files_purged_at=now)
             ).rowcount
             if claimed:
-                shutil.rmtree(storage_root / sanitize_uid(study_uid), ignore_errors=True)
+                shutil.rmtree(storage_root / storage_name(study_uid), ignore_errors=True)
                 purged += 1
     if purged:
         log.info("expired studies purged from storage", extra={"count": purged})

@@ -340,6 +340,40 @@ def test_missing_uid_cannot_be_understood(
     assert listener_.store(series) == [STATUS_SUCCESS] * len(series)
 
 
+def test_overlong_uid_cannot_be_understood(start: Callable[..., Listener], tmp_path: Path, series: list[Path]) -> None:
+    """A 'UID' over 64 characters is no UID: refused for good and kept (0xC000, quarantine), not
+    'retry later', which PostgreSQL's 64-character column made it before, on every retry."""
+    listener_ = start()
+    ds = pydicom.dcmread(series[0])
+    ds.StudyInstanceUID = "1.2." + "9" * 70
+    bad = tmp_path / "long.dcm"
+    write_file(ds, bad)
+    assert listener_.store([bad]) == [STATUS_CANNOT_UNDERSTAND]
+    assert listener_.count(Instance) == 0
+    [kept] = listener_.rows(QuarantinedFile)
+    assert "StudyInstanceUID longer than 64 characters" in kept.reason
+
+
+def test_malformed_uids_never_share_a_file(start: Callable[..., Listener], tmp_path: Path, series: list[Path]) -> None:
+    """Two instances whose UIDs differ only where a file name cannot follow ('/' and '_' both
+    became '_') are two files; before, the second overwrote the first and both were answered success."""
+    listener_ = start()
+    sent = []
+    for index, tail in enumerate(("4/5", "4_5")):
+        ds = pydicom.dcmread(series[index])
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.2.1125.{tail}"
+        path = tmp_path / f"odd{index}.dcm"
+        write_file(ds, path)
+        sent.append(path)
+    assert listener_.store(sent) == [STATUS_SUCCESS] * 2
+    rows = {row.sop_instance_uid: row for row in listener_.rows(Instance)}
+    assert len(rows) == 2 and len({row.path for row in rows.values()}) == 2
+    for path in sent:
+        stored = Path(rows[pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID].path)
+        assert stored.parent.parent.parent == listener_.settings.storage_root  # '/' made no folder
+        assert dataset_bytes(stored) == dataset_bytes(path)
+
+
 def test_undecodable_dataset_is_quarantined(start: Callable[..., Listener], tmp_path: Path) -> None:
     listener_ = start()
     ds = ct_slice(generate_uid(), generate_uid(), 0)

@@ -16,6 +16,7 @@ from app.dicom.storage import (
     IncomingFile,
     instance_path,
     remove_abandoned_incoming,
+    storage_name,
     write_atomic,
 )
 from app.retention import purge_expired_studies
@@ -100,3 +101,15 @@ def test_incoming_file_is_kept_only_once_recorded(tmp_path: Path) -> None:
     with IncomingFile(tmp_path, b"DICM never placed", min_free_bytes=0):
         assert len(list((tmp_path / INCOMING_DIR).iterdir())) == 1
     assert not list((tmp_path / INCOMING_DIR).iterdir())
+
+
+def test_storage_names_are_unique_and_stay_in_their_folder() -> None:
+    """Retention deletes a study's folder: no two UIDs may share one, nor take a reserved name."""
+    assert storage_name("1.2.840.113619.2.55.3") == "1.2.840.113619.2.55.3"  # well-formed: itself
+    odd = ["1.2/3", "1.2_3", "1.2 3", "..", ".", "", "_derived", "_quarantine", ".incoming",
+           "1." + "2" * 70, "1." + "2" * 70 + "3", "../../etc"]
+    names = [storage_name(uid) for uid in odd]
+    assert len(set(names)) == len(odd)
+    assert not {"_derived", "_quarantine", ".incoming", "1.2_3", ".", ".."} & set(names)
+    for name in names:
+        assert "/" not in name and name.strip(".") and len(name) <= 64

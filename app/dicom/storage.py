@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -14,16 +15,27 @@ from pathlib import Path
 from app.errors import StorageFullError, StorageWriteError
 
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
+#: A UID as PS3.5 9.1 writes it: digits in dot-separated components, at most 64 characters.
+_UID_FORM = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+MAX_UID_LENGTH = 64
 
 
-def sanitize_uid(uid: str) -> str:
-    """UIDs come from the network: keep them from escaping the storage root or naming '..'."""
-    cleaned = _UID_SAFE.sub("_", uid.strip())[:64].strip(".")
-    return cleaned or "_"
+def storage_name(uid: str) -> str:
+    """The file or folder name that stands for ``uid`` under the storage root.
+
+    A well-formed UID is its own name. Anything else comes from the network unchecked, so it is
+    made safe (no '/', never '..') and given a hash of the original: two UIDs then never share a
+    name (retention deletes whole study folders, and a shared file would be overwritten), and none
+    can take the name of ``.incoming``, ``_derived`` or ``_quarantine``.
+    """
+    if len(uid) <= MAX_UID_LENGTH and _UID_FORM.fullmatch(uid):
+        return uid
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{_UID_SAFE.sub('_', uid)[:40].strip('.')}~{digest}"
 
 
 def instance_path(root: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
-    return root / sanitize_uid(study_uid) / sanitize_uid(series_uid) / f"{sanitize_uid(sop_instance_uid)}.dcm"
+    return root / storage_name(study_uid) / storage_name(series_uid) / f"{storage_name(sop_instance_uid)}.dcm"
 
 
 def quarantine_path(root: Path) -> Path:
@@ -78,13 +90,15 @@ class IncomingFile:
     """
 
     def __init__(self, root: Path, data: bytes, *, min_free_bytes: int) -> None:
-        ensure_free_space(root, len(data), min_free_bytes)
         self.size = len(data)
         self._tmp = root / INCOMING_DIR / f"{uuid.uuid4().hex}.tmp"
         self._fd: int | None = None  # open until place() or discard()
         self._placed: tuple[Path, int] | None = None  # path and inode of a file placed where none was
         self._kept = False
         try:
+            # Inside the try: a storage volume that is gone or failing (EIO, a stale NFS handle) is a
+            # reason to retry later (out of resources), not a dataset we cannot understand.
+            ensure_free_space(root, len(data), min_free_bytes)
             _make_dirs_durable(self._tmp.parent)
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             _write_all(self._fd, data)
