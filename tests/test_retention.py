@@ -7,6 +7,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,6 +20,7 @@ from app.dicom.storage import (
     storage_name,
     write_atomic,
 )
+from app.errors import StorageWriteError
 from app.retention import purge_expired_studies
 from app.settings import Settings
 
@@ -113,3 +115,12 @@ def test_storage_names_are_unique_and_stay_in_their_folder() -> None:
     assert not {"_derived", "_quarantine", ".incoming", "1.2_3", ".", ".."} & set(names)
     for name in names:
         assert "/" not in name and name.strip(".") and len(name) <= 64
+
+
+def test_a_storage_root_that_fails_is_retried_later(tmp_path: Path) -> None:
+    """A storage volume that is gone or failing answers 'out of resources' (the PACS retries), not
+    'cannot understand' (it gives up): the free-space check's own errors included."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"")
+    with pytest.raises(StorageWriteError):
+        IncomingFile(blocker / "storage", b"DICM", min_free_bytes=0)
