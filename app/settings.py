@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     inplane_spacing_mm: float = 2.0
     #: A processing study older than this is assumed lost by its worker and re-queued.
     processing_timeout_seconds: float = 1800.0
+    #: A job whose attempts keep ending without an outcome (worker killed, out of memory, timed
+    #: out) fails its study with that reason after this many, instead of coming back forever.
+    job_max_attempts: int = Field(default=5, ge=1)
     #: Celery queue of the scoring task (GPU workers in production).
     scoring_queue: str = "gpu"
     #: Worker processes in the embedded mode.

@@ -20,7 +20,8 @@ from app.assembly import (
 from app.db.models import Export, ExportState, Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
 from app.db.session import make_engine
 from app.ingest import ReceivedInstance, record_instance
-from worker.jobs import claim_job
+from app.settings import Settings
+from worker.jobs import claim_job, run_job
 
 
 def received(study: str, sop: str, series: str = "1.2.3.1") -> ReceivedInstance:
@@ -143,7 +144,7 @@ def test_a_late_instance_while_a_worker_claims_the_job_is_never_lost(factory: se
 
     event.listen(engine, "before_cursor_execute", late_instance_first)
     try:
-        assert claim_job(factory, job_id, worker="w") is None
+        assert claim_job(factory, job_id, worker="w", max_attempts=5) is None
     finally:
         event.remove(engine, "before_cursor_execute", late_instance_first)
     assert late["sent"]
@@ -152,9 +153,46 @@ def test_a_late_instance_while_a_worker_claims_the_job_is_never_lost(factory: se
     with factory() as session:
         assert session.get(Job, job_id).state == JobState.superseded.value
     [job2] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
-    claimed = claim_job(factory, job2, worker="w")
+    claimed = claim_job(factory, job2, worker="w", max_attempts=5)
     assert claimed is not None and claimed.study_version == 2
     assert study(factory, "1.9.9").state == StudyState.processing.value
+
+
+def test_a_job_that_never_finishes_fails_its_study_after_its_attempts(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Out of memory or a lost worker, again and again: the study fails with the reason after
+    job_max_attempts instead of holding a worker up every processing timeout, forever."""
+    settings = Settings(data_dir=tmp_path / "data", job_max_attempts=3)
+    add(factory, received("1.9.10", "1.9.10.1"))
+    [job_id] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+
+    def out_of_memory() -> None:
+        raise MemoryError
+
+    # A worker that runs out of memory hands the job back at once, with the reason.
+    for attempt in (1, 2):
+        outcome = run_job(job_id, factory, settings, worker="w", networks=out_of_memory)
+        assert (outcome.status, outcome.reason) == ("retry", "out of memory while scoring")
+        with factory() as session:
+            job = session.get(Job, job_id)
+            assert (job.state, job.attempts, job.error) == (JobState.pending.value, attempt, outcome.reason)
+        assert study(factory, "1.9.10").state == StudyState.processing.value
+    # A worker that vanishes: the sweeper puts the job back after the processing timeout.
+    assert claim_job(factory, job_id, worker="w", max_attempts=3) is not None
+    assert requeue_stale_jobs(factory, timeout_seconds=60, now=utcnow() + timedelta(seconds=61)) == 1
+
+    assert run_job(job_id, factory, settings, worker="w", networks=out_of_memory).status == "skipped"
+    s = study(factory, "1.9.10")
+    assert (s.state, s.reason_code) == (StudyState.failed.value, "AttemptsExhausted")
+    assert s.reason is not None and "gave up after 3 attempts" in s.reason and "no worker finished it" in s.reason
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts) == (JobState.failed.value, 3)
+    assert run_job(job_id, factory, settings, worker="w").status == "skipped"  # and stays failed
+    # A rescore is a new job with its own attempts.
+    job2 = request_rescore(factory, "1.9.10")
+    assert job2 is not None and claim_job(factory, job2, worker="w", max_attempts=3) is not None
 
 
 def test_stale_jobs_go_back_to_the_outbox(factory: sessionmaker[Session]) -> None:

@@ -41,15 +41,32 @@ FINISHED = (JobState.done.value, JobState.superseded.value, JobState.failed.valu
 @dataclass(frozen=True)
 class JobOutcome:
     job_id: int
-    status: str  # scored, rejected, failed, skipped
+    status: str  # scored, rejected, failed, skipped, retry
     reason: str | None = None
 
 
-def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str) -> Job | None:
-    """Mark the job running and its study processing; None when there is nothing to do."""
+def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, *, max_attempts: int) -> Job | None:
+    """Mark the job running and its study processing; None when there is nothing to do.
+
+    A job already tried ``max_attempts`` times fails its study instead: each attempt ended without
+    an outcome (the worker was killed, ran out of memory or timed out), and one more would only
+    hold a worker up again.
+    """
     with session_factory.begin() as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
         if job is None or job.state in FINISHED:
+            return None
+        if job.attempts >= max_attempts:
+            reason = (f"gave up after {job.attempts} attempts that ended without a result (worker lost, out of "
+                      f"memory or timed out); last: {job.error or 'no error recorded'}")
+            job.state, job.error, job.finished_at = JobState.failed.value, reason, utcnow()
+            session.execute(
+                update(Study)
+                .where(Study.id == job.study_id, Study.version == job.study_version)
+                .values(state=StudyState.failed.value, reason=reason, reason_code="AttemptsExhausted")
+                .execution_options(synchronize_session=False)
+            )
+            log.warning("job failed: attempts exhausted", extra={"job_id": job_id, "attempts": job.attempts})
             return None
         # One statement that checks the version and moves the study: a late instance may reopen the
         # study (a new version, back to receiving) at any moment, and a check read before this write
@@ -72,6 +89,16 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str) 
         session.flush()
         session.expunge(job)
         return job
+
+
+def release_job(session_factory: sessionmaker[Session], job: Job, reason: str) -> None:
+    """Hand a running job back to the outbox with the reason its attempt ended; the dispatcher
+    queues it again and :func:`claim_job` counts the attempts."""
+    with session_factory.begin() as session:
+        session.execute(
+            update(Job).where(Job.id == job.id, Job.state == JobState.running.value)
+            .values(state=JobState.pending.value, error=reason)
+        )
 
 
 def study_slices(session_factory: sessionmaker[Session], study_id: int) -> tuple[list[SliceHeader], dict[str, Path]]:
@@ -182,11 +209,11 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
     called inside the job, so unusable configured weights fail the job with their reason.
     ``export`` hands a result to the export queue (results back to the PACS, when enabled).
     """
-    job = claim_job(session_factory, job_id, worker or socket.gethostname())
+    job = claim_job(session_factory, job_id, worker or socket.gethostname(), max_attempts=settings.job_max_attempts)
     if job is None:
         return JobOutcome(job_id, "skipped")
-    slices, paths = study_slices(session_factory, job.study_id)
     try:
+        slices, paths = study_slices(session_factory, job.study_id)
         score = score_study(
             slices, paths, min_slices=settings.min_slices, inplane_spacing_mm=settings.inplane_spacing_mm,
             on_selection=lambda selection: record_selection(session_factory, job, selection),
@@ -196,8 +223,13 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
         log.info("study rejected", extra={"job_id": job_id, "reason_type": type(exc).__name__})
         finish_with_error(session_factory, job, StudyState.rejected, str(exc), type(exc).__name__)
         return JobOutcome(job_id, "rejected", str(exc))
-    except (DBAPIError, MemoryError):
-        raise  # transient or resource trouble: the task retries, the study stays processing
+    except DBAPIError:
+        raise  # transient: the task retries, the study stays processing
+    except MemoryError:  # maybe only this worker's moment: try again, up to job_max_attempts
+        reason = "out of memory while scoring"
+        log.warning("scoring ran out of memory", extra={"job_id": job_id, "attempt": job.attempts})
+        release_job(session_factory, job, reason)
+        return JobOutcome(job_id, "retry", reason)
     except Exception as exc:  # a bug or an input we did not foresee: fail visibly, keep the data
         reason = f"scoring failed: {type(exc).__name__}: {exc}"
         log.exception("scoring failed", extra={"job_id": job_id})
