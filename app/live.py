@@ -19,7 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Hashable
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -69,22 +69,24 @@ class WorklistWatcher:
             return worklist_signature(session)
 
     async def _poll(self) -> None:
-        while self._listeners > 0:
-            try:
-                signature = await run_in_threadpool(self._read_signature)
-            except DBAPIError as exc:  # database away: keep the last view, try again
-                log.warning("worklist signature unavailable", extra={"error": type(exc).__name__})
-                signature = self._signature
-            if self._signature is None:  # (re)started: this is the baseline
-                self._signature = signature
-            elif signature != self._signature:
-                self._signature = signature
-                self.generation += 1
-                async with self._changed:
-                    self._changed.notify_all()
-            self._primed.set()
-            await asyncio.sleep(self.interval)
-        self._task = None
+        try:
+            while self._listeners > 0:
+                try:
+                    signature = await run_in_threadpool(self._read_signature)
+                except SQLAlchemyError as exc:  # database away or pool exhausted: keep the last view, retry
+                    log.warning("worklist signature unavailable", extra={"error": type(exc).__name__})
+                    signature = self._signature
+                if self._signature is None:  # (re)started: this is the baseline
+                    self._signature = signature
+                elif signature != self._signature:
+                    self._signature = signature
+                    self.generation += 1
+                    async with self._changed:
+                        self._changed.notify_all()
+                self._primed.set()
+                await asyncio.sleep(self.interval)
+        finally:  # whatever ended it, the next listener starts a new watch
+            self._task = None
 
     async def changes(self, heartbeat: float = 15.0) -> AsyncIterator[int | None]:
         """Yield the generation once the watch is on (load the worklist now), then again after

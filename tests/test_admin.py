@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, update
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.admin import percentile
@@ -332,6 +333,34 @@ def test_signature_moves_with_every_worklist_change(setup: Setup) -> None:
     seen.append(signature())
     assert len(set(seen)) == len(seen)
     assert signature() == seen[-1]  # and it stays put while nothing happens
+
+
+def test_watcher_survives_an_exhausted_connection_pool(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool timeout (every connection busy under a C-STORE burst) is no DBAPIError; it ended the
+    watch for good before, and open worklists silently stopped updating until a restart."""
+    calls = {"n": 0}
+    real = WorklistWatcher._read_signature
+
+    def busy_once(self: WorklistWatcher) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise PoolTimeoutError("QueuePool limit reached")
+        return real(self)
+
+    monkeypatch.setattr(WorklistWatcher, "_read_signature", busy_once)
+
+    async def scenario() -> None:
+        watcher = WorklistWatcher(setup.factory, interval=0.05)
+        changes = watcher.changes(heartbeat=2.0)
+        first = await anext(changes)
+        await asyncio.sleep(0.3)  # the failing poll has come and gone
+        assert calls["n"] > 2 and watcher._task is not None
+        await asyncio.to_thread(setup.client.post, "/api/admin/studies/1.4/retry", headers=setup.admin)
+        woke = await asyncio.wait_for(anext(changes), 2)
+        assert woke is not None and woke > first
+        await changes.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_watcher_wakes_listeners_on_change_only(setup: Setup) -> None:
