@@ -335,6 +335,33 @@ def test_signature_moves_with_every_worklist_change(setup: Setup) -> None:
     assert signature() == seen[-1]  # and it stays put while nothing happens
 
 
+def test_every_error_is_a_problem_without_the_values_sent(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unknown routes, wrong methods, invalid parameters and bugs answer application/problem+json
+    like the typed errors, with a string detail the pages can show, never quoting what was sent."""
+    def is_problem(response: Any, status: int) -> dict[str, Any]:
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        body = response.json()
+        assert body["status"] == status and isinstance(body["title"], str)
+        assert isinstance(body.get("detail", ""), str)
+        return body
+
+    assert is_problem(setup.client.get("/api/no-such-thing", headers=setup.admin), 404)["title"] == "Not Found"
+    wrong_method = setup.client.delete("/api/worklist", headers=setup.admin)
+    is_problem(wrong_method, 405)
+    assert "GET" in wrong_method.headers["allow"]
+    invalid = is_problem(setup.client.get("/api/worklist?limit=-7777777", headers=setup.admin), 422)
+    assert "limit" in invalid["detail"] and "7777777" not in json.dumps(invalid)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("Doe^Jane 1970-01-01")  # a bug whose message quotes patient data
+
+    monkeypatch.setattr("app.api.routes_studies.worklist_query", broken)
+    client = TestClient(setup.client.app, raise_server_exceptions=False)
+    failed = is_problem(client.get("/api/worklist", headers=setup.admin), 500)
+    assert "Doe" not in json.dumps(failed)
+
+
 def test_watcher_survives_an_exhausted_connection_pool(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pool timeout (every connection busy under a C-STORE burst) is no DBAPIError; it ended the
     watch for good before, and open worklists silently stopped updating until a restart."""
