@@ -32,7 +32,7 @@ from app.dicom.storage import (
     write_atomic,
 )
 from app.errors import DatabaseUnavailableError, InvalidDicomError
-from models.dicom_headers import slice_headers
+from models.dicom_headers import MAX_FRAMES, slice_headers
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,12 @@ def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not ds.get(k)]
     if missing:
         raise InvalidDicomError(f"instance lacks {', '.join(missing)}")
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        frames = 1  # unreadable: the header reader takes it as a single frame too
+    if frames > MAX_FRAMES:  # a header is stored per frame
+        raise InvalidDicomError(f"NumberOfFrames {frames} is more than the {MAX_FRAMES} accepted")
     headers = slice_headers(ds)
     first = headers[0]  # every frame shares the instance-level fields
     uids = {"StudyInstanceUID": first.study_uid, "SeriesInstanceUID": first.series_uid,

@@ -36,6 +36,10 @@ SPACING_ABS_TOLERANCE_MM = 0.1
 #: Positions may drift off the slice normal by this angle before the stack counts as tilted
 #: (gantry tilt or a sheared stack). Real tilts are 5-30 degrees; rounding stays far below 1.
 MAX_TILT_DEG = 1.0
+#: Frames one instance may claim: a header is kept per frame, so NumberOfFrames is not taken on
+#: trust (a 700-byte file claiming 10^8 frames would fill memory). Enhanced CT of a whole body at
+#: 0.5 mm has about 4,000.
+MAX_FRAMES = 10_000
 #: Direction cosines and pixel spacings that differ by less than this are "the same".
 ORIENTATION_TOLERANCE = 1e-3
 PIXEL_SPACING_REL_TOLERANCE = 1e-3

@@ -354,6 +354,22 @@ def test_overlong_uid_cannot_be_understood(start: Callable[..., Listener], tmp_p
     assert "StudyInstanceUID longer than 64 characters" in kept.reason
 
 
+def test_a_claim_of_countless_frames_cannot_be_understood(
+    start: Callable[..., Listener], tmp_path: Path, series: list[Path]
+) -> None:
+    """A header is stored per frame: a small file claiming 100,000 frames is refused and kept, not
+    turned into 100,000 headers (or, at 10^8, all the listener's memory)."""
+    listener_ = start()
+    ds = pydicom.dcmread(series[0])
+    ds.NumberOfFrames = 100_000
+    bad = tmp_path / "frames.dcm"
+    write_file(ds, bad)
+    assert listener_.store([bad]) == [STATUS_CANNOT_UNDERSTAND]
+    assert listener_.count(Instance) == 0
+    [kept] = listener_.rows(QuarantinedFile)
+    assert "NumberOfFrames 100000 is more than the 10000 accepted" in kept.reason
+
+
 def test_malformed_uids_never_share_a_file(start: Callable[..., Listener], tmp_path: Path, series: list[Path]) -> None:
     """Two instances whose UIDs differ only where a file name cannot follow ('/' and '_' both
     became '_') are two files; before, the second overwrote the first and both were answered success."""
