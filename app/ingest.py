@@ -163,6 +163,7 @@ _STUDY_GREW = (
         reason=case((_LEFT_RECEIVING, null()), else_=_STUDIES.c.reason),
         reason_code=case((_LEFT_RECEIVING, null()), else_=_STUDIES.c.reason_code),
         state=StudyState.receiving.value,
+        files_purged_at=null(),  # retention removed the earlier files: these are kept again
     )
 )
 

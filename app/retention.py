@@ -1,5 +1,6 @@
 """Storage lifecycle: received files stay until their study is scored or rejected, plus a
-retention period; then the files go and the rows (scores, reasons, history) stay.
+retention period; then the files and the instance rows that index them go, and the rest (scores,
+reasons, series, history) stays.
 
 Failed studies are never purged here: their data waits for a rescore or an explicit rejection.
 """
@@ -11,10 +12,10 @@ import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Study, StudyState, utcnow
+from app.db.models import Instance, Series, Study, StudyState, utcnow
 from app.dicom.storage import storage_name
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,16 @@ def purge_expired_studies(session_factory: sessionmaker[Session], storage_root: 
             # Only if still finished and quiet: a late instance reopens the study and keeps its files.
             claimed = session.execute(
                 update(Study)
-                .where(Study.id == study_id, Study.state.in_(PURGEABLE), Study.last_received_at <= cutoff)
-                .values(files_purged_at=now)
+                .where(Study.id == study_id, Study.state.in_(PURGEABLE), Study.last_received_at <= cutoff,
+                       or_(Study.scored_at.is_(None), Study.scored_at <= cutoff))  # not rescored meanwhile
+                .values(files_purged_at=now, instance_count=0)
             ).rowcount
             if claimed:
+                # The instance rows only index files: they go with them. An instance sent again
+                # later is then new, reopens the study (a new version, files_purged_at cleared) and
+                # is scored on what is on disk, never on rows whose files are gone.
+                session.execute(delete(Instance).where(Instance.study_id == study_id))
+                session.execute(update(Series).where(Series.study_id == study_id).values(instance_count=0))
                 shutil.rmtree(storage_root / storage_name(study_uid), ignore_errors=True)
                 purged += 1
     if purged:

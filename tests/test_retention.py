@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Study, StudyState, utcnow
+from app.assembly import queue_settled_studies
+from app.db.models import Instance, Study, StudyState, utcnow
 from app.dicom.storage import (
     INCOMING_DIR,
     IncomingFile,
@@ -21,8 +22,10 @@ from app.dicom.storage import (
     write_atomic,
 )
 from app.errors import StorageWriteError
+from app.ingest import ReceivedInstance, store_instance
 from app.retention import purge_expired_studies
 from app.settings import Settings
+from worker.jobs import study_slices
 
 
 def make_study(factory: sessionmaker[Session], root: Path, uid: str, state: StudyState, age_days: float) -> Path:
@@ -124,3 +127,74 @@ def test_a_storage_root_that_fails_is_retried_later(tmp_path: Path) -> None:
     blocker.write_bytes(b"")
     with pytest.raises(StorageWriteError):
         IncomingFile(blocker / "storage", b"DICM", min_free_bytes=0)
+
+
+def test_a_study_sent_again_after_its_files_were_purged_is_kept_and_scored_anew(
+    sqlite_settings: Settings, sqlite_factory: sessionmaker[Session]
+) -> None:
+    """Retention removed the files (and the instance rows indexing them); a month later the PACS
+    sends the study again. Before, the re-sends only counted up on rows whose files were gone:
+    nothing was rescored and the new files were never purged again."""
+    root = sqlite_settings.storage_root
+
+    def send(sop: str, when: datetime) -> None:
+        received = ReceivedInstance(
+            study_uid="1.7", series_uid="1.7.1", sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", series_number=1, series_description=None,
+            accession_number=None, study_date=None, study_description=None, patient_age=None, patient_sex=None,
+            headers=[])
+        with IncomingFile(root, b"DICM " + sop.encode(), min_free_bytes=0) as incoming:
+            store_instance(incoming, received, storage_root=root, session_factory=sqlite_factory, source="test",
+                           calling_aet=None)
+        with sqlite_factory.begin() as session:  # as if received then
+            session.execute(update(Study).values(last_received_at=when))
+
+    old = utcnow() - timedelta(days=40)
+    send("1.7.1.1", old)
+    send("1.7.1.2", old)
+    with sqlite_factory.begin() as session:
+        session.execute(update(Study).values(state=StudyState.scored.value, scored_at=old))
+    first_file = instance_path(root, "1.7", "1.7.1", "1.7.1.1")
+    assert first_file.exists()
+
+    assert purge_expired_studies(sqlite_factory, root, retention_days=30) == 1
+    assert not first_file.exists()
+    with sqlite_factory() as session:
+        study = session.execute(select(Study)).scalar_one()
+        assert study.files_purged_at is not None and study.instance_count == 0
+        assert session.execute(select(func.count()).select_from(Instance)).scalar() == 0
+        version = study.version
+
+    send("1.7.1.1", utcnow())  # sent again
+    with sqlite_factory() as session:
+        study = session.execute(select(Study)).scalar_one()
+        assert (study.state, study.version, study.instance_count) == (StudyState.receiving.value, version + 1, 1)
+        assert study.files_purged_at is None
+    [job_id] = queue_settled_studies(sqlite_factory, 0.0, now=utcnow() + timedelta(seconds=5))
+    with sqlite_factory() as session:
+        study_id = session.execute(select(Study.id)).scalar_one()
+    _slices, paths = study_slices(sqlite_factory, study_id)
+    assert list(paths) == ["1.7.1.1"] and paths["1.7.1.1"].read_bytes() == b"DICM 1.7.1.1"
+
+    with sqlite_factory.begin() as session:  # scored again, and in time purged again
+        session.execute(update(Study).values(state=StudyState.scored.value, scored_at=old, last_received_at=old))
+    assert purge_expired_studies(sqlite_factory, root, retention_days=30) == 1
+    assert not first_file.exists()
+    assert job_id > 0
+
+
+def test_a_study_rescored_during_the_purge_pass_keeps_its_files(
+    sqlite_settings: Settings, sqlite_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = sqlite_settings.storage_root
+    path = make_study(sqlite_factory, root, "1.8", StudyState.scored, 40)
+    real_begin = sqlite_factory.begin
+
+    def rescored_first() -> object:  # between the pass's read and its claim, a rescore finishes
+        with real_begin() as session:
+            session.execute(update(Study).values(scored_at=utcnow()))
+        return real_begin()
+
+    monkeypatch.setattr(sqlite_factory, "begin", rescored_first)
+    assert purge_expired_studies(sqlite_factory, root, retention_days=30) == 0
+    assert path.exists()
