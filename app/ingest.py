@@ -141,23 +141,34 @@ def _insert_into_known_series(dialect: str) -> Any:
     )
 
 
+_FILED_UNDER = select(_INSTANCES.c.study_id, _INSTANCES.c.series_id).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("uid"))
+# A re-send's bytes replace the file: its row describes them (the encoding may differ), and says
+# where the instance is filed now (a PACS merge or split moves instances, keeping their UIDs).
 _RESENT = (
     update(_INSTANCES)
     .where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
-    .values(receive_count=_INSTANCES.c.receive_count + 1, received_at=bindparam("now"))
+    .values(receive_count=_INSTANCES.c.receive_count + 1, received_at=bindparam("now"),
+            study_id=bindparam("sid"), series_id=bindparam("seid"), path=bindparam("path"),
+            size_bytes=bindparam("size_bytes"), transfer_syntax_uid=bindparam("transfer_syntax_uid"),
+            headers=bindparam("headers", type_=_INSTANCES.c.headers.type))
+)
+_SERIES_SHRANK = (
+    update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count - 1)
 )
 _STUDY_TOUCHED = update(_STUDIES).where(_STUDIES.c.id == bindparam("sid")).values(last_received_at=bindparam("now"))
 _SERIES_GREW = (
     update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count + 1)
 )
-# A new instance for a study that already left `receiving` reopens it as a new version to score.
-# (Every SET expression reads the row as it was, on PostgreSQL and SQLite alike.)
+# A new instance for a study that already left `receiving` reopens it as a new version to score;
+# so does one that moved away to another study. (Every SET expression reads the row as it was,
+# on PostgreSQL and SQLite alike.)
 _LEFT_RECEIVING = _STUDIES.c.state != StudyState.receiving.value
 _STUDY_GREW = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("sid"))
     .values(
-        instance_count=_STUDIES.c.instance_count + 1,
+        instance_count=_STUDIES.c.instance_count + bindparam("by"),
         last_received_at=bindparam("now"),
         version=case((_LEFT_RECEIVING, _STUDIES.c.version + 1), else_=_STUDIES.c.version),
         reason=case((_LEFT_RECEIVING, null()), else_=_STUDIES.c.reason),
@@ -243,11 +254,30 @@ def record_instance(
             session, Instance, {**instance, "study_id": study_id, "series_id": series_id}, "sop_instance_uid"
         )
         if not inserted:
-            session.execute(_RESENT, {"uid": received.sop_instance_uid, "now": now})
-            session.execute(_STUDY_TOUCHED, {"sid": study_id, "now": now})
-            return True
+            return _record_resend(session, instance, study_id, series_id, now)
     session.execute(_SERIES_GREW, {"seid": series_id})
-    session.execute(_STUDY_GREW, {"sid": study_id, "now": now})
+    session.execute(_STUDY_GREW, {"sid": study_id, "now": now, "by": 1})
+    return False
+
+
+def _record_resend(session: Connection | Session, instance: dict[str, Any], study_id: int, series_id: int,
+                   now: datetime) -> bool:
+    """A SOP instance received before: refresh its row. Filed where it was, that is all (a retry,
+    no rescore); filed under another study or series now, it moves there, and both studies are
+    reopened to be scored on what they now hold. Returns True for a plain re-send."""
+    old_study_id, old_series_id = session.execute(_FILED_UNDER, {"uid": instance["sop_instance_uid"]}).one()
+    session.execute(_RESENT, {
+        "uid": instance["sop_instance_uid"], "now": now, "sid": study_id, "seid": series_id, "path": instance["path"],
+        "size_bytes": instance["size_bytes"], "transfer_syntax_uid": instance["transfer_syntax_uid"],
+        "headers": instance["headers"],
+    })
+    if (old_study_id, old_series_id) == (study_id, series_id):
+        session.execute(_STUDY_TOUCHED, {"sid": study_id, "now": now})
+        return True
+    session.execute(_SERIES_SHRANK, {"seid": old_series_id})
+    session.execute(_STUDY_GREW, {"sid": old_study_id, "now": now, "by": -1})
+    session.execute(_SERIES_GREW, {"seid": series_id})
+    session.execute(_STUDY_GREW, {"sid": study_id, "now": now, "by": 1})
     return False
 
 

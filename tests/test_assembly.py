@@ -117,6 +117,35 @@ def test_new_instance_after_queueing_reopens_as_new_version(factory: sessionmake
         assert session.execute(select(Study)).scalars().all().__len__() == 1  # never a duplicate row
 
 
+def test_an_instance_filed_under_another_study_moves_there(factory: sessionmaker[Session]) -> None:
+    """A PACS merge or split re-sends instances under another study, keeping their UIDs: the row
+    moves (before, it stayed, an empty study appeared and the instance never counted there), and
+    both studies are reopened to be scored on what they now hold."""
+    add(factory, received("1.9.11", "1.9.11.1"))
+    add(factory, received("1.9.11", "1.9.11.2"))
+    with factory.begin() as session:
+        session.execute(Study.__table__.update().values(state=StudyState.scored.value))
+    moved = received("1.9.12", "1.9.11.2")
+    assert add(factory, moved) is False  # not a plain re-send
+    old, new = study(factory, "1.9.11"), study(factory, "1.9.12")
+    assert (old.state, old.version, old.instance_count) == (StudyState.receiving.value, 2, 1)
+    assert (new.state, new.version, new.instance_count) == (StudyState.receiving.value, 1, 1)
+    with factory() as session:
+        row = session.execute(select(Instance).where(Instance.sop_instance_uid == "1.9.11.2")).scalar_one()
+        new_series = session.execute(select(Series).where(Series.study_id == new.id)).scalar_one()
+        old_series = session.execute(select(Series).where(Series.study_id == old.id)).scalar_one()
+        assert (row.study_id, row.series_id, row.receive_count) == (new.id, new_series.id, 2)
+        assert (old_series.instance_count, new_series.instance_count) == (1, 1)
+    # Sent there again, re-encoded: a plain re-send, whose row describes the new bytes.
+    again = received("1.9.12", "1.9.11.2")
+    again = ReceivedInstance(**{**again.__dict__, "transfer_syntax_uid": "1.2.840.10008.1.2"})
+    assert add(factory, again) is True
+    assert study(factory, "1.9.12").instance_count == 1
+    with factory() as session:
+        row = session.execute(select(Instance).where(Instance.sop_instance_uid == "1.9.11.2")).scalar_one()
+        assert (row.transfer_syntax_uid, row.receive_count) == ("1.2.840.10008.1.2", 3)
+
+
 def test_rescore_supersedes_pending_job(factory: sessionmaker[Session]) -> None:
     add(factory, received("1.9.5", "1.9.5.1"))
     [job1] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
