@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import shutil
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +47,7 @@ from app.db.session import make_engine
 from app.live import WorklistWatcher, worklist_signature
 from app.security import Role, create_api_key
 from app.settings import Settings
+from models.phantom import PhantomSpec, write_phantom
 
 TABLES = (AuditEvent, QuarantinedFile, Result, Job, Instance, Series, Study)
 
@@ -360,6 +362,37 @@ def test_every_error_is_a_problem_without_the_values_sent(setup: Setup, monkeypa
     client = TestClient(setup.client.app, raise_server_exceptions=False)
     failed = is_problem(client.get("/api/worklist", headers=setup.admin), 500)
     assert "Doe" not in json.dumps(failed)
+
+
+def test_a_zip_is_stored_member_by_member_and_an_oversized_one_is_refused_unread(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member whose declared unpacked size is over the limit is refused before it is unpacked
+    (a small zip of zeros once took 740 MB of memory); the others are stored and audited."""
+    write_phantom(tmp_path / "study", PhantomSpec(slices=4, rows=64, columns=64, pixel_spacing=6.0))
+    instances = sorted((tmp_path / "study").glob("*.dcm"))
+    limit = max(path.stat().st_size for path in instances) + 1000
+    monkeypatch.setattr("app.api.routes_studies.MAX_UPLOADED_INSTANCE_BYTES", limit)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in instances:
+            zf.write(path, f"study/{path.name}")
+        zf.writestr("zeros.bin", b"\0" * (limit + 1))
+    def counts() -> tuple[int, int]:
+        with setup.factory() as session:
+            return (session.scalar(select(func.count()).select_from(QuarantinedFile)) or 0,
+                    session.scalar(select(func.count()).select_from(AuditEvent)
+                                   .where(AuditEvent.action == "upload")) or 0)
+
+    quarantined, audited = counts()
+    response = setup.client.post("/api/studies", headers=setup.admin,
+                                 files=[("files", ("study.zip", archive.getvalue(), "application/zip"))])
+    assert response.status_code == 202, response.text
+    report = response.json()
+    assert report["stored"] == len(instances) and report["rejected"] == 1
+    [refused] = [f for f in report["files"] if not f["stored"]]
+    assert refused["filename"] == "zeros.bin" and f"more than {limit}" in refused["error"]
+    assert counts() == (quarantined, audited + 1)  # never unpacked, so nothing to quarantine
 
 
 def test_watcher_survives_an_exhausted_connection_pool(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ from pydantic import Field
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
+from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Admin, Radiologist
 from app.api.deps import EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
@@ -39,6 +40,8 @@ router = APIRouter(prefix="/api", tags=["studies"])
 
 #: Upload limits: a whole CT study zipped is a few hundred MB at most.
 MAX_ZIP_MEMBERS = 20000
+#: A single uploaded instance (a zip member unpacked) may not be larger: it is held in memory.
+MAX_UPLOADED_INSTANCE_BYTES = 2**30
 
 
 @router.get("/worklist", response_model=Worklist)
@@ -93,15 +96,33 @@ def get_study_image(study_uid: str, kind: Literal["axial", "projection"], sessio
     return FileResponse(path, media_type="image/png")
 
 
-def _dicom_members(upload_name: str | None, data: bytes) -> list[tuple[str | None, bytes]]:
-    """A zip upload is unpacked (folders ignored); anything else is one file."""
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+def _uploaded_instances(upload: UploadFile, settings: SettingsDep,
+                        factory: SessionFactoryDep) -> list[UploadedFile]:
+    """Store one uploaded file, or each file of an uploaded zip (folders ignored). A zip is read
+    from its spooled file a member at a time, and a member is refused by its declared unpacked
+    size before it is unpacked: a small zip of zeros cannot fill memory."""
+    source = upload.file
+    source.seek(0)
+    if not zipfile.is_zipfile(source):
+        source.seek(0)
+        return [_store_uploaded(upload.filename, source.read(), settings, factory)]
+    source.seek(0)
+    try:
+        with zipfile.ZipFile(source) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
             if len(members) > MAX_ZIP_MEMBERS:
                 raise InvalidDicomError(f"zip holds {len(members)} files, more than {MAX_ZIP_MEMBERS}")
-            return [(m.filename, archive.read(m)) for m in members]
-    return [(upload_name, data)]
+            outcomes = []
+            for member in members:
+                if member.file_size > MAX_UPLOADED_INSTANCE_BYTES:
+                    outcomes.append(UploadedFile(
+                        filename=member.filename, stored=False,
+                        error=f"{member.file_size} bytes unpacked, more than {MAX_UPLOADED_INSTANCE_BYTES}"))
+                    continue
+                outcomes.append(_store_uploaded(member.filename, archive.read(member), settings, factory))
+            return outcomes
+    except (zipfile.BadZipFile, InvalidDicomError) as exc:
+        return [UploadedFile(filename=upload.filename, stored=False, error=str(exc))]
 
 
 def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factory: SessionFactoryDep) -> UploadedFile:
@@ -131,23 +152,26 @@ async def upload_study(
     """Same path as C-STORE: each instance is written durably and recorded; the study is scored
     once it settles. Files that are not DICOM are quarantined with the reason."""
     outcomes: list[UploadedFile] = []
-    for upload in files:
-        data = await upload.read()
-        try:
-            members = _dicom_members(upload.filename, data)
-        except (zipfile.BadZipFile, InvalidDicomError) as exc:
-            outcomes.append(UploadedFile(filename=upload.filename, stored=False, error=str(exc)))
-            continue
-        outcomes.extend(_store_uploaded(name, payload, settings, factory) for name, payload in members)
+    try:
+        for upload in files:  # disk and database work: off the event loop, which serves the live streams
+            outcomes.extend(await run_in_threadpool(_uploaded_instances, upload, settings, factory))
+    finally:  # storage full or database away half-way: what was stored is still audited
+        await run_in_threadpool(_audit_upload, outcomes, factory, principal)
     stored = sum(o.stored for o in outcomes)
-    with factory.begin() as session:
-        for uid in sorted({o.study_uid for o in outcomes if o.study_uid}):
-            record_audit(session, principal, "upload", uid, f"{stored} instances stored")
     report = UploadReport(stored=stored, rejected=len(outcomes) - stored, files=outcomes)
     if stored == 0:
         return problem(400, "No DICOM instance stored", "no uploaded file was a readable DICOM instance",
                        files=[o.model_dump() for o in outcomes])
     return report
+
+
+def _audit_upload(outcomes: list[UploadedFile], factory: SessionFactoryDep, principal: Admin) -> None:
+    stored = sum(o.stored for o in outcomes)
+    uids = sorted({o.study_uid for o in outcomes if o.study_uid})
+    if uids:
+        with factory.begin() as session:
+            for uid in uids:
+                record_audit(session, principal, "upload", uid, f"{stored} instances stored")
 
 
 @router.post("/studies/{study_uid}/rescore", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)
