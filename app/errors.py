@@ -118,6 +118,13 @@ class SegmentationError(StudyRejectedError):
     title = "Lungs not found"
 
 
+class ModelOutputError(CtTriageError):
+    """The networks produced a number that is not one (NaN or infinite: an overflow in reduced
+    precision): the study fails with this reason rather than being ranked on it."""
+
+    title = "Network output not finite"
+
+
 # --- API -------------------------------------------------------------------------------------
 
 

@@ -215,6 +215,37 @@ def test_worker_scores_with_the_configured_phantom_weights(
     assert result.lung_volume_left_ml > 300 and result.lung_volume_right_ml > 300
 
 
+def test_a_network_output_that_is_no_number_fails_the_study_and_gpu_memory_is_retried(
+    trained: Trained, sqlite_settings: Settings, sqlite_factory: sessionmaker[Session], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fp16 overflow on a GPU without bf16 gives NaN: the study fails with the reason instead of being
+    ranked on NaN. A CUDA out-of-memory error is a retry (it failed the study for good before)."""
+    settings = sqlite_settings.model_copy(update={"model_dir": trained.model_dir})
+    write_phantom(tmp_path / "study", PhantomSpec(rows=96, columns=96, pixel_spacing=3.6, slices=36,
+                                                  slice_spacing=9.0, severity_right=20.0, seed=6))
+    store_study(settings, sqlite_factory, tmp_path / "study")
+    [job_id] = queue_settled_studies(sqlite_factory, 0.0, now=utcnow() + timedelta(seconds=5))
+    networks = WorkerResources(settings).networks
+    assert networks is not None
+
+    def gpu_full() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    outcome = run_job(job_id, sqlite_factory, settings, worker="test", networks=gpu_full)
+    assert (outcome.status, outcome.reason) == ("retry", "out of memory while scoring (GPU)")
+
+    real = networks.multitask_outputs
+    monkeypatch.setattr(networks, "multitask_outputs", lambda crop: (real(crop)[0], float("nan")))
+    outcome = run_job(job_id, sqlite_factory, settings, worker="test", networks=lambda: networks)
+    assert outcome.status == "failed"
+    with sqlite_factory() as session:
+        study = session.execute(select(Study)).scalar_one()
+        assert study.state == "failed" and study.reason_code == "ModelOutputError"
+        assert "non-finite identification" in (study.reason or "")
+        assert session.execute(select(Result)).first() is None
+
+
 def test_no_configured_weights_means_threshold_and_bad_ones_fail_loudly(trained: Trained,
                                                                        sqlite_settings: Settings) -> None:
     assert WorkerResources(sqlite_settings).networks is None

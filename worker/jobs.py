@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -89,6 +90,18 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, 
         session.flush()
         session.expunge(job)
         return job
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """The host's MemoryError or CUDA's out-of-memory error (torch is only loaded with networks);
+    the GPU's cache is emptied, so the next attempt starts from what the worker really holds."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(exc, torch.OutOfMemoryError):
+        return False
+    torch.cuda.empty_cache()
+    return True
 
 
 def release_job(session_factory: sessionmaker[Session], job: Job, reason: str) -> None:
@@ -225,12 +238,13 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
         return JobOutcome(job_id, "rejected", str(exc))
     except DBAPIError:
         raise  # transient: the task retries, the study stays processing
-    except MemoryError:  # maybe only this worker's moment: try again, up to job_max_attempts
-        reason = "out of memory while scoring"
-        log.warning("scoring ran out of memory", extra={"job_id": job_id, "attempt": job.attempts})
-        release_job(session_factory, job, reason)
-        return JobOutcome(job_id, "retry", reason)
-    except Exception as exc:  # a bug or an input we did not foresee: fail visibly, keep the data
+    except Exception as exc:
+        if out_of_memory(exc):  # maybe only this worker's moment: try again, up to job_max_attempts
+            reason = "out of memory while scoring" + (" (GPU)" if not isinstance(exc, MemoryError) else "")
+            log.warning("scoring ran out of memory", extra={"job_id": job_id, "attempt": job.attempts})
+            release_job(session_factory, job, reason)
+            return JobOutcome(job_id, "retry", reason)
+        # A bug or an input we did not foresee: fail visibly, keep the data.
         reason = f"scoring failed: {type(exc).__name__}: {exc}"
         log.exception("scoring failed", extra={"job_id": job_id})
         finish_with_error(session_factory, job, StudyState.failed, reason, type(exc).__name__)

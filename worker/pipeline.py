@@ -5,6 +5,7 @@ lesions → severity. Each step is a function with explicit inputs and outputs; 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from app.errors import NoUsableSeriesError, PixelDecodeError
+from app.errors import ModelOutputError, NoUsableSeriesError, PixelDecodeError
 from models.dicom_headers import SliceHeader
 from models.lesions_threshold import segment_lesions
 from models.lungs_threshold import segment_lungs, split_lungs
@@ -186,10 +187,19 @@ def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: fl
     )
 
 
+def check_finite(identification: float, severity: LungSeverity) -> None:
+    """Refuse NaN or infinite scores: the worklist would sort on them, the PACS receive them."""
+    values = {"identification": identification, **{k: v for k, v in asdict(severity).items() if isinstance(v, float)}}
+    bad = sorted(name for name, value in values.items() if not math.isfinite(value))
+    if bad:
+        raise ModelOutputError(f"the networks gave a non-finite {', '.join(bad)}")
+
+
 def _network_score(
     series_uid: str, volume: CtVolume, networks: TriageNetworks, inplane_spacing_mm: float, timer: StepTimer
 ) -> StudyScore:
     prediction = score_volume_with_networks(volume, networks, inplane_spacing_mm, timer)
+    check_finite(prediction.identification, prediction.severity)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
     hu, spacing = resample_inplane(volume.hu, volume.spacing, target=(inplane_spacing_mm, inplane_spacing_mm))
     masks = (grid_masks(volume, hu, spacing, prediction.lung_labels, prediction.lesion_mask)
