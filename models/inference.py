@@ -17,6 +17,7 @@ threads is set once, when the networks are built.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from models.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
     load_checkpoint,
+    paper_preprocessing,
 )
 from models.lung_network import LungSegmentationNet, lung_bounding_box, lung_labels_from_probabilities
 from models.lungs_threshold import MIN_TOTAL_LUNG_ML, segment_lungs, split_lungs
@@ -182,6 +184,22 @@ class TriageNetworks:
         multitask = load_checkpoint(paths.multitask, expect_kind=KIND_MULTITASK)
         lungs = load_checkpoint(paths.lungs, expect_kind=KIND_LUNGS) if paths.lungs is not None else None
         return cls(multitask, lungs, options)
+
+    def check_preprocessing(self, inplane_spacing_mm: float) -> None:
+        """Raise CheckpointError where a network was trained on other input than it would get here:
+        the in-plane spacing the worker is configured with, and the window and thresholds this
+        code applies. A network fed another grid scores without complaint, just wrongly."""
+        here = {**paper_preprocessing(), "inplane_spacing_mm": [float(inplane_spacing_mm)] * 2}
+        for checkpoint in (self.multitask_checkpoint, self.lungs_checkpoint):
+            if checkpoint is None:
+                continue
+            recorded = checkpoint.metadata.preprocessing
+            differ = [f"{key} {recorded[key]} (here {here[key]})" for key in sorted(here)
+                      if key in recorded and json.loads(json.dumps(recorded[key])) != json.loads(json.dumps(here[key]))]
+            if differ:
+                raise CheckpointError(f"the {checkpoint.metadata.kind} network of {checkpoint.metadata.version} was "
+                                      f"trained with {'; '.join(differ)}: set CTTRIAGE_INPLANE_SPACING_MM to match, "
+                                      "or use weights trained for this preprocessing")
 
     # --- identity of the results ------------------------------------------------------------
 

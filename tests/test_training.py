@@ -252,6 +252,10 @@ def test_no_configured_weights_means_threshold_and_bad_ones_fail_loudly(trained:
     bad = sqlite_settings.model_copy(update={"model_dir": trained.model_dir, "model_version": "nope"})
     with pytest.raises(CheckpointError, match=f"available: {VERSION}"):
         load_networks(bad)
+    # Weights trained at 2 mm in-plane are refused where the worker would feed them 1 mm slices.
+    finer = sqlite_settings.model_copy(update={"model_dir": trained.model_dir, "inplane_spacing_mm": 1.0})
+    with pytest.raises(CheckpointError, match=r"inplane_spacing_mm \[2.0, 2.0\] \(here \[1.0, 1.0\]\)"):
+        load_networks(finer)
 
 
 def test_evaluate_command_line_with_the_trained_model(trained: Trained, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ def load_networks(settings: Settings) -> TriageNetworks | None:
     options = InferenceOptions(device=settings.device, batch_slices=settings.inference_batch_slices,
                                compile=settings.torch_compile, threads=settings.torch_threads)
     networks = TriageNetworks.from_bundle(paths, options)
+    networks.check_preprocessing(settings.inplane_spacing_mm)
     log.info("networks loaded", extra={"model_version": networks.version, "method": networks.method,
                                        "bundle": str(paths.directory), "device": settings.device,
                                        "synthetic_weights": networks.synthetic})
