@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -224,12 +224,12 @@ EXPORT_COLUMNS = (
 
 
 def export_query(states: Sequence[str] | None, received_from: date | None, received_to: date | None,
-                 bands: Sequence[int] | None = None) -> Select[Any]:
+                 bands: Sequence[int] | None = None, zone: tzinfo = timezone.utc) -> Select[Any]:
     """One row per scoring (every rescore kept; ``latest`` marks the study's newest), and one row
     for a study never scored; the study filters are the worklist's."""
     newest = select(Result.study_id, func.max(Result.id).label("newest_id")).group_by(Result.study_id).subquery()
     return (
-        worklist_query(states, received_from, received_to, bands)
+        worklist_query(states, received_from, received_to, bands, zone)
         .with_only_columns(
             Study.study_uid, Study.accession_number, Study.study_date, Study.state, Study.reason_code,
             Study.first_received_at, Study.last_received_at, newest.c.newest_id,

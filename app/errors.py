@@ -147,6 +147,13 @@ class NotFoundError(CtTriageError):
     title = "Not found"
 
 
+class InvalidQueryError(CtTriageError):
+    """A query parameter the schema lets through but that names nothing (an unknown time zone)."""
+
+    http_status = 422
+    title = "Request is not valid"
+
+
 class ConflictError(CtTriageError):
     http_status = 409
     title = "Conflict"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date, datetime, time, timezone
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 
 from sqlalchemy import Select, nulls_last, select
 
@@ -19,15 +19,20 @@ def worklist_order() -> tuple[object, ...]:
 
 
 def worklist_query(states: Sequence[str] | None = None, received_from: date | None = None,
-                   received_to: date | None = None, bands: Sequence[int] | None = None) -> Select[tuple[Study]]:
-    """Studies matching the filters, unordered (callers add the order and the page)."""
+                   received_to: date | None = None, bands: Sequence[int] | None = None,
+                   zone: tzinfo = timezone.utc) -> Select[tuple[Study]]:
+    """Studies matching the filters, unordered (callers add the order and the page).
+
+    The days are calendar days in ``zone`` (the reader's, not the server's): from its midnight,
+    up to the next day's midnight.
+    """
     query = select(Study)
     if states:
         query = query.where(Study.state.in_(list(states)))
     if bands:
         query = query.where(Study.severity_band.in_(list(bands)))
     if received_from:
-        query = query.where(Study.first_received_at >= datetime.combine(received_from, time.min, timezone.utc))
+        query = query.where(Study.first_received_at >= datetime.combine(received_from, time.min, zone))
     if received_to:
-        query = query.where(Study.first_received_at <= datetime.combine(received_to, time.max, timezone.utc))
+        query = query.where(Study.first_received_at < datetime.combine(received_to + timedelta(days=1), time.min, zone))
     return query

@@ -16,7 +16,7 @@ import shutil
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -393,6 +393,32 @@ def test_a_zip_is_stored_member_by_member_and_an_oversized_one_is_refused_unread
     [refused] = [f for f in report["files"] if not f["stored"]]
     assert refused["filename"] == "zeros.bin" and f"more than {limit}" in refused["error"]
     assert counts() == (quarantined, audited + 1)  # never unpacked, so nothing to quarantine
+
+
+def test_day_filters_are_the_readers_days(setup: Setup) -> None:
+    """A reader in Moscow (UTC+3) asking for 10 March gets what arrived on 10 March in Moscow:
+    before, the days were UTC days and three hours of each were missing or misplaced."""
+    utc = timezone.utc
+    arrivals = {"9.3.1": datetime(2026, 3, 9, 22, 30, tzinfo=utc),   # 01:30 on 10 March in Moscow
+                "9.3.2": datetime(2026, 3, 10, 21, 30, tzinfo=utc)}  # 00:30 on 11 March in Moscow
+    with setup.factory.begin() as session:
+        for uid, at in arrivals.items():
+            session.add(Study(study_uid=uid, state=StudyState.receiving.value, first_received_at=at,
+                              last_received_at=at))
+
+    def day(**params: str) -> list[str]:
+        response = setup.client.get("/api/worklist", headers=setup.admin,
+                                    params={"received_from": "2026-03-10", "received_to": "2026-03-10", **params})
+        assert response.status_code == 200, response.text
+        return [item["study_uid"] for item in response.json()["items"]]
+
+    assert day(tz="Europe/Moscow") == ["9.3.1"]
+    assert day() == ["9.3.2"]  # UTC unless told
+    unknown = setup.client.get("/api/worklist", headers=setup.admin, params={"tz": "Mars/Olympus"})
+    assert unknown.status_code == 422 and unknown.headers["content-type"] == "application/problem+json"
+    csv_rows = setup.client.get("/api/admin/export.csv", headers=setup.admin, params={
+        "received_from": "2026-03-10", "received_to": "2026-03-10", "tz": "Europe/Moscow"}).text
+    assert "9.3.1" in csv_rows and "9.3.2" not in csv_rows
 
 
 def test_watcher_survives_an_exhausted_connection_pool(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:

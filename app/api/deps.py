@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import tzinfo
 from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import Enqueue
+from app.errors import InvalidQueryError
 from app.settings import Settings
 
 
@@ -29,7 +32,18 @@ def get_session(factory: Annotated[sessionmaker[Session], Depends(get_session_fa
         yield session
 
 
+def get_day_zone(
+    tz: Annotated[str, Query(description="IANA time zone the received_from/received_to days are in, e.g. "
+                                         "Europe/Moscow (the pages send the browser's); default UTC.")] = "UTC",
+) -> tzinfo:
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidQueryError(f"unknown time zone {tz[:64]!r}") from exc
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 SessionDep = Annotated[Session, Depends(get_session)]
 EnqueueDep = Annotated["Enqueue | None", Depends(get_enqueue)]
+DayZoneDep = Annotated[tzinfo, Depends(get_day_zone)]

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from app import admin
 from app.api.auth import Admin
-from app.api.deps import EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.deps import DayZoneDep, EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.routes_studies import rescore_study
 from app.api.schemas import RescoreAccepted
 from app.api.schemas_admin import AuditEventOut, AuditLog, CeleryPing, FailureOut, Failures, LastJob, Overview
@@ -98,16 +98,17 @@ def export_scores(
     factory: SessionFactoryDep,
     settings: SettingsDep,
     principal: Admin,
+    zone: DayZoneDep,
     state: Annotated[list[StudyState] | None, Query(description="Only studies in these states.")] = None,
-    received_from: Annotated[date | None, Query(description="First received on or after this day (UTC).")] = None,
-    received_to: Annotated[date | None, Query(description="First received on or before this day (UTC).")] = None,
+    received_from: Annotated[date | None, Query(description="First received on or after this day (in tz).")] = None,
+    received_to: Annotated[date | None, Query(description="First received on or before this day (in tz).")] = None,
     band: Annotated[list[Annotated[int, Field(ge=0, le=4)]] | None, Query()] = None,
 ) -> StreamingResponse:
     """Every scoring of every study (rescores included, ``latest`` marks the newest), and studies
     never scored with their state: for audit. Streamed as it is read."""
     with factory.begin() as session:
         record_audit(session, principal, "export", None, f"scores as {fmt}")
-    query = admin.export_query([s.value for s in state] if state else None, received_from, received_to, band)
+    query = admin.export_query([s.value for s in state] if state else None, received_from, received_to, band, zone)
     records: Iterator[dict[str, Any]] = admin.export_rows(factory, query, settings.severity_band_edges)
     chunks = admin.csv_chunks(records) if fmt == "csv" else admin.json_chunks(records)
     media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"

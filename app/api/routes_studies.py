@@ -17,7 +17,7 @@ from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Admin, Radiologist
-from app.api.deps import EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.deps import DayZoneDep, EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.problems import problem
 from app.api.schemas import (
     QuarantinedOut,
@@ -48,15 +48,16 @@ MAX_UPLOADED_INSTANCE_BYTES = 2**30
 def get_worklist(
     session: SessionDep,
     _principal: Radiologist,
+    zone: DayZoneDep,
     state: Annotated[list[StudyState] | None, Query(description="Only these states (repeatable).")] = None,
-    received_from: Annotated[date | None, Query(description="First received on or after this day (UTC).")] = None,
-    received_to: Annotated[date | None, Query(description="First received on or before this day (UTC).")] = None,
+    received_from: Annotated[date | None, Query(description="First received on or after this day (in tz).")] = None,
+    received_to: Annotated[date | None, Query(description="First received on or before this day (in tz).")] = None,
     band: Annotated[list[Annotated[int, Field(ge=0, le=4)]] | None,
                     Query(description="Only these severity bands, CT-0..CT-4 as 0..4 (repeatable).")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Worklist:
-    query = worklist_query([s.value for s in state] if state else None, received_from, received_to, band)
+    query = worklist_query([s.value for s in state] if state else None, received_from, received_to, band, zone)
     total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
     rows = session.execute(query.order_by(*worklist_order()).limit(limit).offset(offset)).scalars().all()
     return Worklist(items=[WorklistItem.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)

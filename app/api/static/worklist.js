@@ -32,6 +32,8 @@
     for (const b of filters.band.value.split(",").filter(Boolean)) q.append("band", b);
     if (filters.from.value) q.set("received_from", filters.from.value);
     if (filters.to.value) q.set("received_to", filters.to.value);
+    // The days picked are the reader's days, as the times shown are the reader's times.
+    if (filters.from.value || filters.to.value) q.set("tz", Intl.DateTimeFormat().resolvedOptions().timeZone);
     return q;
   }
 
