@@ -161,6 +161,16 @@ def test_worklist_updates_live_and_the_detail_page_shows_the_pictures(
         page.keyboard.press("Escape")
         page.wait_for_url(f"{service.api}/")
         page.wait_for_selector("#rows tr[data-uid]")
+
+        # Paging: one row a page here; "Show more" adds the next, most urgent first throughout.
+        page.goto(f"{service.api}/?rows=1")
+        page.wait_for_selector("#rows tr[data-uid]")
+        assert page.locator("#rows td.accession").all_inner_texts() == ["SEVERE01"]
+        assert page.locator("#more").inner_text() == "Show 1 more"
+        page.click("#more")
+        page.wait_for_function("() => document.querySelectorAll('#rows tr[data-uid]').length === 2")
+        assert page.locator("#rows td.accession").all_inner_texts() == ["SEVERE01", "MILD01"]
+        assert page.locator("#more").is_hidden()
         assert not errors, errors
     finally:
         context.close()

@@ -3,8 +3,12 @@
 
 (() => {
   const { el } = CT;
-  const PAGE = 200;
+  // Rows per request (?rows= overrides, up to the API's 500); "Show more" adds a page.
+  const ROWS_PARAM = new URLSearchParams(location.search).get("rows");
+  const PAGE = Math.min(500, Math.max(1, Number(ROWS_PARAM) || 200));
+  let pages = 1;
   const rows = document.getElementById("rows");
+  const more = document.getElementById("more");
   const status = document.getElementById("status");
   const filters = {
     state: document.getElementById("f-state"),
@@ -23,11 +27,12 @@
   }
   function writeFiltersToUrl() {
     const q = new URLSearchParams();
+    if (ROWS_PARAM) q.set("rows", ROWS_PARAM);
     for (const [name, input] of Object.entries(filters)) if (input.value) q.set(name, input.value);
     history.replaceState(null, "", q.toString() ? `?${q}` : location.pathname);
   }
-  function worklistQuery() {
-    const q = new URLSearchParams({ limit: PAGE });
+  function worklistQuery(page) {
+    const q = new URLSearchParams({ limit: PAGE, offset: page * PAGE });
     for (const s of filters.state.value.split(",").filter(Boolean)) q.append("state", s);
     for (const b of filters.band.value.split(",").filter(Boolean)) q.append("band", b);
     if (filters.from.value) q.set("received_from", filters.from.value);
@@ -91,6 +96,8 @@
     CT.saveOrder(items.map((i) => i.study_uid));
     const shown = items.length < data.total ? `${items.length} of ${data.total}` : `${data.total}`;
     status.textContent = `${shown} studies · updated ${CT.dateTime(new Date().toISOString(), { seconds: true })}`;
+    more.hidden = items.length >= data.total;
+    more.textContent = `Show ${Math.min(PAGE, data.total - items.length)} more`;
     if (selected && !items.some((i) => i.study_uid === selected)) selected = null;
     rove(selectedIndex());
     if (hadFocus || document.activeElement === document.body) focusRow(selectedIndex(), { scroll: false });
@@ -98,7 +105,16 @@
 
   const refresh = CT.serial(async () => {
     try {
-      render(await CT.api(`/api/worklist?${worklistQuery()}`));
+      // The pages shown so far, again: a live update may move any study up or down.
+      const first = await CT.api(`/api/worklist?${worklistQuery(0)}`);
+      const seen = new Set(first.items.map((i) => i.study_uid));
+      const all = [...first.items];
+      for (let page = 1; page < pages && all.length < first.total; page++) {
+        const next = await CT.api(`/api/worklist?${worklistQuery(page)}`);
+        for (const item of next.items) if (!seen.has(item.study_uid)) { seen.add(item.study_uid); all.push(item); }
+        if (!next.items.length) break;
+      }
+      render({ items: all, total: first.total });
     } catch (error) {
       if (!CT.handleAuthError(error)) status.textContent = `Cannot load the worklist: ${error.message}`;
     }
@@ -153,14 +169,16 @@
   // --- start -----------------------------------------------------------------------------------
   readFiltersFromUrl();
   for (const input of Object.values(filters)) {
-    input.addEventListener("change", () => { writeFiltersToUrl(); previous = null; refresh(); });
+    input.addEventListener("change", () => { writeFiltersToUrl(); previous = null; pages = 1; refresh(); });
   }
   document.getElementById("f-clear").addEventListener("click", () => {
     for (const input of Object.values(filters)) input.value = "";
     writeFiltersToUrl();
     previous = null;
+    pages = 1;
     refresh();
   });
+  more.addEventListener("click", () => { pages += 1; refresh(); });
 
   CT.signIn("radiologist").then(async () => {
     await refresh();
