@@ -349,6 +349,9 @@ def test_every_error_is_a_problem_without_the_values_sent(setup: Setup, monkeypa
         return body
 
     assert is_problem(setup.client.get("/api/no-such-thing", headers=setup.admin), 404)["title"] == "Not Found"
+    # and nothing the API says is kept by a browser or a proxy
+    for path in ("/api/worklist", "/api/no-such-thing", "/api/admin/overview"):
+        assert setup.client.get(path, headers=setup.admin).headers["cache-control"] == "no-store", path
     wrong_method = setup.client.delete("/api/worklist", headers=setup.admin)
     is_problem(wrong_method, 405)
     assert "GET" in wrong_method.headers["allow"]

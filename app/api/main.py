@@ -6,12 +6,36 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import routes_admin, routes_exports, routes_health, routes_pages, routes_studies
 from app.api.problems import install_problem_handlers
 from app.assembly import Enqueue
 from app.settings import Settings
+
+
+class NoStoreForApi:
+    """API answers carry patient data (worklists, scores, pictures): no browser or proxy keeps a
+    copy unless a route says otherwise. Plain ASGI, so the live event stream passes untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_no_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if "cache-control" not in headers:
+                    headers["Cache-Control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, send_no_store)
 
 
 def create_app(settings: Settings, session_factory: sessionmaker[Session], enqueue: Enqueue | None,
@@ -25,6 +49,8 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], enque
     app.state.enqueue = enqueue
     app.state.broker_ping = broker_ping
     install_problem_handlers(app)
+    app.add_middleware(NoStoreForApi)
+
     app.include_router(routes_studies.router)
     app.include_router(routes_health.router)
     app.include_router(routes_admin.router)
