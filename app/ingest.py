@@ -334,6 +334,15 @@ def quarantine_bytes(
     ensure_free_space(storage_root, len(data), min_free_bytes)
     path = quarantine_path(storage_root)
     write_atomic(path, data)
+    try:
+        return _record_quarantined(path, data, reason, session_factory, source, original_name, calling_aet)
+    except BaseException:
+        path.unlink(missing_ok=True)  # without its row nothing would ever show or remove it
+        raise
+
+
+def _record_quarantined(path: Path, data: bytes, reason: str, session_factory: sessionmaker[Session], source: str,
+                        original_name: str | None, calling_aet: str | None) -> int:
     with session_factory.begin() as session:
         row = QuarantinedFile(
             path=str(path),

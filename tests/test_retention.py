@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import queue_settled_studies
 from app.db.models import Instance, Study, StudyState, utcnow
+from app.db.session import make_engine
 from app.dicom.storage import (
     INCOMING_DIR,
     IncomingFile,
@@ -22,7 +24,7 @@ from app.dicom.storage import (
     write_atomic,
 )
 from app.errors import StorageWriteError
-from app.ingest import ReceivedInstance, store_instance
+from app.ingest import ReceivedInstance, quarantine_bytes, store_instance
 from app.retention import purge_expired_studies
 from app.settings import Settings
 from worker.jobs import study_slices
@@ -198,3 +200,12 @@ def test_a_study_rescored_during_the_purge_pass_keeps_its_files(
     monkeypatch.setattr(sqlite_factory, "begin", rescored_first)
     assert purge_expired_studies(sqlite_factory, root, retention_days=30) == 0
     assert path.exists()
+
+
+def test_bytes_kept_for_an_admin_go_again_when_their_row_cannot_be_written(tmp_path: Path) -> None:
+    """A quarantined file without its row is shown nowhere and removed by nothing."""
+    unreachable = sessionmaker(make_engine(f"sqlite:///{tmp_path / 'no-such-folder' / 'db.sqlite'}"))
+    with pytest.raises(OperationalError):
+        quarantine_bytes(b"not DICOM", "not a DICOM file", storage_root=tmp_path / "storage", min_free_bytes=0,
+                         session_factory=unreachable, source="test")
+    assert not list((tmp_path / "storage" / "_quarantine").iterdir())
