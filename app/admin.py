@@ -153,9 +153,6 @@ class TimedValue:
         return self._value
 
 
-DERIVED_DIR = "_derived"
-
-
 def derived_version(session: Session) -> Any:
     """Changes whenever a scoring wrote new derived files (masks and pictures)."""
     return session.execute(select(func.max(Result.id))).scalar_one()

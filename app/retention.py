@@ -1,6 +1,6 @@
 """Storage lifecycle: received files stay until their study is scored or rejected, plus a
-retention period; then the files and the instance rows that index them go, and the rest (scores,
-reasons, series, history) stays.
+retention period; then the files, the masks and pictures derived from them, and the instance rows
+that index them go, and the rest (scores, reasons, series, history) stays.
 
 Failed studies are never purged here: their data waits for a rescore or an explicit rejection.
 """
@@ -16,7 +16,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, Series, Study, StudyState, utcnow
-from app.dicom.storage import storage_name
+from app.dicom.storage import derived_study_dir, storage_name
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ def purge_expired_studies(session_factory: sessionmaker[Session], storage_root: 
                 session.execute(delete(Instance).where(Instance.study_id == study_id))
                 session.execute(update(Series).where(Series.study_id == study_id).values(instance_count=0))
                 shutil.rmtree(storage_root / storage_name(study_uid), ignore_errors=True)
+                # The masks hold the CT itself on the scoring grid, the pictures show it: they go too
+                # (the study page then says the pictures are gone with retention).
+                shutil.rmtree(derived_study_dir(storage_root, study_uid), ignore_errors=True)
                 purged += 1
     if purged:
         log.info("expired studies purged from storage", extra={"count": purged})

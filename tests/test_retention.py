@@ -18,6 +18,7 @@ from app.db.session import make_engine
 from app.dicom.storage import (
     INCOMING_DIR,
     IncomingFile,
+    derived_study_dir,
     instance_path,
     remove_abandoned_incoming,
     storage_name,
@@ -49,9 +50,16 @@ def test_purges_only_finished_studies_past_retention(sqlite_settings: Settings,
     young_scored = make_study(sqlite_factory, root, "1.4", StudyState.scored, 5)
     old_receiving = make_study(sqlite_factory, root, "1.5", StudyState.receiving, 40)
 
+    masks = derived_study_dir(root, "1.1") / "job1" / "masks.npz"  # what the scoring of 1.1 left
+    young_masks = derived_study_dir(root, "1.4") / "job2" / "masks.npz"
+    for path in (masks, young_masks):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"HU volume")
+
     assert purge_expired_studies(sqlite_factory, root, retention_days=30) == 2
     assert not old_scored.exists() and not old_rejected.exists()
-    assert old_failed.exists() and young_scored.exists() and old_receiving.exists()
+    assert not derived_study_dir(root, "1.1").exists()  # the masks hold the CT: they go too
+    assert old_failed.exists() and young_scored.exists() and old_receiving.exists() and young_masks.exists()
     with sqlite_factory() as session:
         purged = session.execute(select(Study.study_uid).where(Study.files_purged_at.is_not(None))).scalars().all()
     assert sorted(purged) == ["1.1", "1.2"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.dicom.storage import storage_name
+from app.dicom.storage import derived_study_dir
 from models.rendering import axial_overlay, projection_overlay
 from worker.pipeline import StudyMasks
 
@@ -22,7 +22,7 @@ PROJECTION_PNG = "projection.png"
 
 
 def derived_dir(storage_root: Path, study_uid: str, job_id: int) -> Path:
-    return storage_root / "_derived" / storage_name(study_uid) / f"job{job_id}"
+    return derived_study_dir(storage_root, study_uid) / f"job{job_id}"
 
 
 def save_masks(path: Path, masks: StudyMasks) -> None:

@@ -19,6 +19,7 @@ from app.api.routes_studies import rescore_study
 from app.api.schemas import RescoreAccepted
 from app.api.schemas_admin import AuditEventOut, AuditLog, CeleryPing, FailureOut, Failures, LastJob, Overview
 from app.db.models import AuditEvent, StudyState
+from app.dicom.storage import DERIVED_DIR
 from app.security import record_audit
 from app.settings import Settings
 
@@ -59,7 +60,7 @@ def _celery_ping(request: Request, settings: Settings) -> CeleryPing:
 @router.get("/overview", response_model=Overview)
 def get_overview(request: Request, session: SessionDep, settings: SettingsDep, _principal: Admin) -> Overview:
     derived = _cached(request, "derived_bytes", STORAGE_WALK_TTL,
-                      lambda: admin.directory_bytes(settings.storage_root / admin.DERIVED_DIR),
+                      lambda: admin.directory_bytes(settings.storage_root / DERIVED_DIR),
                       token=admin.derived_version(session))
     celery = _cached(request, "celery_ping", PING_TTL, lambda: _celery_ping(request, settings))
     return Overview(**admin.overview(session, settings.storage_root, derived), celery=celery)

@@ -38,6 +38,14 @@ def instance_path(root: Path, study_uid: str, series_uid: str, sop_instance_uid:
     return root / storage_name(study_uid) / storage_name(series_uid) / f"{storage_name(sop_instance_uid)}.dcm"
 
 
+#: Masks and pictures a scoring leaves, per study: ``<root>/_derived/<study>/job<id>/``.
+DERIVED_DIR = "_derived"
+
+
+def derived_study_dir(root: Path, study_uid: str) -> Path:
+    return root / DERIVED_DIR / storage_name(study_uid)
+
+
 def quarantine_path(root: Path) -> Path:
     """Somewhere unique for bytes that cannot be attached to a study."""
     return root / "_quarantine" / f"{uuid.uuid4().hex}.bin"
