@@ -15,6 +15,7 @@ import pytest
 
 from models.phantom import PhantomSpec, phantom_volume
 from tests.conftest import SHARED_DATA, write_phantom_study
+from worker.batch_scoring import batch_items, score_all
 
 SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
 
@@ -64,3 +65,13 @@ def test_score_real_nifti_reports_what_happened() -> None:
     # A crop around the heart: lungs only partly in view. Either scored, or rejected with a reason.
     assert row["state"] in ("scored", "rejected")
     assert row["state"] == "scored" or row["reason"]
+
+
+def test_an_unreadable_file_is_a_failed_row_and_the_run_goes_on(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b not really gzip")
+    also_broken = tmp_path / "also.nii"
+    also_broken.write_bytes(b"\0" * 100)
+    rows = score_all(batch_items([broken, also_broken]), min_slices=32, inplane_spacing_mm=2.0)
+    assert [(r.study_uid, r.state) for r in rows] == [("broken.nii.gz", "failed"), ("also.nii", "failed")]
+    assert all(r.reason for r in rows)

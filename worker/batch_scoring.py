@@ -35,7 +35,7 @@ class BatchRow:
     source: str
     study_uid: str
     series_uid: str | None
-    state: str  # scored or rejected
+    state: str  # scored, rejected (the input says why) or failed (an error reading or scoring it)
     reason: str | None = None
     identification: float | None = None
     severity: float | None = None
@@ -114,6 +114,9 @@ def score_item(item: BatchItem, *, min_slices: int, inplane_spacing_mm: float,
                                 networks=networks)
     except CtTriageError as exc:
         return BatchRow(item.source, item.study_uid, None, "rejected", reason=str(exc),
+                        seconds=round(time.perf_counter() - start, 2))
+    except Exception as exc:  # noqa: BLE001 - one unreadable file must not end a run over thousands
+        return BatchRow(item.source, item.study_uid, None, "failed", reason=f"{type(exc).__name__}: {exc}",
                         seconds=round(time.perf_counter() - start, 2))
     sev = score.severity
     return BatchRow(item.source, item.study_uid, score.series_uid, "scored", None, score.identification,
