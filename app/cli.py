@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from app.errors import CtTriageError
 from app.logging_setup import configure_logging
 from app.settings import Settings, get_settings
 
@@ -78,11 +79,22 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from app.dicom.push import push_files
+    from app.dicom.push import AssociationFailed, part10_files, push_files
 
-    files = sorted(p for path in args.paths
-                   for p in (Path(path).rglob("*.dcm") if Path(path).is_dir() else [Path(path)]))
-    statuses = push_files(files, host=args.host, port=args.port, called_aet=args.aet, calling_aet=args.calling_aet)
+    missing = [path for path in args.paths if not Path(path).exists()]
+    if missing:
+        print(f"no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    files = part10_files([Path(path) for path in args.paths])
+    if not files:
+        print("no DICOM files found (Part 10 files, any name, folders searched at any depth)", file=sys.stderr)
+        return 2
+    try:
+        statuses = push_files(files, host=args.host, port=args.port, called_aet=args.aet,
+                              calling_aet=args.calling_aet)
+    except AssociationFailed as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     failed = [s for s in statuses if s != 0]
     print(f"sent {len(statuses)} instances, {len(failed)} failed")
     return 1 if failed else 0
@@ -209,6 +221,9 @@ def cmd_users(args: argparse.Namespace) -> int:
     from app.db.session import make_session_factory
     from app.security import Role, create_api_key, revoke_api_key
 
+    if args.action in ("add", "revoke") and not args.name.strip():
+        print(f"cttriage users {args.action} needs a NAME", file=sys.stderr)
+        return 2
     factory = make_session_factory(_settings())
     with factory.begin() as session:
         if args.action == "add":
@@ -243,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     phantom = sub.add_parser("phantom", help="write a synthetic chest CT series with ground truth")
     phantom.add_argument("out")
-    phantom.add_argument("--slices", type=int, default=64)
-    phantom.add_argument("--size", type=int, default=512, help="rows and columns")
+    phantom.add_argument("--slices", type=positive_int, default=64)
+    phantom.add_argument("--size", type=positive_int, default=512, help="rows and columns")
     phantom.add_argument("--pixel-spacing", type=float, default=0.7)
     phantom.add_argument("--slice-spacing", type=float, default=None,
                          help=f"mm; default: {CHEST_COVERAGE_MM:.0f} mm of chest divided by --slices")
@@ -260,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     users = sub.add_parser("users", help="API keys: add (shown once), list, revoke")
     users.add_argument("action", choices=["add", "list", "revoke"])
-    users.add_argument("name", nargs="?", default="")
+    users.add_argument("name", nargs="?", default="", help="who the key is for (add, revoke)")
     users.add_argument("--role", choices=["radiologist", "admin"], default="radiologist")
     users.set_defaults(func=cmd_users)
 
@@ -275,9 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CtTriageError as exc:  # a refusal the user can act on (a duplicate key, an unknown name): one line
+        print(f"cttriage {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ class SupervisedProcess:
     restart_delay: float = 2.0
     _proc: subprocess.Popen[bytes] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -101,21 +102,29 @@ class SupervisedProcess:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._proc = subprocess.Popen(self.command, env=self.env)
+        while True:
+            with self._lock:  # stop() between the check and the start would leave a child running
+                if self._stop.is_set():
+                    return
+                # Its own session: a Ctrl-C in the terminal reaches the service, which stops the
+                # child itself, and not the child directly (it exited and was restarted while
+                # the API was still draining its streams).
+                self._proc = subprocess.Popen(self.command, env=self.env, start_new_session=True)
             code = self._proc.wait()
             if not self._stop.is_set():
                 log.warning("worker process exited; restarting", extra={"exit_code": code})
                 self._stop.wait(self.restart_delay)
 
     def stop(self, timeout: float = 20.0) -> None:
-        self._stop.set()
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
+        with self._lock:
+            self._stop.set()
+            proc = self._proc
+        if proc and proc.poll() is None:
+            proc.terminate()
             try:
-                self._proc.wait(timeout)
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
+                proc.kill()
 
 
 def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
@@ -131,20 +140,20 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
         worker_command(settings, settings.embedded_worker_concurrency, [settings.scoring_queue, "default"]),
         worker_environment(settings),
     )
-    worker.start()
-    listener = start_listener(settings, session_factory)
+    listener = start_listener(settings, session_factory)  # first: a port in use fails before any child starts
     assembler = threading.Thread(
         target=run_assembler, name="assembler", daemon=True,
         kwargs={"session_factory": session_factory, "enqueue": enqueue, "settings": settings, "stop": stop,
                 "enqueue_export": make_export_hook(settings)},
     )
-    assembler.start()
-    log.info("cttriage embedded service started", extra={
-        "dicom": f"{settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}",
-        "http": f"http://{settings.api_host}:{settings.api_port}/"})
-    if on_ready is not None:
-        threading.Thread(target=on_ready, name="on-ready", daemon=True).start()
-    try:
+    try:  # whatever ends the service (Ctrl-C, the API port in use), the worker child goes with it
+        worker.start()
+        assembler.start()
+        log.info("cttriage embedded service started", extra={
+            "dicom": f"{settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}",
+            "http": f"http://{settings.api_host}:{settings.api_port}/"})
+        if on_ready is not None:
+            threading.Thread(target=on_ready, name="on-ready", daemon=True).start()
         uvicorn.run(create_app(settings, session_factory, enqueue, broker_ping), host=settings.api_host,
                     port=settings.api_port,
                     log_config=None, access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
@@ -152,7 +161,8 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
         stop.set()
         listener.shutdown()
         worker.stop()
-        assembler.join(timeout=5)
+        if assembler.is_alive():
+            assembler.join(timeout=5)
 
 
 def serve_api(settings: Settings) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from app.db.session import ensure_sqlite_folder
+
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
@@ -19,4 +21,5 @@ def alembic_config(url: str) -> Config:
 
 def upgrade_to_head(url: str) -> None:
     """Bring the schema to the newest revision; safe to run on every start."""
+    ensure_sqlite_folder(url)
     command.upgrade(alembic_config(url), "head")

@@ -16,6 +16,32 @@ class AssociationFailed(RuntimeError):
     pass
 
 
+#: A DICOMDIR is a Part 10 file too, but an index of the media, not an instance to store.
+_NOT_INSTANCES = {"DICOMDIR"}
+
+
+def part10_files(paths: Sequence[Path]) -> list[Path]:
+    """The DICOM files among ``paths``: files named as they are, and in folders (any depth) every
+    file with the Part 10 marker, whatever its name (PACS and CD exports often have no extension)."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            found.append(path)
+            continue
+        for candidate in sorted(path.rglob("*")):
+            if candidate.is_file() and candidate.name.upper() not in _NOT_INSTANCES and _has_part10_marker(candidate):
+                found.append(candidate)
+    return found
+
+
+def _has_part10_marker(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def push_files(paths: Sequence[Path], *, host: str, port: int, called_aet: str = "CTTRIAGE",
                calling_aet: str = "CTTRIAGE_SCU") -> list[int]:
     """Send every file over one association; returns the C-STORE status of each (-1: no answer)."""
