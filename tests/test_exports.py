@@ -22,11 +22,14 @@ import pytest
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage, generate_uid
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import Export, ExportKind, ExportState, utcnow
+from app.assembly import queue_settled_studies
+from app.db.models import Export, ExportKind, ExportState, Result, Study, utcnow
 from app.dicom.push import push_files
+from app.dicom.storage import IncomingFile
+from app.ingest import describe_instance, store_instance
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
 from models.phantom import PhantomSpec, PhantomVolume, phantom_datasets, phantom_volume
 from models.rendering import projection_overlay
@@ -38,6 +41,8 @@ from worker.export_common import COVID_PROBABILITY, PERCENT_AFFECTED, ExportScor
 from worker.export_sc import projection_capture
 from worker.export_seg import SEGMENT_LEFT_LUNG, SEGMENT_LESIONS, SEGMENT_RIGHT_LUNG, lung_segmentation
 from worker.export_sr import measurement_report
+from worker.exports import run_export
+from worker.jobs import run_job
 from worker.pipeline import StepTimer, StudyMasks, grid_masks, score_volume
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
@@ -305,6 +310,56 @@ def test_export_settings() -> None:
                         export_backoff_max_seconds=200)
     assert settings.export_calling_aet == settings.ae_title
     assert [backoff_seconds(n, settings) for n in (1, 2, 3, 4, 5)] == [30, 60, 120, 200, 200]
+
+
+def store_folder(settings: Any, factory: Any, folder: Path) -> None:
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        with IncomingFile(settings.storage_root, path.read_bytes(), min_free_bytes=0) as incoming:
+            store_instance(incoming, describe_instance(ds, str(ds.file_meta.TransferSyntaxUID)),
+                           storage_root=settings.storage_root, session_factory=factory, source="test",
+                           calling_aet=None)
+
+
+def test_exports_carry_only_the_scored_studys_patient_and_are_written_with_the_result(
+    sqlite_settings: Any, sqlite_factory: Any, tmp_path: Path
+) -> None:
+    """A converter reused one series UID for two patients' studies: the objects of the second
+    study's result must name its patient only (before, the first study's instances were the
+    sources, and the SR went out under the other patient). And its export rows are written with
+    the result, so a worker lost before the hand-off to the broker loses no export."""
+    settings = sqlite_settings.model_copy(update={"export_enabled": True, "export_host": "127.0.0.1"})
+    spec = {"slices": 36, "rows": 96, "columns": 96, "pixel_spacing": 3.6, "slice_spacing": 9.0}
+    first = write_phantom_study(tmp_path / "x", severity_left=10.0, severity_right=5.0, seed=81, **spec)
+    write_phantom_study(tmp_path / "y", severity_left=30.0, severity_right=5.0, seed=82, **spec)
+    second_study = str(generate_uid())
+    for path in sorted((tmp_path / "y").glob("*.dcm")):  # the same series UID, another study and patient
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = first["series_instance_uid"], second_study
+        ds.PatientID, ds.PatientName = "PAT-Y", "Y^Patient"
+        ds.save_as(path, enforce_file_format=True)
+    store_folder(settings, sqlite_factory, tmp_path / "x")
+    store_folder(settings, sqlite_factory, tmp_path / "y")
+    jobs = queue_settled_studies(sqlite_factory, 0.0, now=utcnow() + timedelta(seconds=5))
+    for job_id in jobs:  # no hand-off to the broker at all: as if the worker died right after scoring
+        outcome = run_job(job_id, sqlite_factory, settings, worker="test", export=None)
+        assert outcome.status == "scored", outcome.reason
+    with sqlite_factory() as session:
+        study_id = session.execute(select(Study.id).where(Study.study_uid == second_study)).scalar_one()
+        result_id = session.execute(select(Result.id).where(Result.study_id == study_id)).scalar_one()
+        pending = session.execute(select(Export.kind).where(Export.result_id == result_id,
+                                                            Export.state == ExportState.pending.value)).scalars()
+        assert set(pending) == {"sr", "seg", "sc"}
+
+    sent: list[Dataset] = []
+
+    def pacs(datasets: Sequence[Dataset], **_kwargs: Any) -> list[int]:
+        sent.extend(datasets)
+        return [0] * len(datasets)
+
+    run = run_export(result_id, sqlite_factory, settings, send=pacs)
+    assert run.sent == 3, run
+    assert {(ds.PatientID, ds.StudyInstanceUID) for ds in sent} == {("PAT-Y", second_study)}
 
 
 # --- the service sends them to a DICOM node -----------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import EnqueueExport
-from app.db.models import Export, ExportKind, ExportState, Instance, Result, Series, utcnow
+from app.db.models import Export, ExportKind, ExportState, Instance, Result, Series, Study, utcnow
 from app.dicom.push import push_datasets
 from app.settings import Settings
 
@@ -54,35 +54,35 @@ def backoff_seconds(attempts: int, settings: Settings) -> float:
     return float(min(settings.export_backoff_seconds * 2 ** max(attempts - 1, 0), settings.export_backoff_max_seconds))
 
 
-def create_exports(session_factory: sessionmaker[Session], job_id: int) -> int | None:
-    """Pending rows for the result of ``job_id`` (kinds it already has are kept), due now; returns
-    the result id, None when the job has no result."""
-    now = utcnow()
-    with session_factory.begin() as session:
-        result = session.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none()
-        if result is None:
-            return None
-        files = (result.details or {}).get("files") or {}
-        kinds = [ExportKind.sr]
-        if files.get("masks"):
-            kinds.append(ExportKind.seg)
-        if files.get("projection"):
-            kinds.append(ExportKind.sc)
-        existing = set(session.execute(select(Export.kind).where(Export.result_id == result.id)).scalars())
-        for kind in kinds:
-            if kind.value not in existing:
-                session.add(Export(study_id=result.study_id, result_id=result.id, kind=kind.value,
-                                   sop_instance_uid=str(generate_uid()), state=ExportState.pending.value,
-                                   attempts=0, created_at=now, next_attempt_at=now))
-        return result.id
+def add_exports(session: Session, job_id: int, now: datetime) -> int | None:
+    """Pending rows for the result of ``job_id`` (kinds it already has are kept), due now, in the
+    caller's transaction: the scoring writes them with its result, so no result is ever left
+    without its exports. Returns the result id, None when the job has no result."""
+    result = session.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none()
+    if result is None:
+        return None
+    files = (result.details or {}).get("files") or {}
+    kinds = [ExportKind.sr]
+    if files.get("masks"):
+        kinds.append(ExportKind.seg)
+    if files.get("projection"):
+        kinds.append(ExportKind.sc)
+    existing = set(session.execute(select(Export.kind).where(Export.result_id == result.id)).scalars())
+    for kind in kinds:
+        if kind.value not in existing:
+            session.add(Export(study_id=result.study_id, result_id=result.id, kind=kind.value,
+                               sop_instance_uid=str(generate_uid()), state=ExportState.pending.value,
+                               attempts=0, created_at=now, next_attempt_at=now))
+    return result.id
 
 
 def queue_exports(session_factory: sessionmaker[Session], job_id: int, enqueue: EnqueueExport) -> None:
-    """The hook after a scoring: rows, then the broker. Never raises: the scores are written
-    already, and rows left pending go to the broker again with the outbox relay
-    (:func:`app.assembly.dispatch_overdue_exports`)."""
+    """The hook after a scoring: hand the result's pending exports to the broker. Never raises:
+    the scores and the export rows are written already, and rows left pending go to the broker
+    again with the outbox relay (:func:`app.assembly.dispatch_overdue_exports`)."""
     try:
-        result_id = create_exports(session_factory, job_id)
+        with session_factory() as session:
+            result_id = session.execute(select(Result.id).where(Result.job_id == job_id)).scalar_one_or_none()
         if result_id is not None:
             enqueue(result_id)
     except Exception:
@@ -156,11 +156,24 @@ def _status_error(status: int) -> str | None:
 
 
 def _source_paths(session: Session, result: Result) -> list[Path]:
+    """The scored series' instances in the result's own study: a series UID reused by another
+    study (a faulty converter or anonymiser) must not lend its patient to these objects."""
     rows = session.execute(
         select(Instance.path).join(Series, Series.id == Instance.series_id)
-        .where(Series.series_uid == result.series_uid).order_by(Instance.id)
+        .where(Series.series_uid == result.series_uid, Instance.study_id == result.study_id).order_by(Instance.id)
     ).scalars().all()
     return [Path(p) for p in rows]
+
+
+def check_one_patient(sources: Sequence[Dataset], study_uid: str) -> None:
+    """The objects copy the patient and study from the sources: refuse to send any unless every
+    source names the scored study and one patient, or a result could be filed under another one."""
+    studies = {str(ds.get("StudyInstanceUID", "")) for ds in sources}
+    patients = {str(ds.get("PatientID", "")) for ds in sources}
+    if studies != {study_uid}:
+        raise ValueError(f"the source instances belong to {len(studies)} studies, not only to the scored one")
+    if len(patients) != 1:
+        raise ValueError(f"the source instances name {len(patients)} different patients")
 
 
 def run_export(result_id: int, session_factory: sessionmaker[Session], settings: Settings,
@@ -170,11 +183,12 @@ def run_export(result_id: int, session_factory: sessionmaker[Session], settings:
         result = session.get(Result, result_id)
         rows = session.execute(select(Export).where(Export.result_id == result_id)).scalars().all()
         paths = _source_paths(session, result) if result is not None else []
+        study_uid = session.get(Study, result.study_id).study_uid if result is not None else ""
     pending = sorted((r for r in rows if r.state == ExportState.pending.value),
                      key=lambda r: BUILD_ORDER.index(ExportKind(r.kind)))
     attempt = _Attempt()
     if result is not None and pending:
-        _build(attempt, pending, rows, result, paths, settings.storage_root)
+        _build(attempt, pending, rows, result, paths, study_uid, settings.storage_root)
         _send(attempt, settings, send)
     return _record(session_factory, settings, result_id, [r.id for r in pending], attempt)
 
@@ -190,12 +204,13 @@ class _Attempt:
 
 
 def _build(attempt: _Attempt, pending: list[Export], rows: Sequence[Export], result: Result, paths: list[Path],
-           storage_root: Path) -> None:
+           study_uid: str, storage_root: Path) -> None:
     try:
         if not paths:
             raise ValueError(f"no instances of the scored series {result.series_uid} are recorded")
         sources = read_headers(paths)
-    except Exception as exc:  # gone (retention), unreadable: no retry brings them back
+        check_one_patient(sources, study_uid)
+    except Exception as exc:  # gone (retention), unreadable, mixed: no retry brings them back
         for row in pending:
             attempt.errors[row.id] = f"cannot read the source instances: {exc}"
             attempt.final.add(row.id)

@@ -27,7 +27,7 @@ from app.priority import priority_score, severity_band
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from worker.derived import save_derived
-from worker.exports import EnqueueExport, queue_exports
+from worker.exports import EnqueueExport, add_exports, queue_exports
 from worker.pipeline import StudyScore, score_study
 from worker.series_selection import SeriesSelection
 
@@ -196,6 +196,8 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
                     severity_band=band, priority=priority, method=score.method, model_version=score.model_version,
                     chosen_series_uid=score.series_uid)
         )
+        if settings.export_enabled:  # with the result, or a worker lost in between would leave it unsent
+            add_exports(session, job.id, now)
 
 
 def with_derived_files(score: StudyScore, session_factory: sessionmaker[Session], job: Job,
