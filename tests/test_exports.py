@@ -41,7 +41,7 @@ from worker.export_common import COVID_PROBABILITY, PERCENT_AFFECTED, ExportScor
 from worker.export_sc import projection_capture
 from worker.export_seg import SEGMENT_LEFT_LUNG, SEGMENT_LESIONS, SEGMENT_RIGHT_LUNG, lung_segmentation
 from worker.export_sr import measurement_report
-from worker.exports import run_export
+from worker.exports import TYPE2_COPIED, read_headers, run_export
 from worker.jobs import run_job
 from worker.pipeline import StepTimer, StudyMasks, grid_masks, score_volume
 
@@ -310,6 +310,26 @@ def test_export_settings() -> None:
                         export_backoff_max_seconds=200)
     assert settings.export_calling_aet == settings.ae_title
     assert [backoff_seconds(n, settings) for n in (1, 2, 3, 4, 5)] == [30, 60, 120, 200, 200]
+
+
+def test_sources_without_type2_attributes_still_give_an_sr_and_a_seg(written: Written, tmp_path: Path) -> None:
+    """Anonymised or unscheduled studies leave Type 2 attributes out altogether (no accession, no
+    study ID, no slice thickness): highdicom refused to build the SR and SEG from them."""
+    paths = []
+    for index, source in enumerate(written.sources):
+        ds = copy.deepcopy(source)
+        for keyword in (*TYPE2_COPIED, "SliceThickness"):
+            if keyword in ds:
+                del ds[keyword]
+        paths.append(tmp_path / f"{index}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    sources = read_headers(paths)
+    sr = measurement_report(sources, written.scores, NewInstance(ExportKind.sr, str(generate_uid())), written.seg)
+    seg = lung_segmentation(sources, written.masks, written.scores, NewInstance(ExportKind.seg, str(generate_uid())))
+    for ds in (sr, seg):
+        assert ds.AccessionNumber == "" and ds.StudyID == "" and ds.PatientID == ""
+    thickness = float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness)
+    assert thickness == pytest.approx(float(written.sources[0].SliceThickness))
 
 
 def store_folder(settings: Any, factory: Any, folder: Path) -> None:

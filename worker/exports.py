@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom import Dataset
 from pydicom.uid import generate_uid
@@ -107,13 +108,44 @@ def reset_export(session_factory: sessionmaker[Session], export_id: int) -> Expo
 # --- building ---------------------------------------------------------------------------------
 
 
+#: Type 2 attributes every object copies from its sources (patient and study modules). Type 2
+#: means present, maybe empty; anonymised or unscheduled studies often leave them out altogether,
+#: and highdicom then cannot build the SR or SEG at all.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
 def read_headers(paths: Sequence[Path]) -> list[Dataset]:
-    """The source instances' headers (the writers never need their pixel data)."""
+    """The source instances' headers (the writers never need their pixel data), with absent Type 2
+    patient and study attributes present and empty, as the objects must carry them, and a slice
+    thickness (the slice step) where none is stated."""
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} source instances are gone from storage "
                                 "(retention?)")
-    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    step = slice_step_mm(headers)
+    for ds in headers:
+        for keyword in TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        if not ds.get("SliceThickness") and step is not None:  # Type 1 in the SEG's pixel measures
+            ds.SliceThickness = step
+    return headers
+
+
+def slice_step_mm(sources: Sequence[Dataset]) -> float | None:
+    """The distance between neighbouring source slices along their normal (None: one slice, or no
+    geometry): the SEG's slice thickness where the sources do not state one."""
+    try:
+        row, col = np.asarray(sources[0].ImageOrientationPatient[:3], float), \
+            np.asarray(sources[0].ImageOrientationPatient[3:], float)
+        normal = np.cross(row, col)
+        along = np.sort([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for ds in sources])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    steps = np.diff(along)
+    return round(float(np.median(steps)), 4) if steps.size and np.median(steps) > 0 else None
 
 
 def build_dataset(kind: ExportKind, sop_instance_uid: str, result: Result, sources: Sequence[Dataset],
