@@ -21,7 +21,14 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage, generate_uid
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    generate_uid,
+)
+from pynetdicom import AE, evt
 from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import Session
 
@@ -380,6 +387,50 @@ def test_exports_carry_only_the_scored_studys_patient_and_are_written_with_the_r
     run = run_export(result_id, sqlite_factory, settings, send=pacs)
     assert run.sent == 3, run
     assert {(ds.PatientID, ds.StudyInstanceUID) for ds in sent} == {("PAT-Y", second_study)}
+
+
+def test_a_node_that_takes_no_seg_and_only_implicit_vr_still_gets_the_sr_and_the_capture(
+    sqlite_settings: Any, sqlite_factory: Any, tmp_path: Path
+) -> None:
+    """Before, one object the node would not take (a PACS without SEG support) failed all three on
+    every retry, and a node taking Implicit VR only got nothing. Now each object stands alone, the
+    SEG fails at once with the reason, and the SR does not point at a SEG the node never stored."""
+    received: list[Dataset] = []
+
+    def store(event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
+        pacs.add_supported_context(sop_class, [ImplicitVRLittleEndian])
+    server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        settings = sqlite_settings.model_copy(update={
+            "export_enabled": True, "export_host": "127.0.0.1", "export_port": server.server_address[1],
+            "export_ae_title": "PACS", "export_timeout_seconds": 10})
+        write_phantom_study(tmp_path / "s", severity_left=25.0, severity_right=5.0, seed=83, slices=36, rows=96,
+                            columns=96, pixel_spacing=3.6, slice_spacing=9.0)
+        store_folder(settings, sqlite_factory, tmp_path / "s")
+        [job_id] = queue_settled_studies(sqlite_factory, 0.0, now=utcnow() + timedelta(seconds=5))
+        assert run_job(job_id, sqlite_factory, settings, worker="test", export=None).status == "scored"
+        with sqlite_factory() as session:
+            result_id = session.execute(select(Result.id)).scalar_one()
+        run = run_export(result_id, sqlite_factory, settings)
+    finally:
+        server.shutdown()
+    assert (run.sent, run.failed, run.pending) == (2, 1, 0), run
+    with sqlite_factory() as session:
+        exports = {e.kind: e for e in session.execute(select(Export)).scalars()}
+    seg = exports["seg"]
+    assert (seg.state, seg.attempts) == (ExportState.failed.value, 1)  # no retry can change it
+    assert "accepted no presentation context for Segmentation Storage" in (seg.last_error or "")
+    assert {str(ds.SOPClassUID) for ds in received} == {Comprehensive3DSRStorage, SecondaryCaptureImageStorage}
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in received} == {ImplicitVRLittleEndian}
+    [sr] = [ds for ds in received if ds.SOPClassUID == Comprehensive3DSRStorage]
+    assert seg.sop_instance_uid not in str(sr)  # no reference to a SEG the node never stored
 
 
 # --- the service sends them to a DICOM node -----------------------------------------------------

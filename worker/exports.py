@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import EnqueueExport
 from app.db.models import Export, ExportKind, ExportState, Instance, Result, Series, Study, utcnow
-from app.dicom.push import push_datasets
+from app.dicom.push import NOT_ACCEPTED, push_datasets
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,18 @@ def run_export(result_id: int, session_factory: sessionmaker[Session], settings:
     pending = sorted((r for r in rows if r.state == ExportState.pending.value),
                      key=lambda r: BUILD_ORDER.index(ExportKind(r.kind)))
     attempt = _Attempt()
-    if result is not None and pending:
-        _build(attempt, pending, rows, result, paths, study_uid, settings.storage_root)
-        _send(attempt, settings, send)
+    sources = _sources(attempt, pending, result, paths, study_uid) if result is not None and pending else None
+    if result is not None and sources is not None:
+        # The SEG goes first, on its own: the SR references it only once the node has stored it.
+        seg = next((r for r in rows if r.kind == ExportKind.seg.value), None)
+        first = [r for r in pending if r.kind == ExportKind.seg.value]
+        _build(attempt, first, result, sources, settings.storage_root, None)
+        _send(attempt, [r.id for r in first], settings, send)
+        seg_stored = seg is not None and (seg.state == ExportState.sent.value
+                                          or (seg.id in attempt.built and seg.id not in attempt.errors))
+        rest = [r for r in pending if r.kind != ExportKind.seg.value]
+        _build(attempt, rest, result, sources, settings.storage_root, seg.sop_instance_uid if seg_stored else None)
+        _send(attempt, [r.id for r in rest], settings, send)
     return _record(session_factory, settings, result_id, [r.id for r in pending], attempt)
 
 
@@ -235,8 +244,9 @@ class _Attempt:
     warnings: dict[int, str] = field(default_factory=dict)  # stored, with a warning status
 
 
-def _build(attempt: _Attempt, pending: list[Export], rows: Sequence[Export], result: Result, paths: list[Path],
-           study_uid: str, storage_root: Path) -> None:
+def _sources(attempt: _Attempt, pending: list[Export], result: Result, paths: list[Path],
+             study_uid: str) -> list[Dataset] | None:
+    """The source headers, or None with every pending object failed for good (why is recorded)."""
     try:
         if not paths:
             raise ValueError(f"no instances of the scored series {result.series_uid} are recorded")
@@ -246,32 +256,41 @@ def _build(attempt: _Attempt, pending: list[Export], rows: Sequence[Export], res
         for row in pending:
             attempt.errors[row.id] = f"cannot read the source instances: {exc}"
             attempt.final.add(row.id)
-        return
-    seg = next((r for r in rows if r.kind == ExportKind.seg.value), None)
-    for row in pending:  # the SEG first: the SR references it once it is sent or about to be
-        seg_uid = seg.sop_instance_uid if seg and (seg.state == ExportState.sent.value or seg.id in attempt.built) \
-            else None
+        return None
+    return sources
+
+
+def _build(attempt: _Attempt, rows: list[Export], result: Result, sources: list[Dataset], storage_root: Path,
+           segmentation_uid: str | None) -> None:
+    for row in rows:
         try:
             attempt.built[row.id] = build_dataset(ExportKind(row.kind), row.sop_instance_uid, result, sources,
-                                                  storage_root, seg_uid)
+                                                  storage_root, segmentation_uid)
         except Exception as exc:  # a bug or unusable masks: fail visibly, keep the others going
             log.exception("could not build an export", extra={"export_id": row.id, "kind": row.kind})
             attempt.errors[row.id] = f"could not build the {row.kind.upper()}: {type(exc).__name__}: {exc}"
             attempt.final.add(row.id)
 
 
-def _send(attempt: _Attempt, settings: Settings, send: Send) -> None:
-    if not attempt.built:
+def _send(attempt: _Attempt, export_ids: list[int], settings: Settings, send: Send) -> None:
+    """Send those of ``export_ids`` that were built, over one association."""
+    ids = [export_id for export_id in export_ids if export_id in attempt.built]
+    if not ids:
         return
     try:
-        statuses = send(list(attempt.built.values()), host=settings.export_host, port=settings.export_port,
-                        called_aet=settings.export_ae_title, calling_aet=settings.export_calling_aet,
-                        timeout=settings.export_timeout_seconds)
+        statuses = send([attempt.built[export_id] for export_id in ids], host=settings.export_host,
+                        port=settings.export_port, called_aet=settings.export_ae_title,
+                        calling_aet=settings.export_calling_aet, timeout=settings.export_timeout_seconds)
     except Exception as exc:  # unreachable, refused, aborted: all of them wait for the next try
-        for export_id in attempt.built:
+        for export_id in ids:
             attempt.errors[export_id] = f"{type(exc).__name__}: {exc}"
         return
-    for export_id, status in zip(attempt.built, statuses, strict=True):
+    for export_id, status in zip(ids, statuses, strict=True):
+        if status == NOT_ACCEPTED:  # the node does not take this kind of object: no retry changes that
+            kind = attempt.built[export_id].SOPClassUID.name
+            attempt.errors[export_id] = f"the node accepted no presentation context for {kind}"
+            attempt.final.add(export_id)
+            continue
         problem = _status_error(status)
         if problem:
             attempt.errors[export_id] = problem

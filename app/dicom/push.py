@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
@@ -76,23 +77,45 @@ def push_datasets(datasets: Sequence[Dataset], *, host: str, port: int, called_a
     return statuses
 
 
+#: Status of a dataset whose SOP class (or encoding) the node accepted no presentation context for:
+#: no C-STORE was sent, and sending again will not change that.
+NOT_ACCEPTED = -2
+
+
 def _push_once(datasets: Sequence[Dataset], *, host: str, port: int, called_aet: str, calling_aet: str,
                timeout: float | None) -> list[int]:
-    """One association: the status of each dataset, -1 where no answer came."""
-    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    """One association: the status of each dataset, -1 where no answer came, NOT_ACCEPTED where the
+    node took no presentation context for it (the others are still sent)."""
+    proposed: dict[str, set[str]] = {}
+    for ds in datasets:
+        syntax = str(ds.file_meta.TransferSyntaxUID)
+        # Uncompressed data can be sent in either little-endian encoding: some nodes take Implicit VR only.
+        uncompressed = syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        proposed.setdefault(str(ds.SOPClassUID), set()).update(
+            (syntax, ImplicitVRLittleEndian) if uncompressed else (syntax,))
     ae = AE(ae_title=calling_aet)
     if timeout is not None:
         ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for sop_class, syntax in sorted(contexts):
-        ae.add_requested_context(build_context(sop_class, [syntax]).abstract_syntax, syntax)
+    for sop_class, syntaxes in sorted(proposed.items()):
+        for syntax in sorted(syntaxes):  # one context per syntax: the node may accept either
+            ae.add_requested_context(build_context(sop_class, [syntax]).abstract_syntax, syntax)
     assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+        return [NOT_ACCEPTED] * len(datasets)  # the node answered, and takes none of these objects
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
         raise AssociationFailed(f"association with {called_aet}@{host}:{port} was not established ({why})")
     statuses: list[int] = []
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds) if assoc.is_established else None
+            if not assoc.is_established:
+                statuses.append(-1)
+                continue
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError:  # pynetdicom: no accepted presentation context for this dataset
+                statuses.append(NOT_ACCEPTED)
+                continue
             statuses.append(int(status.Status) if status and "Status" in status else -1)
     finally:
         if assoc.is_established:
