@@ -131,6 +131,21 @@ def request_rescore(session_factory: sessionmaker[Session], study_uid: str) -> i
         return create_job(session, study, trigger="rescore", now=now).id
 
 
+def release_running_jobs(session_factory: sessionmaker[Session]) -> int:
+    """At the start of the embedded service, whose one worker is its own child: a job still
+    `running` was cut off when the service last stopped. It goes back to the outbox now, not after
+    the processing timeout (the embedded broker never hands a fetched message out again).
+    Returns how many."""
+    with session_factory.begin() as session:
+        released = session.execute(
+            update(Job).where(Job.state == JobState.running.value)
+            .values(state=JobState.pending.value, error="re-queued: the service stopped while it ran")
+        ).rowcount
+    if released:
+        log.warning("jobs cut off by the last stop re-queued", extra={"count": released})
+    return released
+
+
 def requeue_stale_jobs(session_factory: sessionmaker[Session], timeout_seconds: float,
                        now: datetime | None = None) -> int:
     """Put back jobs whose worker vanished (enqueued or running past the timeout).

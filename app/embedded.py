@@ -20,7 +20,7 @@ import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.main import create_app
-from app.assembly import Enqueue, EnqueueExport, run_assembler
+from app.assembly import Enqueue, EnqueueExport, release_running_jobs, run_assembler
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
 from app.security import ensure_bootstrap_admin
@@ -134,6 +134,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     prepare(settings)
     session_factory = make_session_factory(settings)
     bootstrap_admin(settings, session_factory)
+    release_running_jobs(session_factory)
     enqueue, broker_ping = make_broker_hooks(settings)
     stop = threading.Event()
     worker = SupervisedProcess(

@@ -14,6 +14,7 @@ from app.assembly import (
     dispatch_overdue_exports,
     dispatch_pending_jobs,
     queue_settled_studies,
+    release_running_jobs,
     request_rescore,
     requeue_stale_jobs,
 )
@@ -232,6 +233,17 @@ def test_stale_jobs_go_back_to_the_outbox(factory: sessionmaker[Session]) -> Non
     assert requeue_stale_jobs(factory, timeout_seconds=60, now=utcnow() + timedelta(seconds=61)) == 1
     with factory() as session:
         assert session.get(Job, job_id).state == JobState.pending.value
+
+
+def test_the_embedded_service_starts_by_releasing_jobs_its_last_stop_cut_off(factory: sessionmaker[Session]) -> None:
+    add(factory, received("1.9.13", "1.9.13.1"))
+    [job_id] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+    assert claim_job(factory, job_id, worker="w", max_attempts=5) is not None  # then the service stopped
+    assert release_running_jobs(factory) == 1
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.error) == (JobState.pending.value, "re-queued: the service stopped while it ran")
+    assert release_running_jobs(factory) == 0
 
 
 def test_dispatch_uses_the_queue_priority_policy(factory: sessionmaker[Session]) -> None:
