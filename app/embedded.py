@@ -92,6 +92,9 @@ class SupervisedProcess:
     command: list[str]
     env: dict[str, str]
     restart_delay: float = 2.0
+    #: True once the service is shutting down: a child that exits then (Ctrl-C reaches the whole
+    #: process group, the child first) is not restarted while the API drains its streams.
+    stopping: Callable[[], bool] = lambda: False
     _proc: subprocess.Popen[bytes] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,14 +107,12 @@ class SupervisedProcess:
     def _run(self) -> None:
         while True:
             with self._lock:  # stop() between the check and the start would leave a child running
-                if self._stop.is_set():
+                if self._stop.is_set() or self.stopping():
                     return
-                # Its own session: a Ctrl-C in the terminal reaches the service, which stops the
-                # child itself, and not the child directly (it exited and was restarted while
-                # the API was still draining its streams).
-                self._proc = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+                # The same process group as the service: whatever stops the group stops the child.
+                self._proc = subprocess.Popen(self.command, env=self.env)
             code = self._proc.wait()
-            if not self._stop.is_set():
+            if not self._stop.is_set() and not self.stopping():
                 log.warning("worker process exited; restarting", extra={"exit_code": code})
                 self._stop.wait(self.restart_delay)
 
@@ -147,6 +148,10 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
         kwargs={"session_factory": session_factory, "enqueue": enqueue, "settings": settings, "stop": stop,
                 "enqueue_export": make_export_hook(settings)},
     )
+    api = uvicorn.Server(uvicorn.Config(
+        create_app(settings, session_factory, enqueue, broker_ping), host=settings.api_host, port=settings.api_port,
+        log_config=None, access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
+    worker.stopping = lambda: api.should_exit
     try:  # whatever ends the service (Ctrl-C, the API port in use), the worker child goes with it
         worker.start()
         assembler.start()
@@ -155,9 +160,9 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
             "http": f"http://{settings.api_host}:{settings.api_port}/"})
         if on_ready is not None:
             threading.Thread(target=on_ready, name="on-ready", daemon=True).start()
-        uvicorn.run(create_app(settings, session_factory, enqueue, broker_ping), host=settings.api_host,
-                    port=settings.api_port,
-                    log_config=None, access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+        api.run()
+        if not api.started:  # as uvicorn.run: the API could not start (its port in use)
+            raise SystemExit(3)
     finally:
         stop.set()
         listener.shutdown()

@@ -98,3 +98,20 @@ def test_serve_that_cannot_listen_leaves_no_worker_behind(tmp_path: Path) -> Non
     time.sleep(1)
     children = subprocess.run(["pgrep", "-f", f"cttriage-cpu-{process.pid}@"], capture_output=True, text=True)
     assert children.stdout.strip() == "", "a worker of the failed serve is still running"
+
+
+def test_serve_that_cannot_serve_http_stops_its_worker(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "CTTRIAGE_DATA_DIR": str(tmp_path / "data"),
+                                        "CTTRIAGE_DICOM_HOST": "127.0.0.1", "CTTRIAGE_DICOM_PORT": str(free_port()),
+                                        "CTTRIAGE_API_HOST": "127.0.0.1",
+                                        "CTTRIAGE_API_PORT": str(taken.getsockname()[1])})
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 3, output[-2000:]
+    time.sleep(1)
+    children = subprocess.run(["pgrep", "-f", f"cttriage-cpu-{process.pid}@"], capture_output=True, text=True)
+    assert children.stdout.strip() == "", "a worker of the failed serve is still running"
