@@ -32,7 +32,7 @@ from app.dicom.storage import (
     write_atomic,
 )
 from app.errors import DatabaseUnavailableError, InvalidDicomError
-from models.dicom_headers import MAX_FRAMES, slice_headers
+from models.dicom_headers import MAX_FRAMES, declared_frames, slice_headers
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,7 @@ def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not ds.get(k)]
     if missing:
         raise InvalidDicomError(f"instance lacks {', '.join(missing)}")
-    try:
-        frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        frames = 1  # unreadable: the header reader takes it as a single frame too
+    frames = declared_frames(ds) or 1
     if frames > MAX_FRAMES:  # a header is stored per frame
         raise InvalidDicomError(f"NumberOfFrames {frames} is more than the {MAX_FRAMES} accepted")
     headers = slice_headers(ds)
@@ -335,24 +332,19 @@ def quarantine_bytes(
     path = quarantine_path(storage_root)
     write_atomic(path, data)
     try:
-        return _record_quarantined(path, data, reason, session_factory, source, original_name, calling_aet)
+        with session_factory.begin() as session:
+            row = QuarantinedFile(
+                path=str(path),
+                original_name=original_name,
+                size_bytes=len(data),
+                reason=reason,
+                source=source,
+                calling_aet=calling_aet,
+                received_at=utcnow(),
+            )
+            session.add(row)
+            session.flush()
+            return row.id
     except BaseException:
         path.unlink(missing_ok=True)  # without its row nothing would ever show or remove it
         raise
-
-
-def _record_quarantined(path: Path, data: bytes, reason: str, session_factory: sessionmaker[Session], source: str,
-                        original_name: str | None, calling_aet: str | None) -> int:
-    with session_factory.begin() as session:
-        row = QuarantinedFile(
-            path=str(path),
-            original_name=original_name,
-            size_bytes=len(data),
-            reason=reason,
-            source=source,
-            calling_aet=calling_aet,
-            received_at=utcnow(),
-        )
-        session.add(row)
-        session.flush()
-        return row.id

@@ -106,9 +106,14 @@ def functional_group_item(ds: Dataset, frame: int, keyword: str) -> Dataset | No
     return None
 
 
+def declared_frames(ds: Dataset) -> int | None:
+    """NumberOfFrames as the instance states it, read leniently (None: absent or unreadable)."""
+    return _int_or_none(_attr(ds, "NumberOfFrames"))
+
+
 def is_multiframe(ds: Dataset) -> bool:
     """True for instances whose frames are described by functional groups (Enhanced CT and kin)."""
-    return any(k in ds for k in _ENHANCED_GROUPS) or _int_or_none(_attr(ds, "NumberOfFrames")) not in (None, 1)
+    return any(k in ds for k in _ENHANCED_GROUPS) or declared_frames(ds) not in (None, 1)
 
 
 def slice_headers(ds: Dataset) -> list[SliceHeader]:
@@ -132,7 +137,7 @@ def slice_headers(ds: Dataset) -> list[SliceHeader]:
     # Where each frame's geometry lives: the top level for classic instances, the per-frame or
     # shared functional groups for multi-frame ones.
     if is_multiframe(ds):
-        n_frames = _int_or_none(_attr(ds, "NumberOfFrames")) or len(_attr(ds, "PerFrameFunctionalGroupsSequence") or [])
+        n_frames = declared_frames(ds) or len(_attr(ds, "PerFrameFunctionalGroupsSequence") or [])
         sources = [
             (
                 frame,

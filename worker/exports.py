@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from pydicom import Dataset
 from pydicom.uid import generate_uid
@@ -29,7 +28,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.assembly import EnqueueExport
 from app.db.models import Export, ExportKind, ExportState, Instance, Result, Series, Study, utcnow
 from app.dicom.push import NOT_ACCEPTED, push_datasets
+from app.errors import VolumeError
 from app.settings import Settings
+from models.dicom_headers import slice_headers, stack_geometry
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +136,12 @@ def read_headers(paths: Sequence[Path]) -> list[Dataset]:
 
 
 def slice_step_mm(sources: Sequence[Dataset]) -> float | None:
-    """The distance between neighbouring source slices along their normal (None: one slice, or no
-    geometry): the SEG's slice thickness where the sources do not state one."""
+    """The step between the source slices along their normal, as the volume loader measures it
+    (None: no usable stack): the SEG's slice thickness where the sources do not state one."""
     try:
-        row, col = np.asarray(sources[0].ImageOrientationPatient[:3], float), \
-            np.asarray(sources[0].ImageOrientationPatient[3:], float)
-        normal = np.cross(row, col)
-        along = np.sort([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for ds in sources])
-    except (AttributeError, TypeError, ValueError, IndexError):
+        return round(stack_geometry([h for ds in sources for h in slice_headers(ds)]).slice_spacing_mm, 4)
+    except VolumeError:
         return None
-    steps = np.diff(along)
-    return round(float(np.median(steps)), 4) if steps.size and np.median(steps) > 0 else None
 
 
 def build_dataset(kind: ExportKind, sop_instance_uid: str, result: Result, sources: Sequence[Dataset],

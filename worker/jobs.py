@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
@@ -46,6 +46,13 @@ class JobOutcome:
     reason: str | None = None
 
 
+def study_of(job: Job) -> Any:
+    """An UPDATE of the job's study that lands only while the study is still at the job's version:
+    a late instance or a rescore makes every write of an outdated job a no-op."""
+    return (update(Study).where(Study.id == job.study_id, Study.version == job.study_version)
+            .execution_options(synchronize_session=False))
+
+
 def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, *, max_attempts: int) -> Job | None:
     """Mark the job running and its study processing; None when there is nothing to do.
 
@@ -61,24 +68,15 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, 
             reason = (f"gave up after {job.attempts} attempts that ended without a result (worker lost, out of "
                       f"memory or timed out); last: {job.error or 'no error recorded'}")
             job.state, job.error, job.finished_at = JobState.failed.value, reason, utcnow()
-            session.execute(
-                update(Study)
-                .where(Study.id == job.study_id, Study.version == job.study_version)
-                .values(state=StudyState.failed.value, reason=reason, reason_code="AttemptsExhausted")
-                .execution_options(synchronize_session=False)
-            )
+            session.execute(study_of(job).values(state=StudyState.failed.value, reason=reason,
+                                                 reason_code="AttemptsExhausted"))
             log.warning("job failed: attempts exhausted", extra={"job_id": job_id, "attempts": job.attempts})
             return None
         # One statement that checks the version and moves the study: a late instance may reopen the
         # study (a new version, back to receiving) at any moment, and a check read before this write
         # would let it be overwritten with `processing` by a job whose result no longer applies,
         # leaving the study stuck there, never settled and never scored.
-        moved = session.execute(
-            update(Study)
-            .where(Study.id == job.study_id, Study.version == job.study_version)
-            .values(state=StudyState.processing.value)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        moved = session.execute(study_of(job).values(state=StudyState.processing.value)).rowcount
         if not moved:
             job.state = JobState.superseded.value
             job.finished_at = utcnow()
@@ -132,11 +130,7 @@ def record_selection(session_factory: sessionmaker[Session], job: Job, selection
                 .values(chosen=decision.chosen, skip_reason=decision.reason, slice_count=decision.slice_count,
                         slice_spacing_mm=decision.slice_spacing_mm)
             )
-        session.execute(
-            update(Study)
-            .where(Study.id == job.study_id, Study.version == job.study_version)
-            .values(chosen_series_uid=selection.chosen)
-        )
+        session.execute(study_of(job).values(chosen_series_uid=selection.chosen))
 
 
 def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: StudyState, reason: str,
@@ -146,11 +140,7 @@ def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: S
             update(Job).where(Job.id == job.id).values(state=JobState.failed.value if state is StudyState.failed
                                                        else JobState.done.value, error=reason, finished_at=utcnow())
         )
-        session.execute(
-            update(Study)
-            .where(Study.id == job.study_id, Study.version == job.study_version)
-            .values(state=state.value, reason=reason, reason_code=reason_code)
-        )
+        session.execute(study_of(job).values(state=state.value, reason=reason, reason_code=reason_code))
 
 
 def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyScore, settings: Settings) -> None:
@@ -188,9 +178,7 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
             .values(state=JobState.done.value, finished_at=now, timings=score.timings, error=None)
         )
         session.execute(
-            update(Study)
-            .where(Study.id == job.study_id, Study.version == job.study_version)
-            .values(state=StudyState.scored.value, reason=None, reason_code=None, scored_at=now,
+            study_of(job).values(state=StudyState.scored.value, reason=None, reason_code=None, scored_at=now,
                     identification=score.identification, severity=sev.severity, severity_left=sev.severity_left,
                     severity_right=sev.severity_right,
                     severity_band=band, priority=priority, method=score.method, model_version=score.model_version,

@@ -189,7 +189,7 @@ def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: fl
 
 def check_finite(identification: float, severity: LungSeverity) -> None:
     """Refuse NaN or infinite scores: the worklist would sort on them, the PACS receive them."""
-    values = {"identification": identification, **{k: v for k, v in asdict(severity).items() if isinstance(v, float)}}
+    values = {"identification": identification, **severity.to_dict()}
     bad = sorted(name for name, value in values.items() if not math.isfinite(value))
     if bad:
         raise ModelOutputError(f"the networks gave a non-finite {', '.join(bad)}")
