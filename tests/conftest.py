@@ -82,6 +82,21 @@ def redis_url() -> Iterator[str]:
     client.flushdb()
 
 
+def store_study_files(settings: Settings, factory: sessionmaker[Session], folder: Path) -> None:
+    """Record every DICOM file of ``folder`` through the ingest path C-STORE uses, without a listener."""
+    import pydicom
+
+    from app.dicom.storage import IncomingFile
+    from app.ingest import describe_instance, store_instance
+
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        with IncomingFile(settings.storage_root, path.read_bytes(), min_free_bytes=0) as incoming:
+            store_instance(incoming, describe_instance(ds, str(ds.file_meta.TransferSyntaxUID)),
+                           storage_root=settings.storage_root, session_factory=factory, source="test",
+                           calling_aet=None)
+
+
 def write_phantom_study(out: Path, **spec_kwargs: object) -> dict:  # type: ignore[type-arg]
     from models.phantom import PhantomSpec, write_phantom
 

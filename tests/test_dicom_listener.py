@@ -340,34 +340,25 @@ def test_missing_uid_cannot_be_understood(
     assert listener_.store(series) == [STATUS_SUCCESS] * len(series)
 
 
-def test_overlong_uid_cannot_be_understood(start: Callable[..., Listener], tmp_path: Path, series: list[Path]) -> None:
-    """A 'UID' over 64 characters is no UID: refused for good and kept (0xC000, quarantine), not
-    'retry later', which PostgreSQL's 64-character column made it before, on every retry."""
-    listener_ = start()
-    ds = pydicom.dcmread(series[0])
-    ds.StudyInstanceUID = "1.2." + "9" * 70
-    bad = tmp_path / "long.dcm"
-    write_file(ds, bad)
-    assert listener_.store([bad]) == [STATUS_CANNOT_UNDERSTAND]
-    assert listener_.count(Instance) == 0
-    [kept] = listener_.rows(QuarantinedFile)
-    assert "StudyInstanceUID longer than 64 characters" in kept.reason
-
-
-def test_a_claim_of_countless_frames_cannot_be_understood(
-    start: Callable[..., Listener], tmp_path: Path, series: list[Path]
+@pytest.mark.parametrize(("keyword", "value", "reason"), [
+    # Over 64 characters is no UID: before, PostgreSQL's 64-character column made it 'retry later', forever.
+    ("StudyInstanceUID", "1.2." + "9" * 70, "StudyInstanceUID longer than 64 characters"),
+    # A header is stored per frame: 100,000 headers (or, at 10^8, all the listener's memory).
+    ("NumberOfFrames", 100_000, "NumberOfFrames 100000 is more than the 10000 accepted"),
+], ids=["overlong-uid", "countless-frames"])
+def test_an_impossible_header_cannot_be_understood(
+    start: Callable[..., Listener], tmp_path: Path, series: list[Path], keyword: str, value: object, reason: str
 ) -> None:
-    """A header is stored per frame: a small file claiming 100,000 frames is refused and kept, not
-    turned into 100,000 headers (or, at 10^8, all the listener's memory)."""
+    """Refused for good and kept (0xC000, quarantine), never 'retry later' and never recorded."""
     listener_ = start()
     ds = pydicom.dcmread(series[0])
-    ds.NumberOfFrames = 100_000
-    bad = tmp_path / "frames.dcm"
+    setattr(ds, keyword, value)
+    bad = tmp_path / "bad.dcm"
     write_file(ds, bad)
     assert listener_.store([bad]) == [STATUS_CANNOT_UNDERSTAND]
     assert listener_.count(Instance) == 0
     [kept] = listener_.rows(QuarantinedFile)
-    assert "NumberOfFrames 100000 is more than the 10000 accepted" in kept.reason
+    assert reason in kept.reason
 
 
 def test_malformed_uids_never_share_a_file(start: Callable[..., Listener], tmp_path: Path, series: list[Path]) -> None:

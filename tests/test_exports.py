@@ -35,14 +35,12 @@ from sqlalchemy.orm import Session
 from app.assembly import queue_settled_studies
 from app.db.models import Export, ExportKind, ExportState, Result, Study, utcnow
 from app.dicom.push import push_files
-from app.dicom.storage import IncomingFile
-from app.ingest import describe_instance, store_instance
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
 from models.phantom import PhantomSpec, PhantomVolume, phantom_datasets, phantom_volume
 from models.rendering import projection_overlay
 from models.severity import lung_severity
 from models.volume import hu_volume
-from tests.conftest import free_port, write_phantom_study
+from tests.conftest import free_port, store_study_files, write_phantom_study
 from tests.service_process import API, ServiceProcess, embedded_service, wait_for_state, wait_until
 from worker.export_common import COVID_PROBABILITY, PERCENT_AFFECTED, ExportScores, NewInstance
 from worker.export_sc import projection_capture
@@ -339,15 +337,6 @@ def test_sources_without_type2_attributes_still_give_an_sr_and_a_seg(written: Wr
     assert thickness == pytest.approx(float(written.sources[0].SliceThickness))
 
 
-def store_folder(settings: Any, factory: Any, folder: Path) -> None:
-    for path in sorted(folder.glob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        with IncomingFile(settings.storage_root, path.read_bytes(), min_free_bytes=0) as incoming:
-            store_instance(incoming, describe_instance(ds, str(ds.file_meta.TransferSyntaxUID)),
-                           storage_root=settings.storage_root, session_factory=factory, source="test",
-                           calling_aet=None)
-
-
 def test_exports_carry_only_the_scored_studys_patient_and_are_written_with_the_result(
     sqlite_settings: Any, sqlite_factory: Any, tmp_path: Path
 ) -> None:
@@ -365,8 +354,8 @@ def test_exports_carry_only_the_scored_studys_patient_and_are_written_with_the_r
         ds.SeriesInstanceUID, ds.StudyInstanceUID = first["series_instance_uid"], second_study
         ds.PatientID, ds.PatientName = "PAT-Y", "Y^Patient"
         ds.save_as(path, enforce_file_format=True)
-    store_folder(settings, sqlite_factory, tmp_path / "x")
-    store_folder(settings, sqlite_factory, tmp_path / "y")
+    store_study_files(settings, sqlite_factory, tmp_path / "x")
+    store_study_files(settings, sqlite_factory, tmp_path / "y")
     jobs = queue_settled_studies(sqlite_factory, 0.0, now=utcnow() + timedelta(seconds=5))
     for job_id in jobs:  # no hand-off to the broker at all: as if the worker died right after scoring
         outcome = run_job(job_id, sqlite_factory, settings, worker="test", export=None)
@@ -413,7 +402,7 @@ def test_a_node_that_takes_no_seg_and_only_implicit_vr_still_gets_the_sr_and_the
             "export_ae_title": "PACS", "export_timeout_seconds": 10})
         write_phantom_study(tmp_path / "s", severity_left=25.0, severity_right=5.0, seed=83, slices=36, rows=96,
                             columns=96, pixel_spacing=3.6, slice_spacing=9.0)
-        store_folder(settings, sqlite_factory, tmp_path / "s")
+        store_study_files(settings, sqlite_factory, tmp_path / "s")
         [job_id] = queue_settled_studies(sqlite_factory, 0.0, now=utcnow() + timedelta(seconds=5))
         assert run_job(job_id, sqlite_factory, settings, worker="test", export=None).status == "scored"
         with sqlite_factory() as session:

@@ -11,7 +11,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 from sqlalchemy import select
@@ -19,8 +18,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import queue_settled_studies
 from app.db.models import Result, Study, utcnow
-from app.dicom.storage import IncomingFile
-from app.ingest import describe_instance, store_instance
 from app.settings import Settings
 from models.checkpoint import SYNTHETIC_TRAINING_DATA, CheckpointError, load_checkpoint
 from models.commands import DataSource, train_command
@@ -44,6 +41,7 @@ from models.training import (
 )
 from models.training_samples import PreparedSeries, multitask_batch, multitask_pools, prepare_series, thin_slices
 from models.unet import UNetConfig
+from tests.conftest import store_study_files
 from worker.celery_app import WorkerResources
 from worker.jobs import run_job
 from worker.networks import load_networks
@@ -176,22 +174,13 @@ def test_lungs_training_drives_the_loss_down() -> None:
     assert report.best is not None and report.best["metric"] == "lung_dice"
 
 
-def store_study(settings: Settings, factory: sessionmaker[Session], folder: Path) -> None:
-    for path in sorted(folder.glob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        with IncomingFile(settings.storage_root, path.read_bytes(), min_free_bytes=0) as incoming:
-            store_instance(incoming, describe_instance(ds, str(ds.file_meta.TransferSyntaxUID)),
-                           storage_root=settings.storage_root, session_factory=factory, source="test",
-                           calling_aet=None)
-
-
 def test_worker_scores_with_the_configured_phantom_weights(
     trained: Trained, sqlite_settings: Settings, sqlite_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
     settings = sqlite_settings.model_copy(update={"model_dir": trained.model_dir})  # one version: no name needed
     write_phantom(tmp_path / "study", PhantomSpec(rows=128, columns=128, pixel_spacing=2.8, slices=40,
                                                   slice_spacing=8.0, severity_right=25.0, seed=5))
-    store_study(settings, sqlite_factory, tmp_path / "study")
+    store_study_files(settings, sqlite_factory, tmp_path / "study")
     [job_id] = queue_settled_studies(sqlite_factory, 0.0, now=utcnow() + timedelta(seconds=5))
     resources = WorkerResources(settings)
     outcome = run_job(job_id, sqlite_factory, settings, worker="test", networks=lambda: resources.networks)
@@ -224,7 +213,7 @@ def test_a_network_output_that_is_no_number_fails_the_study_and_gpu_memory_is_re
     settings = sqlite_settings.model_copy(update={"model_dir": trained.model_dir})
     write_phantom(tmp_path / "study", PhantomSpec(rows=96, columns=96, pixel_spacing=3.6, slices=36,
                                                   slice_spacing=9.0, severity_right=20.0, seed=6))
-    store_study(settings, sqlite_factory, tmp_path / "study")
+    store_study_files(settings, sqlite_factory, tmp_path / "study")
     [job_id] = queue_settled_studies(sqlite_factory, 0.0, now=utcnow() + timedelta(seconds=5))
     networks = WorkerResources(settings).networks
     assert networks is not None
