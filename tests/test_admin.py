@@ -48,6 +48,7 @@ from app.live import WorklistWatcher, worklist_signature
 from app.security import Role, create_api_key
 from app.settings import Settings
 from models.phantom import PhantomSpec, write_phantom
+from worker.pipeline import THRESHOLD_MODEL_VERSION
 
 TABLES = (AuditEvent, QuarantinedFile, Result, Job, Instance, Series, Study)
 
@@ -247,7 +248,7 @@ def test_export_has_every_scoring_and_every_unscored_study(setup: Setup) -> None
     assert (first["trigger"], first["latest"], first["severity"], first["severity_band"]) == ("settled", "False",
                                                                                               "55.0", "3")
     assert (rescore["trigger"], rescore["latest"], rescore["study_version"]) == ("rescore", "True", "2")
-    assert rescore["method"] == "threshold" and rescore["model_version"] == "threshold-1.0"
+    assert rescore["method"] == "threshold" and rescore["model_version"] == THRESHOLD_MODEL_VERSION
     assert rows[4]["state"] == "rejected" and rows[4]["result_id"] == "" and rows[4]["reason_code"]
     assert rows[-1]["accession_number"] == '\'=HYPERLINK("http://x")'  # no formula in a spreadsheet
 

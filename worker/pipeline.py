@@ -19,6 +19,7 @@ from pydicom import Dataset
 
 from app.errors import ModelOutputError, NoUsableSeriesError, PixelDecodeError
 from models.dicom_headers import SliceHeader
+from models.findings import LesionDescriptors, ScoreFlag, check_masks, describe_lesions, severity_is_lower_bound
 from models.lesions_threshold import segment_lesions
 from models.lungs_threshold import segment_lungs, split_lungs
 from models.preprocessing import resample_inplane
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # torch is imported only where networks are configured
 
 METHOD_THRESHOLD = "threshold"
 #: Bump when the threshold method's constants or steps change: results keep the version they used.
-THRESHOLD_MODEL_VERSION = "threshold-1.0"
+THRESHOLD_MODEL_VERSION = "threshold-2.0"
 THRESHOLD_NOTE = (
     "Classical HU-threshold lungs and lesions, no trained weights; identification is not "
     "estimated by this method (null)."
@@ -92,6 +93,14 @@ class StudyScore:
     timings: dict[str, float]
     details: dict[str, Any]
     masks: StudyMasks | None = None
+    #: Reasons not to take the scores at face value (empty when the masks look plausible).
+    flags: tuple[ScoreFlag, ...] = ()
+    descriptors: LesionDescriptors | None = None
+
+    @property
+    def severity_lower_bound(self) -> bool:
+        """The severity may under-read the disease: the worklist puts the study at least in CT-3."""
+        return severity_is_lower_bound(self.flags)
 
 
 def choose_series(slices: Sequence[SliceHeader], min_slices: int) -> SeriesSelection:
@@ -169,6 +178,8 @@ def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: fl
     if networks is not None:
         return _network_score(series_uid, volume, networks, inplane_spacing_mm, timer)
     severity, masks = score_volume(volume, inplane_spacing_mm, timer)
+    with timer.step("findings"):
+        flags, descriptors = findings(masks)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
     return StudyScore(
         series_uid=series_uid,
@@ -182,9 +193,27 @@ def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: fl
             "volume_shape": list(volume.hu.shape),
             "volume_spacing_mm": list(volume.spacing),
             "severity": asdict(severity),
+            **findings_details(flags, descriptors),
         },
         masks=masks,
+        flags=flags,
+        descriptors=descriptors,
     )
+
+
+def findings(masks: StudyMasks) -> tuple[tuple[ScoreFlag, ...], LesionDescriptors]:
+    """Quality flags and lesion descriptors of the masks on the scoring grid."""
+    return (check_masks(masks.lung_labels, masks.spacing),
+            describe_lesions(masks.hu, masks.lung_labels, masks.lesions, masks.spacing))
+
+
+def findings_details(flags: tuple[ScoreFlag, ...], descriptors: LesionDescriptors | None) -> dict[str, Any]:
+    """How flags and descriptors are kept in a result's details (the API and the SR read them)."""
+    return {
+        "flags": [f.to_dict() for f in flags],
+        "severity_lower_bound": severity_is_lower_bound(flags),
+        "descriptors": descriptors.to_dict() if descriptors is not None else None,
+    }
 
 
 def check_finite(identification: float, severity: LungSeverity) -> None:
@@ -205,6 +234,7 @@ def _network_score(
     masks = (grid_masks(volume, hu, spacing, prediction.lung_labels, prediction.lesion_mask)
              if hu.shape == prediction.lung_labels.shape else None)
     severity = prediction.severity
+    flags, descriptors = findings(masks) if masks is not None else ((), None)
     return StudyScore(
         series_uid=series_uid,
         method=networks.method,
@@ -221,6 +251,9 @@ def _network_score(
             "volume_spacing_mm": list(volume.spacing),
             **prediction.details,
             "severity": asdict(severity),
+            **findings_details(flags, descriptors),
         },
         masks=masks,
+        flags=flags,
+        descriptors=descriptors,
     )
