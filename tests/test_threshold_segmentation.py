@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 
 from app.errors import SegmentationError
 from models import phantom as ph
-from models.lesions_threshold import DEFAULT_PARAMS, PAPER_BASELINE, segment_lesions, segment_lesions_with
+from models.lesions_threshold import PAPER_BASELINE, segment_lesions, segment_lesions_paper
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG, segment_lungs, split_lungs
 from models.phantom import PhantomSpec, phantom_datasets, phantom_volume
 from models.preprocessing import resample_inplane, window
@@ -193,7 +193,7 @@ def test_vessels_are_not_lesions(healthy: ph.PhantomVolume) -> None:
     lungs = segment_lungs(hu, spacing)
     lesions = segment_lesions(hu, lungs, spacing)
     assert lesions.sum() < 0.01 * lungs.sum()
-    raw = segment_lesions(hu, lungs, spacing, sigma_mm=0.0, min_component_fraction=0.0)
+    raw = segment_lesions_paper(hu, lungs, spacing, replace(PAPER_BASELINE, sigma_mm=0.0, min_component_fraction=0.0))
     assert raw.sum() > lesions.sum(), "without blur the band catches vessels and rims"
 
 
@@ -202,11 +202,10 @@ def test_lesions_stay_inside_the_lung_mask_and_paper_baseline_runs() -> None:
     hu, spacing = resample_inplane(phantom.hu, phantom.spacing)
     lungs = segment_lungs(hu, spacing)
     ours = segment_lesions(hu, lungs, spacing)
-    paper = segment_lesions_with(hu, lungs, spacing, PAPER_BASELINE)
+    paper = segment_lesions_paper(hu, lungs, spacing)
     assert not np.any(ours & ~lungs) and not np.any(paper & ~lungs)
     paper_values = (PAPER_BASELINE.hu_min, PAPER_BASELINE.hu_max, PAPER_BASELINE.min_component_fraction)
     assert paper_values == (-700.0, 300.0, 0.001)
-    assert DEFAULT_PARAMS.hu_min <= -700.0 <= DEFAULT_PARAMS.hu_max
     labels = split_lungs(lungs, spacing)
     for mask in (ours, paper):
         severity = lung_severity(labels, mask, spacing).severity_left
