@@ -189,6 +189,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     """Score DICOM folders or NIfTI files offline, with the pipeline the workers run."""
     from worker.batch_scoring import batch_items, format_table, score_all, write_csv
     from worker.networks import load_networks
+    from worker.series_selection import SeriesCriteria
 
     settings = get_settings()
     configure_logging("WARNING", False)
@@ -202,8 +203,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         bar = "#" * int(30 * done / total)
         print(f"\r[{bar:<30}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    rows = score_all(items, min_slices=settings.min_slices, inplane_spacing_mm=settings.inplane_spacing_mm,
-                     networks=networks, progress=progress)
+    rows = score_all(items, criteria=SeriesCriteria.from_settings(settings),
+                     inplane_spacing_mm=settings.inplane_spacing_mm, networks=networks, progress=progress)
     if args.csv == "-":
         write_csv(rows, sys.stdout)
     else:
@@ -262,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--size", type=positive_int, default=512, help="rows and columns")
     phantom.add_argument("--pixel-spacing", type=float, default=0.7)
     phantom.add_argument("--slice-spacing", type=float, default=None,
-                         help=f"mm; default: {CHEST_COVERAGE_MM:.0f} mm of chest divided by --slices")
+                         help=f"mm; default: {CHEST_COVERAGE_MM:.0f} mm of chest divided by --slices (the service "
+                              "scores series covering CTTRIAGE_MIN_COVERAGE_MM, 150 mm)")
     phantom.add_argument("--severity-left", type=float, default=0.0)
     phantom.add_argument("--severity-right", type=float, default=0.0)
     phantom.add_argument("--seed", type=int, default=0)

@@ -53,7 +53,11 @@ class Settings(BaseSettings):
     settle_seconds: float = 30.0
     #: How often the assembler looks for settled studies.
     assembler_interval_seconds: float = 1.0
-    min_slices: int = 32
+    #: A series is scored only if it covers this much along the head-foot axis ((n - 1) x slice
+    #: spacing + slice thickness): a whole chest, however thickly sliced, not a slab of it.
+    min_coverage_mm: float = Field(default=150.0, gt=0)
+    #: ... and only if its slices are at most this far apart (wider steps miss small lesions).
+    max_slice_spacing_mm: float = Field(default=10.0, gt=0)
     #: In-plane spacing the pipeline resamples to before segmentation (the paper's 2x2 mm).
     inplane_spacing_mm: float = 2.0
     #: A processing study older than this is assumed lost by its worker and re-queued.

@@ -98,7 +98,12 @@ FIRST_SLICE_Z_MM = -350.0
 
 @dataclass(frozen=True)
 class PhantomSpec:
-    """What to generate. Severities are target percentages of each lung covered by lesions."""
+    """What to generate. Severities are target percentages of each lung covered by lesions.
+
+    The series covers ``slices * slice_spacing`` mm head to foot; the default (96 mm) is a slab,
+    which the service's series selection rejects (``CTTRIAGE_MIN_COVERAGE_MM``, 150 mm): a phantom
+    to be scored needs at least that much.
+    """
 
     slices: int = 64
     rows: int = 512

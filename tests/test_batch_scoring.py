@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from models.phantom import PhantomSpec, phantom_volume
 from tests.conftest import SHARED_DATA, write_phantom_study
 from worker.batch_scoring import batch_items, score_all
+from worker.series_selection import SeriesCriteria
 
 SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
 
@@ -52,7 +55,48 @@ def test_score_folders_and_nifti(tmp_path: Path) -> None:
     table = subprocess.run([sys.executable, "-m", "app.cli", "score", str(single)], capture_output=True, text=True,
                            timeout=120)
     assert table.returncode == 1  # something was not scored
-    assert "rejected" in table.stdout and "fewer than" in table.stdout
+    assert "rejected" in table.stdout and "less than the 150.0 mm a chest needs" in table.stdout
+
+
+def score_csv(*paths: Path) -> tuple[int, list[dict[str, str]]]:
+    """`cttriage score PATH... --csv -`: its exit status and its rows."""
+    result = subprocess.run([sys.executable, "-m", "app.cli", "score", *map(str, paths), "--csv", "-"],
+                            capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, list(csv.DictReader(io.StringIO(result.stdout)))
+
+
+def test_a_whole_chest_in_30_slices_of_8_mm_is_scored(tmp_path: Path) -> None:
+    """A routine chest at 8 mm is 30 slices (240 mm): scored, whatever its slice count."""
+    made = subprocess.run([sys.executable, "-m", "app.cli", "phantom", str(tmp_path / "chest"), "--slices", "30",
+                           "--slice-spacing", "8", "--size", "160", "--pixel-spacing", "2.2", "--severity-left", "30",
+                           "--severity-right", "10", "--seed", "74"], capture_output=True, text=True, timeout=120,
+                          check=True)
+    truth = json.loads(made.stdout)
+    assert len(list((tmp_path / "chest").glob("*.dcm"))) == 30
+    code, [row] = score_csv(tmp_path / "chest")
+    assert code == 0 and row["state"] == "scored" and row["reason"] == "", row
+    assert row["study_uid"] == truth["study_instance_uid"] and row["series_uid"] == truth["series_instance_uid"]
+    assert abs(float(row["severity_left"]) - truth["severity_left"]) <= 3.0, row
+    assert abs(float(row["severity_right"]) - truth["severity_right"]) <= 3.0, row
+    assert float(row["severity"]) == max(float(row["severity_left"]), float(row["severity_right"]))
+
+
+def test_real_single_slices_and_a_60_mm_series_are_rejected_for_coverage() -> None:
+    """The shared real data: single chest slices and a 20-slice abdominal slab cover far less than a chest."""
+    covid = SHARED_DATA / "real-dicom" / "covid19-ny-sbu"
+    siemens = SHARED_DATA / "real-dicom" / "totalsegmentator-example-ct"
+    if not (covid.is_dir() and siemens.is_dir()):
+        pytest.skip(f"real data not present under {SHARED_DATA / 'real-dicom'}")
+    code, rows = score_csv(covid, siemens)
+    assert code == 1
+    assert [r["state"] for r in rows] == ["rejected"] * 7, rows  # 6 studies of single slices, 1 series
+    one_slice = re.compile(r"series 2 \(covers \d+\.\d mm along the head-foot axis, less than the 150\.0 mm a "
+                           r"chest needs: 1 slice, \d+\.\d mm thick\)")
+    assert all(one_slice.search(r["reason"]) for r in rows if r["source"] == str(covid)), rows
+    [slab] = [r for r in rows if r["source"] == str(siemens)]
+    assert slab["reason"] == ("no usable series: series (no number) (covers 41.0 mm along the head-foot axis, less "
+                              "than the 150.0 mm a chest needs: 20 slices 2.0 mm apart, 3.0 mm thick)")
 
 
 def test_score_real_nifti_reports_what_happened() -> None:
@@ -72,6 +116,6 @@ def test_an_unreadable_file_is_a_failed_row_and_the_run_goes_on(tmp_path: Path) 
     broken.write_bytes(b"\x1f\x8b not really gzip")
     also_broken = tmp_path / "also.nii"
     also_broken.write_bytes(b"\0" * 100)
-    rows = score_all(batch_items([broken, also_broken]), min_slices=32, inplane_spacing_mm=2.0)
+    rows = score_all(batch_items([broken, also_broken]), criteria=SeriesCriteria(), inplane_spacing_mm=2.0)
     assert [(r.study_uid, r.state) for r in rows] == [("broken.nii.gz", "failed"), ("also.nii", "failed")]
     assert all(r.reason for r in rows)

@@ -216,7 +216,7 @@ def test_admin_api_roles_and_overview_numbers(service: Service, browser: Any, tm
     failures = API.get(f"{service.api}/api/admin/failures").json()
     [failure] = failures["items"]
     assert failure["study_uid"] == lonely["study_instance_uid"] and failure["state"] == "rejected"
-    assert "fewer than" in failure["reason"] and failure["reason_code"]
+    assert "less than the 150.0 mm a chest needs" in failure["reason"] and failure["reason_code"]
     assert failure["last_job"]["error"] == failure["reason"]
 
     # export: one row per scoring, one per study never scored
@@ -263,7 +263,7 @@ def _retry_on_the_admin_page(service: Service, browser: Any, tmp_path: Path, acc
         page.click("#signin button[type=submit]")
         page.wait_for_selector("#tiles .tile.alert:has-text('rejected')")  # a rejected study is flagged
         failure = page.locator("#failures tr", has_text=accession)
-        assert "fewer than" in failure.inner_text()
+        assert "less than the 150.0 mm a chest needs" in failure.inner_text()
         failure.locator("button").click()
         page.wait_for_selector(f"#failures tr:has-text('{accession}') :text('again')")  # retried, rejected again
         page.wait_for_selector("#audit tr:has-text('rescore')")

@@ -180,7 +180,7 @@ def _without_pixels(i: int, ds: pydicom.Dataset) -> pydicom.Dataset:
 
 BAD_CASES: dict[str, tuple[Any, str]] = {
     "gap": (lambda i, ds: None if i in (20, 21) else ds, "gap"),
-    "single_slice": (lambda i, ds: ds if i == 0 else None, "fewer than"),
+    "single_slice": (lambda i, ds: ds if i == 0 else None, "less than the 150.0 mm a chest needs: 1 slice"),
     "not_ct": (lambda i, ds: (setattr(ds, "Modality", "MR") or ds), "not CT"),
     "no_pixels": (_without_pixels, "pixel data"),
 }

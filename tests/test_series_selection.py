@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from models.phantom import (
     scout_dataset,
     thick_datasets,
 )
-from worker.series_selection import select_series
+from worker.series_selection import SeriesCriteria, select_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -58,9 +59,12 @@ def tilted(degrees: float) -> tuple[float, ...]:
 
 
 def series(
-    number: int, n: int = 64, spacing: float = 1.5, orientation: tuple[float, ...] = AXIAL, **changes
+    number: int, n: int = 120, spacing: float = 1.5, orientation: tuple[float, ...] = AXIAL, **changes
 ) -> list[SliceHeader]:
-    """``n`` evenly spaced slices along the plane's normal, with ``changes`` applied to all."""
+    """``n`` evenly spaced slices along the plane's normal, with ``changes`` applied to all.
+
+    The default, 120 x 1.5 mm, covers 180 mm: a chest, so only the rule a test breaks rejects it.
+    """
     normal = np.cross(orientation[:3], orientation[3:6])
     thickness = changes.pop("slice_thickness", spacing)
     return [
@@ -142,15 +146,17 @@ def _sheared(headers: list[SliceHeader]) -> list[SliceHeader]:
         ),
         (series(7, orientation=tilted(20.0)), "not axial (slice normal 20 degrees"),
         ([replace(h, orientation=None) for h in series(7)], "no ImageOrientationPatient"),
-        (series(7, n=12), "12 slices, fewer than 32"),
-        (_gap(series(7)), "non-uniform slice spacing (1.50-3.00 mm): gap of 3.00 mm between slices 20 and 21 of 63"),
-        (_duplicate(series(7)), "1 duplicate slice position; first: slices 11 and 12 of 64"),
+        (series(7, n=12), "covers 18.0 mm along the head-foot axis, less than the 150.0 mm a chest needs: "
+                          "12 slices 1.5 mm apart, 1.5 mm thick"),
+        (series(7, n=30, spacing=12.0), "slices 12.0 mm apart, more than 10.0 mm"),
+        (_gap(series(7)), "non-uniform slice spacing (1.50-3.00 mm): gap of 3.00 mm between slices 20 and 21 of 119"),
+        (_duplicate(series(7)), "1 duplicate slice position; first: slices 11 and 12 of 120"),
         (_one_smaller(series(7)), "slices differ in size (512x512 and 256x256)"),
         (_no_pixels(series(7)), "1 instance without pixel data"),
         (_sheared(series(7)), "slice positions run 16.7 degrees off the slice normal (gantry tilt"),
     ],
-    ids=["mr", "no-modality", "localizer", "coronal", "tilted-plane", "no-orientation", "too-few", "gap", "duplicate",
-         "mixed-size", "no-pixels", "gantry-tilt"],
+    ids=["mr", "no-modality", "localizer", "coronal", "tilted-plane", "no-orientation", "too-short", "too-far-apart",
+         "gap", "duplicate", "mixed-size", "no-pixels", "gantry-tilt"],
 )
 def test_each_rule_passes_a_series_over_with_its_reason(headers: list[SliceHeader], reason: str) -> None:
     alone = select_series(headers)
@@ -160,7 +166,7 @@ def test_each_rule_passes_a_series_over_with_its_reason(headers: list[SliceHeade
     with pytest.raises(NoUsableSeriesError, match="no usable series: series 7"):
         alone.require()
     # The same series beside a good one: the good one wins, the bad one keeps its own reason.
-    both = select_series(headers + series(8, 40, 3.0))
+    both = select_series(headers + series(8, 60, 3.0))
     assert both.require() == "1.2.840.8"
     assert decision(both, 7).reason.startswith(reason)
 
@@ -172,24 +178,71 @@ def test_slightly_oblique_axial_and_rounded_positions_are_accepted() -> None:
     assert select_series(headers).chosen == "1.2.840.2"
 
 
-def test_min_slices_is_configurable_and_resent_instances_count_once() -> None:
-    headers = series(2, n=20)
-    assert select_series(headers + headers[:5]).chosen is None, "20 distinct slices"
-    assert select_series(headers + headers[:5], min_slices=20).chosen == "1.2.840.2"
+def test_a_whole_chest_in_30_slices_of_8_mm_is_chosen_over_a_short_thin_slab() -> None:
+    """Coverage, not slice count: 30 x 8 mm (240 mm) is a chest, 20 x 3 mm (60 mm) a slab of one."""
+    sel = select_series(series(2, n=30, spacing=8.0) + series(3, n=20, spacing=3.0))
+    assert sel.chosen == "1.2.840.2"
+    assert decision(sel, 2).slice_count == 30 and decision(sel, 2).reason is None
+    assert decision(sel, 3).reason == (
+        "covers 60.0 mm along the head-foot axis, less than the 150.0 mm a chest needs: 20 slices 3.0 mm apart, "
+        "3.0 mm thick"
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        (series(2, n=15, spacing=10.0), None),  # 150 mm at 10 mm: both limits exactly
+        (series(2, n=50, spacing=3.0), None),  # 49 x 3 mm + 3 mm thick = 150 mm
+        (series(2, n=50, spacing=3.0, slice_thickness=2.9), "covers 149.9 mm"),
+        (series(2, n=30, spacing=5.0, slice_thickness=None), None),  # no thickness: one spacing, 150 mm
+        (series(2, n=30, spacing=5.0, slice_thickness=1.0), "covers 146.0 mm"),  # thin slices, gaps between
+        (series(2, n=101, spacing=1.5, slice_thickness=0.0), None),  # thickness 0 is no thickness: 151.5 mm
+        (series(2, n=16, spacing=10.1), "slices 10.1 mm apart, more than 10.0 mm"),
+        (series(2, n=1), "covers 1.5 mm along the head-foot axis, less than the 150.0 mm a chest needs: "
+                         "1 slice, 1.5 mm thick"),
+        (series(2, n=1, slice_thickness=None), "covers 0.0 mm along the head-foot axis, less than the 150.0 mm "
+                                               "a chest needs: 1 slice, no SliceThickness"),
+    ],
+    ids=["150-mm-at-10-mm", "150-mm", "149.9-mm", "no-thickness", "gaps-between-slices", "zero-thickness",
+         "10.1-mm-apart", "single-slice", "single-slice-no-thickness"],
+)
+def test_coverage_is_n_minus_1_steps_plus_one_thickness_and_limits_are_inclusive(
+    headers: list[SliceHeader], reason: str | None
+) -> None:
+    got = decision(select_series(headers), 2).reason
+    if reason is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(reason), got
+
+
+def test_limits_are_configurable_and_resent_instances_count_once() -> None:
+    headers = series(2, n=20, spacing=8.0)  # 160 mm; counted twice, 5 positions would be duplicates
+    assert select_series(headers + headers[:5]).chosen == "1.2.840.2"
+    assert decision(select_series(headers + headers[:5]), 2).slice_count == 20
+    longer = select_series(headers, SeriesCriteria(min_coverage_mm=200.0))
+    assert longer.reason_if_none() == (
+        "no usable series: series 2 (covers 160.0 mm along the head-foot axis, less than the 200.0 mm a chest needs: "
+        "20 slices 8.0 mm apart, 8.0 mm thick)"
+    )
+    closer = select_series(headers, SeriesCriteria(max_slice_spacing_mm=5.0))
+    assert closer.reason_if_none() == "no usable series: series 2 (slices 8.0 mm apart, more than 5.0 mm)"
 
 
 def test_reason_if_none_lists_every_series() -> None:
     sel = select_series(series(3, n=12) + series(900, n=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")))
     assert sel.reason_if_none() == (
-        "no usable series: series 3 (12 slices, fewer than 32); series 900 (localizer/scout (ImageType LOCALIZER))"
+        "no usable series: series 3 (covers 18.0 mm along the head-foot axis, less than the 150.0 mm a chest needs: "
+        "12 slices 1.5 mm apart, 1.5 mm thick); series 900 (localizer/scout (ImageType LOCALIZER))"
     )
     assert select_series([]).reason_if_none() == "no usable series: the study has no image instances"
     unnumbered = select_series([replace(h, series_number=None) for h in series(4, n=3)])
-    assert unnumbered.reason_if_none() == "no usable series: series (no number) (3 slices, fewer than 32)"
+    assert unnumbered.reason_if_none().startswith("no usable series: series (no number) (covers 4.5 mm along")
 
 
 def test_phantom_study_with_scout_thin_thick_and_enhanced_series() -> None:
-    spec = PhantomSpec(rows=64, columns=64, pixel_spacing=5.6, slices=40, slice_spacing=2.5)
+    spec = PhantomSpec(rows=64, columns=64, pixel_spacing=5.6, slices=64, slice_spacing=2.5)  # 160 mm
     phantom = phantom_volume(spec)
     study = PhantomStudy("1.2.840.99")
     datasets = (
@@ -200,12 +253,13 @@ def test_phantom_study_with_scout_thin_thick_and_enhanced_series() -> None:
     )
     assert {ds.StudyInstanceUID for ds in datasets} == {"1.2.840.99"}
     assert len({ds.FrameOfReferenceUID for ds in datasets}) == 1
-    sel = select_series([h for ds in datasets for h in slice_headers(ds)], min_slices=16)
+    sel = select_series([h for ds in datasets for h in slice_headers(ds)])
     assert sel.chosen == "1.2.840.99.2"
     assert decision(sel, 1).reason == "localizer/scout (ImageType LOCALIZER)"
     assert decision(sel, 3).reason == "thicker slices than series 2 (5.0 mm vs 2.5 mm)"
     assert decision(sel, 4).reason == "equivalent to series 2, which was preferred"
-    assert decision(sel, 4).slice_count == 40, "enhanced CT counts frames"
+    assert decision(sel, 3).slice_count == 32
+    assert decision(sel, 4).slice_count == 64, "enhanced CT counts frames"
 
 
 def test_real_data_single_slices_and_short_series_are_rejected() -> None:
@@ -213,10 +267,18 @@ def test_real_data_single_slices_and_short_series_are_rejected() -> None:
         pytest.skip(f"real test data not present at {REAL}")
     siemens = [pydicom.dcmread(f) for f in sorted((REAL / "totalsegmentator-example-ct").iterdir())]
     sel = select_series([h for ds in siemens for h in slice_headers(ds)])
-    assert sel.reason_if_none() == "no usable series: series (no number) (20 slices, fewer than 32)"
-    assert select_series([h for ds in siemens for h in slice_headers(ds)], min_slices=20).chosen is not None
+    # 3 mm thick slices reconstructed 2 mm apart: 19 x 2 mm + 3 mm
+    assert sel.reason_if_none() == (
+        "no usable series: series (no number) (covers 41.0 mm along the head-foot axis, less than the 150.0 mm a chest "
+        "needs: 20 slices 2.0 mm apart, 3.0 mm thick)"
+    )
+    assert select_series([h for ds in siemens for h in slice_headers(ds)], SeriesCriteria(40.0)).chosen is not None
     for path in sorted((REAL / "covid19-ny-sbu").glob("*.dcm")):
         sel = select_series(slice_headers(pydicom.dcmread(path)))
         assert sel.chosen is None
-        expected = "not axial" if "Chest" in path.name else "1 slice, fewer than 32"
-        assert expected in sel.reason_if_none(), (path.name, sel.reason_if_none())
+        reason = sel.reason_if_none()
+        if "Chest" in path.name:
+            assert "not axial" in reason, (path.name, reason)
+        else:
+            assert re.fullmatch(r"no usable series: series \d+ \(covers \d+\.\d mm along the head-foot axis, less "
+                                r"than the 150\.0 mm a chest needs: 1 slice, \d+\.\d mm thick\)", reason), reason

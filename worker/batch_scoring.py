@@ -20,6 +20,7 @@ from app.errors import CtTriageError
 from models.dicom_headers import SliceHeader, slice_headers
 from models.volume import CtVolume
 from worker.pipeline import score_ct_volume, score_study
+from worker.series_selection import SeriesCriteria
 
 if TYPE_CHECKING:
     from models.inference import TriageNetworks
@@ -101,7 +102,7 @@ def nifti_volume(path: Path) -> CtVolume:
                     direction=((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)))
 
 
-def score_item(item: BatchItem, *, min_slices: int, inplane_spacing_mm: float,
+def score_item(item: BatchItem, *, criteria: SeriesCriteria, inplane_spacing_mm: float,
                networks: TriageNetworks | None = None) -> BatchRow:
     start = time.perf_counter()
     try:
@@ -110,7 +111,7 @@ def score_item(item: BatchItem, *, min_slices: int, inplane_spacing_mm: float,
                                     networks=networks)
         else:
             assert item.slices is not None and item.paths is not None
-            score = score_study(item.slices, item.paths, min_slices=min_slices, inplane_spacing_mm=inplane_spacing_mm,
+            score = score_study(item.slices, item.paths, criteria=criteria, inplane_spacing_mm=inplane_spacing_mm,
                                 networks=networks)
     except CtTriageError as exc:
         return BatchRow(item.source, item.study_uid, None, "rejected", reason=str(exc),
@@ -125,14 +126,14 @@ def score_item(item: BatchItem, *, min_slices: int, inplane_spacing_mm: float,
                     score.model_version, round(time.perf_counter() - start, 2))
 
 
-def score_all(items: Sequence[BatchItem], *, min_slices: int, inplane_spacing_mm: float,
+def score_all(items: Sequence[BatchItem], *, criteria: SeriesCriteria, inplane_spacing_mm: float,
               networks: TriageNetworks | None = None,
               progress: Callable[[int, int, BatchItem], None] | None = None) -> list[BatchRow]:
     rows = []
     for i, item in enumerate(items):
         if progress is not None:
             progress(i, len(items), item)
-        rows.append(score_item(item, min_slices=min_slices, inplane_spacing_mm=inplane_spacing_mm, networks=networks))
+        rows.append(score_item(item, criteria=criteria, inplane_spacing_mm=inplane_spacing_mm, networks=networks))
     if progress is not None and items:
         progress(len(items), len(items), items[-1])
     return rows

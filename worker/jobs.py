@@ -29,7 +29,7 @@ from models.dicom_headers import SliceHeader
 from worker.derived import save_derived
 from worker.exports import EnqueueExport, add_exports, queue_exports
 from worker.pipeline import StudyScore, score_study
-from worker.series_selection import SeriesSelection
+from worker.series_selection import SeriesCriteria, SeriesSelection
 
 if TYPE_CHECKING:
     from models.inference import TriageNetworks
@@ -218,7 +218,8 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
     try:
         slices, paths = study_slices(session_factory, job.study_id)
         score = score_study(
-            slices, paths, min_slices=settings.min_slices, inplane_spacing_mm=settings.inplane_spacing_mm,
+            slices, paths, criteria=SeriesCriteria.from_settings(settings),
+            inplane_spacing_mm=settings.inplane_spacing_mm,
             on_selection=lambda selection: record_selection(session_factory, job, selection),
             networks=networks() if networks is not None else None,
         )

@@ -25,7 +25,7 @@ from models.lungs_threshold import segment_lungs, split_lungs
 from models.preprocessing import resample_inplane
 from models.severity import LungSeverity, lung_severity
 from models.volume import CtVolume, hu_volume
-from worker.series_selection import SeriesSelection, select_series
+from worker.series_selection import SeriesCriteria, SeriesSelection, select_series
 
 if TYPE_CHECKING:  # torch is imported only where networks are configured
     from models.inference import NetworkPrediction, TriageNetworks
@@ -103,9 +103,9 @@ class StudyScore:
         return severity_is_lower_bound(self.flags)
 
 
-def choose_series(slices: Sequence[SliceHeader], min_slices: int) -> SeriesSelection:
+def choose_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria) -> SeriesSelection:
     """Series selection that raises when nothing is usable, with every series' reason."""
-    selection = select_series(slices, min_slices=min_slices)
+    selection = select_series(slices, criteria)
     if selection.chosen is None:
         raise NoUsableSeriesError(selection.reason_if_none())
     return selection
@@ -147,7 +147,7 @@ def score_study(
     slices: Sequence[SliceHeader],
     paths: dict[str, Path],
     *,
-    min_slices: int,
+    criteria: SeriesCriteria,
     inplane_spacing_mm: float,
     on_selection: Callable[[SeriesSelection], None] | None = None,
     networks: TriageNetworks | None = None,
@@ -161,7 +161,7 @@ def score_study(
     """
     timer = StepTimer()
     with timer.step("select"):
-        selection = choose_series(slices, min_slices)
+        selection = choose_series(slices, criteria)
     if on_selection is not None:
         on_selection(selection)
     chosen_uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == selection.chosen})

@@ -1,8 +1,12 @@
 """Choose the one series of a study that gets scored, and say why every other one was not.
 
 A CT study typically holds a localizer, thin and thick axial reconstructions, reformats and
-sometimes dose reports. Scoring wants the thinnest complete axial CT stack; admins want to know
-why a study was skipped, so each passed-over series gets a plain reason.
+sometimes dose reports. Scoring wants the thinnest axial CT stack that covers a chest; admins want
+to know why a study was skipped, so each passed-over series gets a plain reason.
+
+Whether a stack covers a chest is a matter of millimetres, not of slice count: a whole chest at
+8 mm is 30 slices, a 20-slice 3 mm series is a 6 cm slab. So the gate is the head-foot extent the
+series shows (:func:`coverage_mm`) and the step between its slices, with limits from settings.
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.errors import NoUsableSeriesError, VolumeError
-from models.dicom_headers import SliceHeader, series_label, slice_normal, stack_geometry
+from models.dicom_headers import SliceHeader, StackGeometry, series_label, slice_normal, stack_geometry
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 #: A series is axial when its slice normal is within this angle of the patient's head-foot axis.
 #: Gantry-tilted axial scans are within ~30 degrees but are rejected by the stack check anyway;
@@ -23,6 +30,26 @@ from models.dicom_headers import SliceHeader, series_label, slice_normal, stack_
 AXIAL_MAX_ANGLE_DEG = 10.0
 #: Thicknesses closer than this count as equal, so slice count decides between them.
 THICKNESS_TOLERANCE_MM = 0.01
+#: Head-foot extent a series must cover to be scored: lungs are about 20-30 cm apex to base, and
+#: severity is a share of each lung, so a slab of them would give a share of the wrong whole.
+MIN_COVERAGE_MM = 150.0
+#: Largest step between slices scored: beyond it, lesions of a few centimetres fall between slices.
+MAX_SLICE_SPACING_MM = 10.0
+#: Reasons print millimetres to 0.1 mm; a value that prints equal to its limit passes.
+PRINT_TOLERANCE_MM = 0.05
+
+
+@dataclass(frozen=True)
+class SeriesCriteria:
+    """How much chest a series must show to be scored (``CTTRIAGE_MIN_COVERAGE_MM`` and
+    ``CTTRIAGE_MAX_SLICE_SPACING_MM``); the ranking among usable series does not depend on it."""
+
+    min_coverage_mm: float = MIN_COVERAGE_MM
+    max_slice_spacing_mm: float = MAX_SLICE_SPACING_MM
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SeriesCriteria:
+        return cls(min_coverage_mm=settings.min_coverage_mm, max_slice_spacing_mm=settings.max_slice_spacing_mm)
 
 
 @dataclass(frozen=True)
@@ -68,13 +95,14 @@ class SeriesSelection:
         return self.chosen
 
 
-def select_series(slices: Sequence[SliceHeader], *, min_slices: int = 32) -> SeriesSelection:
+def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = SeriesCriteria()) -> SeriesSelection:
     """Pick the thinnest usable axial CT series (then the one with most slices).
 
     Usable: modality CT, not a localizer, every instance has pixel data, slice normal within
-    AXIAL_MAX_ANGLE_DEG of the head-foot axis, at least ``min_slices`` slices, and a geometry
-    the volume loader accepts (same size/spacing/orientation, no duplicate positions, uniform
-    spacing, no tilt; see ``models.dicom_headers.stack_geometry``).
+    AXIAL_MAX_ANGLE_DEG of the head-foot axis, a geometry the volume loader accepts (at least 2
+    slices of the same size/spacing/orientation, no duplicate positions, uniform spacing, no
+    tilt; see ``models.dicom_headers.stack_geometry``), at least ``criteria.min_coverage_mm`` of
+    :func:`coverage_mm` and slices at most ``criteria.max_slice_spacing_mm`` apart.
     """
     groups: dict[str, dict[tuple[str, int | None], SliceHeader]] = {}
     for i, h in enumerate(slices):  # the same instance received twice counts once
@@ -86,7 +114,7 @@ def select_series(slices: Sequence[SliceHeader], *, min_slices: int = 32) -> Ser
         headers = list(by_key.values())
         first = headers[0]
         numbers = [h.series_number for h in headers if h.series_number is not None]
-        thicknesses = [h.slice_thickness for h in headers if h.slice_thickness is not None]
+        thickness = _median_thickness(headers)
         candidates.append(
             {
                 "series_uid": uid,
@@ -94,8 +122,8 @@ def select_series(slices: Sequence[SliceHeader], *, min_slices: int = 32) -> Ser
                 "description": first.series_description,
                 "slice_count": len(headers),
                 "slice_spacing_mm": _spacing_estimate(headers),
-                "thickness": float(np.median(thicknesses)) if thicknesses else None,
-                "reason": _rejection(headers, min_slices),
+                "thickness": thickness,
+                "reason": _rejection(headers, thickness, criteria),
             }
         )
     candidates.sort(key=lambda c: (c["series_number"] is None, c["series_number"] or 0, c["series_uid"]))
@@ -112,8 +140,8 @@ def select_series(slices: Sequence[SliceHeader], *, min_slices: int = 32) -> Ser
     return SeriesSelection(chosen=best["series_uid"] if best else None, decisions=decisions)
 
 
-def _rejection(headers: list[SliceHeader], min_slices: int) -> str | None:
-    """Why this series cannot be scored, or None."""
+def _rejection(headers: list[SliceHeader], thickness: float | None, criteria: SeriesCriteria) -> str | None:
+    """Why this series cannot be scored, or None (``thickness``: its median SliceThickness)."""
     modalities = sorted({h.modality for h in headers})
     if modalities != ["CT"]:
         others = [m or "missing" for m in modalities if m != "CT"]
@@ -134,13 +162,45 @@ def _rejection(headers: list[SliceHeader], min_slices: int) -> str | None:
     if angle > AXIAL_MAX_ANGLE_DEG:
         values = ",".join(f"{v:.3g}" for v in orientation)
         return f"not axial (slice normal {angle:.0f} degrees from the head-foot axis; orientation {values})"
-    if len(headers) < min_slices:
-        return f"{len(headers)} slice{'s' if len(headers) != 1 else ''}, fewer than {min_slices}"
+    if len(headers) == 1:  # no step to measure: the slice's own thickness is all it covers
+        return _too_short(thickness or 0.0, "1 slice" + _thick(thickness), criteria)
     try:
-        stack_geometry(headers)
+        geometry = stack_geometry(headers)
     except VolumeError as exc:
         return str(exc)
+    covered = coverage_mm(geometry, thickness)
+    step = geometry.slice_spacing_mm
+    if covered < criteria.min_coverage_mm - PRINT_TOLERANCE_MM:
+        return _too_short(covered, f"{len(headers)} slices {step:.1f} mm apart{_thick(thickness)}", criteria)
+    if step > criteria.max_slice_spacing_mm + PRINT_TOLERANCE_MM:
+        return f"slices {step:.1f} mm apart, more than {criteria.max_slice_spacing_mm:.1f} mm"
     return None
+
+
+def coverage_mm(geometry: StackGeometry, thickness: float | None) -> float:
+    """Head-foot extent a stack shows: lowest slice's lower edge to the highest one's upper edge.
+
+    That is (n - 1) x spacing + one slice thickness (the spacing where SliceThickness is not
+    recorded), measured along the slice normal, which an axial series has within
+    AXIAL_MAX_ANGLE_DEG of the head-foot axis. It is what the images show of the patient; it
+    does not depend on how finely that is sliced.
+    """
+    return geometry.offsets_mm[-1] - geometry.offsets_mm[0] + (thickness or geometry.slice_spacing_mm)
+
+
+def _median_thickness(headers: list[SliceHeader]) -> float | None:
+    """Median recorded SliceThickness (None when none is recorded; zero or negative are not)."""
+    values = [h.slice_thickness for h in headers if h.slice_thickness is not None and h.slice_thickness > 0]
+    return float(np.median(values)) if values else None
+
+
+def _thick(thickness: float | None) -> str:
+    return f", {thickness:.1f} mm thick" if thickness else ", no SliceThickness"
+
+
+def _too_short(covered: float, detail: str, criteria: SeriesCriteria) -> str:
+    return (f"covers {covered:.1f} mm along the head-foot axis, less than the {criteria.min_coverage_mm:.1f} mm "
+            f"a chest needs: {detail}")
 
 
 def _spacing_estimate(headers: list[SliceHeader]) -> float | None:
