@@ -26,12 +26,12 @@ import numpy as np
 
 from app.priority import priority_score
 from models.datasets import SeriesData, SeriesRecord
-from models.lesions_threshold import segment_lesions
-from models.lungs_threshold import segment_lungs, split_lungs
+from models.lungs_threshold import split_lungs
 from models.metrics import average_precision, dice, ideal_mean_position, mean_worklist_position, roc_auc, spearman_rho
 from models.phantom_cohorts import NEGATIVE_COHORTS
 from models.preprocessing import resample_inplane
 from models.severity import LungSeverity, lung_severity
+from models.threshold_method import threshold_masks
 from models.training_samples import resample_mask
 
 #: Positives at or above this true severity (%) count as severe (Moscow CT-3 and CT-4).
@@ -55,9 +55,9 @@ def threshold_predictor(inplane_spacing_mm: float = 2.0) -> Predictor:
     def predict(hu: np.ndarray, spacing: tuple[float, float, float]) -> Prediction:
         resampled, grid = resample_inplane(hu.astype(np.float32, copy=False), spacing,
                                            (inplane_spacing_mm, inplane_spacing_mm))
-        labels = split_lungs(segment_lungs(resampled, grid), grid)
-        lesions = segment_lesions(resampled, labels > 0, grid)
-        return Prediction(labels, lesions, None, lung_severity(labels, lesions, grid), grid)
+        found = threshold_masks(resampled, grid)
+        return Prediction(found.lung_labels, found.lesions, None,
+                          lung_severity(found.lung_labels, found.lesions, grid), grid)
 
     return predict
 

@@ -113,17 +113,23 @@ def _peripheral_zone(lung: np.ndarray, spacing: tuple[float, float, float]) -> n
     return out
 
 
-#: A lung smaller than this share of the other is not what a chest holds (normal right/left
-#: volume ratio is about 1.1-1.2): most likely dense lung (consolidation, atelectasis, effusion)
-#: is missing from its mask.
-SMALL_LUNG_RATIO = 0.5
+#: A lung smaller than this share of the other is not what a chest holds (the left lung is
+#: normally 0.8-0.9 of the right, the heart takes its room): most likely dense lung
+#: (consolidation, atelectasis, effusion) is missing from its mask.
+SMALL_LUNG_RATIO = 0.6
 #: Lungs whose first or last slice on the volume's edge holds at least this share of their
 #: largest slice area are cut by the scan range (an apex or a base is tapered where it ends).
 CUT_SLICE_AREA_SHARE = 0.25
+#: Fluid set apart from the lungs below this volume is not worth a flag.
+EFFUSION_MIN_ML = 5.0
 
 
-def check_masks(lung_labels: np.ndarray, spacing: tuple[float, float, float]) -> tuple[ScoreFlag, ...]:
-    """Flags for masks that cannot be taken at face value (see the module docstring)."""
+def check_masks(lung_labels: np.ndarray, spacing: tuple[float, float, float],
+                fluid_ml: dict[str, float] | None = None) -> tuple[ScoreFlag, ...]:
+    """Flags for masks that cannot be taken at face value (see the module docstring).
+
+    ``fluid_ml``: per side, fluid-density regions set apart from the lung as probable effusion.
+    """
     flags = []
     voxel_ml = float(np.prod(spacing)) / 1000.0
     right_ml = np.count_nonzero(lung_labels == RIGHT_LUNG) * voxel_ml
@@ -136,6 +142,14 @@ def check_masks(lung_labels: np.ndarray, spacing: tuple[float, float, float]) ->
             f"the {side} lung mask holds {small:.0f} mL against {large:.0f} mL on the other side: dense lung "
             f"(consolidation, atelectasis or effusion) is likely missing from it, so its severity is a lower bound",
             lower_bound=True,
+        ))
+    fluid = {side: ml for side, ml in (fluid_ml or {}).items() if ml >= EFFUSION_MIN_ML}
+    if fluid:
+        where = " and ".join(f"{ml:.0f} mL beside the {side} lung" for side, ml in fluid.items())
+        flags.append(ScoreFlag(
+            POSSIBLE_EFFUSION,
+            f"fluid-density tissue along the pleura ({where}) looks like pleural effusion and is not counted as "
+            f"lung; if it is consolidated lung, the severity under-reads it",
         ))
     area = (lung_labels > 0).reshape(lung_labels.shape[0], -1).sum(axis=1)
     if area.max() > 0:

@@ -39,10 +39,11 @@ from models.checkpoint import (
     paper_preprocessing,
 )
 from models.lung_network import LungSegmentationNet, lung_bounding_box, lung_labels_from_probabilities
-from models.lungs_threshold import MIN_TOTAL_LUNG_ML, segment_lungs, split_lungs
+from models.lungs_threshold import MIN_TOTAL_LUNG_ML
 from models.model_store import BundlePaths
 from models.multitask import MultitaskNet
 from models.severity import LungSeverity, lung_severity
+from models.threshold_method import threshold_lungs
 from models.torch_preprocessing import resample_inplane_torch, window_torch
 from models.unet import ResBlock2d
 
@@ -326,7 +327,7 @@ class TriageNetworks:
                 )
             return labels
         hu_np = hu.cpu().numpy()
-        return split_lungs(segment_lungs(hu_np, spacing), spacing)
+        return threshold_lungs(hu_np, spacing).lung_labels
 
     def predict(
         self,

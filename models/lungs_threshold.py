@@ -284,3 +284,25 @@ def _split_by_valley(mask: np.ndarray, spacing: tuple[float, float, float]) -> n
         labels[k][sl & (cols[None, :] < split)] = RIGHT_LUNG
         labels[k][sl & (cols[None, :] >= split)] = LEFT_LUNG
     return labels
+
+
+# --- where the lungs meet the mediastinum ---------------------------------------------------
+
+
+def mediastinum(lung_labels: np.ndarray) -> np.ndarray:
+    """Per row of each slice, what lies between the right lung's medial end and the left lung's
+    medial start: the mediastinum, the heart and the spine, never lung."""
+    cols = np.arange(lung_labels.shape[2])
+    right_end = np.where(lung_labels == RIGHT_LUNG, cols, -1).max(axis=2)
+    left_start = np.where(lung_labels == LEFT_LUNG, cols, lung_labels.shape[2]).min(axis=2)
+    gap = (right_end >= 0) & (left_start < lung_labels.shape[2]) & (right_end < left_start)
+    return gap[..., None] & (cols > right_end[..., None]) & (cols < left_start[..., None])
+
+
+def distance_to_mediastinum(lung_labels: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """In-plane distance (mm) of every voxel to :func:`mediastinum`; infinite in slices without one."""
+    between = mediastinum(lung_labels)
+    out = np.full(lung_labels.shape, np.inf, dtype=np.float32)
+    for k in np.flatnonzero(between.any(axis=(1, 2))):
+        out[k] = ndimage.distance_transform_edt(~between[k], sampling=spacing[1:])
+    return out

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from models.lungs_threshold import distance_to_mediastinum
+
 #: Scales (Gaussian sigma, mm): vessels of about 2 to 17 mm across (segmental to lobar vessels
 #: inside the lung mask; the main pulmonary arteries lie in the mediastinum, outside it).
 SCALES_MM = (1.0, 1.5, 2.0, 3.0, 4.5, 6.0)
@@ -78,11 +80,11 @@ VESSEL_CORE_MIN_HU = -400.0
 
 
 def bronchovascular_tree(smooth: np.ndarray, lung_labels: np.ndarray, vessels: np.ndarray,
-                         spacing: tuple[float, float, float], right: int = 1, left: int = 2) -> np.ndarray:
+                         spacing: tuple[float, float, float]) -> np.ndarray:
     """``vessels`` plus dense lung (>= VESSEL_CORE_MIN_HU) within HILAR_ZONE_MM of the mediastinum
     that is connected to them: the central vessels and bronchi where they are too wide and too
     branched to look like lines. ``smooth`` is the HU volume after noise smoothing."""
-    hilar = (lung_labels > 0) & (_distance_to_mediastinum(lung_labels, spacing, right, left) <= HILAR_ZONE_MM)
+    hilar = (lung_labels > 0) & (distance_to_mediastinum(lung_labels, spacing) <= HILAR_ZONE_MM)
     dense = hilar & (smooth >= VESSEL_CORE_MIN_HU)
     comp, n = ndimage.label(dense | (vessels & hilar), structure=ndimage.generate_binary_structure(3, 3))
     if n == 0:
@@ -91,18 +93,3 @@ def bronchovascular_tree(smooth: np.ndarray, lung_labels: np.ndarray, vessels: n
     touched[np.unique(comp[vessels & hilar])] = True
     touched[0] = False
     return vessels | (touched[comp] & dense)
-
-
-def _distance_to_mediastinum(lung_labels: np.ndarray, spacing: tuple[float, float, float], right: int,
-                             left: int) -> np.ndarray:
-    """In-plane distance (mm) to the mediastinum: in each row of each slice, what lies between
-    the right lung's medial end and the left lung's. Infinite in slices with no such gap."""
-    cols = np.arange(lung_labels.shape[2])
-    right_end = np.where(lung_labels == right, cols, -1).max(axis=2)  # medial end of the right lung
-    left_start = np.where(lung_labels == left, cols, lung_labels.shape[2]).min(axis=2)
-    gap = (right_end >= 0) & (left_start < lung_labels.shape[2]) & (right_end < left_start)
-    mediastinum = (gap[..., None] & (cols > right_end[..., None]) & (cols < left_start[..., None]))
-    out = np.full(lung_labels.shape, np.inf, dtype=np.float32)
-    for k in np.flatnonzero(mediastinum.any(axis=(1, 2))):
-        out[k] = ndimage.distance_transform_edt(~mediastinum[k], sampling=spacing[1:])
-    return out

@@ -20,10 +20,9 @@ from pydicom import Dataset
 from app.errors import ModelOutputError, NoUsableSeriesError, PixelDecodeError
 from models.dicom_headers import SliceHeader
 from models.findings import LesionDescriptors, ScoreFlag, check_masks, describe_lesions, severity_is_lower_bound
-from models.lesions_threshold import segment_lesions
-from models.lungs_threshold import segment_lungs, split_lungs
 from models.preprocessing import resample_inplane
 from models.severity import LungSeverity, lung_severity
+from models.threshold_method import ThresholdMasks, threshold_masks
 from models.volume import CtVolume, hu_volume
 from worker.series_selection import SeriesCriteria, SeriesSelection, select_series
 
@@ -122,18 +121,16 @@ def read_datasets(paths: Sequence[Path]) -> list[Dataset]:
     return datasets
 
 
-def score_volume(volume: CtVolume, inplane_spacing_mm: float, timer: StepTimer) -> tuple[LungSeverity, StudyMasks]:
+def score_volume(volume: CtVolume, inplane_spacing_mm: float,
+                 timer: StepTimer) -> tuple[LungSeverity, StudyMasks, ThresholdMasks]:
     """Threshold lungs and lesions on a volume resampled in-plane, then per-lung severity."""
     with timer.step("resample"):
         hu, spacing = resample_inplane(volume.hu, volume.spacing, target=(inplane_spacing_mm, inplane_spacing_mm))
-    with timer.step("lungs"):
-        lungs = segment_lungs(hu, spacing)
-        labels = split_lungs(lungs, spacing)
-    with timer.step("lesions"):
-        lesions = segment_lesions(hu, labels > 0, spacing)
+    with timer.step("segment"):
+        found = threshold_masks(hu, spacing)
     with timer.step("severity"):
-        severity = lung_severity(labels, lesions, spacing)
-    return severity, grid_masks(volume, hu, spacing, labels, lesions)
+        severity = lung_severity(found.lung_labels, found.lesions, spacing)
+    return severity, grid_masks(volume, hu, spacing, found.lung_labels, found.lesions), found
 
 
 def score_volume_with_networks(
@@ -177,9 +174,9 @@ def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: fl
     timer = timer or StepTimer()
     if networks is not None:
         return _network_score(series_uid, volume, networks, inplane_spacing_mm, timer)
-    severity, masks = score_volume(volume, inplane_spacing_mm, timer)
+    severity, masks, found = score_volume(volume, inplane_spacing_mm, timer)
     with timer.step("findings"):
-        flags, descriptors = findings(masks)
+        flags, descriptors = findings(masks, found.fluid_ml)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
     return StudyScore(
         series_uid=series_uid,
@@ -193,6 +190,7 @@ def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: fl
             "volume_shape": list(volume.hu.shape),
             "volume_spacing_mm": list(volume.spacing),
             "severity": asdict(severity),
+            "lungs_envelope": {"dense_lung_added_ml": found.added_ml, "fluid_set_apart_ml": found.fluid_ml},
             **findings_details(flags, descriptors),
         },
         masks=masks,
@@ -201,9 +199,10 @@ def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: fl
     )
 
 
-def findings(masks: StudyMasks) -> tuple[tuple[ScoreFlag, ...], LesionDescriptors]:
+def findings(masks: StudyMasks,
+             fluid_ml: dict[str, float] | None = None) -> tuple[tuple[ScoreFlag, ...], LesionDescriptors]:
     """Quality flags and lesion descriptors of the masks on the scoring grid."""
-    return (check_masks(masks.lung_labels, masks.spacing),
+    return (check_masks(masks.lung_labels, masks.spacing, fluid_ml),
             describe_lesions(masks.hu, masks.lung_labels, masks.lesions, masks.spacing))
 
 
