@@ -78,6 +78,26 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_implant(args: argparse.Namespace) -> int:
+    """Copy a real series with ground glass of known volume added to one lung, plus truth.json."""
+    from app.implant_io import implant_series, read_series, write_implanted
+
+    source = Path(args.series)
+    if not 0.0 <= args.hu_min <= args.hu_max:
+        print(f"cttriage implant: need 0 <= --hu-min <= --hu-max, got {args.hu_min} and {args.hu_max}", file=sys.stderr)
+        return 2
+    try:
+        datasets = read_series(source)
+        result = implant_series(datasets, lung=args.lung, fraction=args.fraction, seed=args.seed,
+                                hu_range=(args.hu_min, args.hu_max))
+    except (CtTriageError, ValueError) as exc:  # unreadable input, not one series, no lungs, too big a fraction
+        print(f"cttriage implant: {source}: {exc}", file=sys.stderr)
+        return 2
+    truth = write_implanted(result, Path(args.out), source)
+    print(json.dumps(truth, indent=2))
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from app.dicom.push import AssociationFailed, part10_files, push_files
 
@@ -270,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0)
     phantom.set_defaults(func=cmd_phantom)
 
+    implant = sub.add_parser("implant", help="copy a real series with ground glass of known volume in one lung")
+    implant.add_argument("series", help="folder of one DICOM series (a chest CT)")
+    implant.add_argument("out", help="folder for the new series and truth.json")
+    implant.add_argument("--fraction", type=fraction_of_lung, required=True, help="share of the lung, 0..1")
+    implant.add_argument("--lung", choices=["left", "right"], required=True, help="the patient's left or right")
+    implant.add_argument("--seed", type=int, default=0, help="where the region lies and its texture")
+    implant.add_argument("--hu-min", type=float, default=250.0, help="HU added to aerated lung, at least")
+    implant.add_argument("--hu-max", type=float, default=350.0, help="HU added to aerated lung, at most")
+    implant.set_defaults(func=cmd_implant)
+
     score = sub.add_parser("score", help="score DICOM folders or NIfTI files offline (table or CSV)")
     score.add_argument("paths", nargs="+", help="folders of DICOM files (any depth) or .nii/.nii.gz files")
     score.add_argument("--csv", help="also write a CSV here ('-': CSV on stdout instead of the table)")
@@ -296,6 +326,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def fraction_of_lung(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (0.2 is 20 %), not {value}")
     return value
 
 

@@ -64,6 +64,27 @@ class _Frame:
     header: SliceHeader
 
 
+@dataclass(frozen=True)
+class StackLayout:
+    """Where each stored frame lies in the canonical volume. :func:`hu_volume` fills the volume
+    through it; a writer of derived pixels (``cttriage implant``) maps canonical arrays back to
+    the stored frames through the same one, so the two can never disagree on order or flips."""
+
+    frames: tuple[_Frame, ...]  # in rank order: sorted along the slice normal
+    canon_of_source: tuple[int, int, int]  # for source axes (rank, row, column), the canonical axis
+    flips: tuple[bool, bool, bool]  # per canonical axis, whether it runs against the source axis
+
+    def source_view(self, canonical: np.ndarray) -> np.ndarray:
+        """A view of a canonical (z, y, x) array indexed [rank, row, column] like the stored frames."""
+        flipped = canonical[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+        return flipped.transpose(self.canon_of_source)
+
+    def stored(self, rank: int) -> tuple[Dataset, int | None]:
+        """The dataset and frame number (None: single-frame) stored at ``rank``."""
+        frame = self.frames[rank]
+        return frame.dataset, frame.frame
+
+
 def hu_volume(datasets: Sequence[Dataset]) -> CtVolume:
     """Decode, rescale and stack the instances of one series into a canonical :class:`CtVolume`.
 
@@ -71,6 +92,15 @@ def hu_volume(datasets: Sequence[Dataset]) -> CtVolume:
     MixedGeometryError, GantryTiltError, or VolumeError (fewer than 2 slices, mixed series,
     missing geometry). Allocates the float32 output once and fills it frame by frame.
     """
+    return _stack(datasets)[0]
+
+
+def stack_layout(datasets: Sequence[Dataset]) -> tuple[CtVolume, StackLayout]:
+    """:func:`hu_volume` and how its voxels map to the stored frames (same checks and errors)."""
+    return _stack(datasets)
+
+
+def _stack(datasets: Sequence[Dataset]) -> tuple[CtVolume, StackLayout]:
     per_instance = [(ds, slice_headers(ds)) for ds in datasets]
     frames = [_Frame(ds, h.frame, h) for ds, headers in per_instance for h in headers]
     if not frames:
@@ -91,6 +121,7 @@ def hu_volume(datasets: Sequence[Dataset]) -> CtVolume:
     source_spacing = (geom.slice_spacing_mm, geom.pixel_spacing[0], geom.pixel_spacing[1])
     source_shape = (len(frames), geom.rows, geom.columns)
     canon_of_source, flips = _canonical_axes(source_dirs, label)
+    layout = StackLayout(tuple(frames[idx] for idx in geom.order), canon_of_source, flips)
 
     shape = [0, 0, 0]
     spacing = [0.0, 0.0, 0.0]
@@ -98,14 +129,13 @@ def hu_volume(datasets: Sequence[Dataset]) -> CtVolume:
         shape[canon] = source_shape[src]
         spacing[canon] = float(source_spacing[src])
     out = np.empty(shape, dtype=np.float32)
-    flipped = out[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
-    source_view = flipped.transpose(canon_of_source)  # indexes `out` in source axis order
+    source_view = layout.source_view(out)  # indexes `out` in source axis order
 
-    for rank, idx in enumerate(geom.order):
-        _fill_frame(source_view[rank], frames[idx], rank, len(frames), label)
+    for rank, frame in enumerate(layout.frames):
+        _fill_frame(source_view[rank], frame, rank, len(frames), label)
 
     # LPS position of canonical voxel [0, 0, 0], i.e. the source index at each flipped axis' far end.
-    first = frames[geom.order[0]].header.position
+    first = layout.frames[0].header.position
     assert first is not None
     origin = np.asarray(first, dtype=float)
     direction: list[Vec3] = [(0.0, 0.0, 0.0)] * 3
@@ -115,12 +145,13 @@ def hu_volume(datasets: Sequence[Dataset]) -> CtVolume:
             origin = origin + step * (source_shape[src] - 1)
         d = -source_dirs[src] if flips[canon] else source_dirs[src]
         direction[canon] = (float(d[0]) + 0.0, float(d[1]) + 0.0, float(d[2]) + 0.0)  # no -0.0
-    return CtVolume(
+    volume = CtVolume(
         hu=out,
         spacing=(spacing[0], spacing[1], spacing[2]),
         origin=(float(origin[0]), float(origin[1]), float(origin[2])),
         direction=(direction[0], direction[1], direction[2]),
     )
+    return volume, layout
 
 
 def _canonical_axes(
@@ -147,7 +178,7 @@ def _fill_frame(dest: np.ndarray, frame: _Frame, rank: int, total: int, label: s
         raise PixelDecodeError(f"{where}: pixel data cannot be decoded ({_short(exc)})") from exc
     if raw.shape != dest.shape:
         raise PixelDecodeError(f"{where}: decoded {raw.shape} pixels, header says {dest.shape}")
-    slope, intercept = _rescale(ds, frame.frame)
+    slope, intercept = rescale(ds, frame.frame)
     np.copyto(dest, raw, casting="unsafe")
     if slope != 1.0:
         dest *= np.float32(slope)
@@ -160,7 +191,7 @@ def _fill_frame(dest: np.ndarray, frame: _Frame, rank: int, total: int, label: s
         dest[(raw >= low) & (raw <= high)] = AIR_HU
 
 
-def _rescale(ds: Dataset, frame: int | None) -> tuple[float, float]:
+def rescale(ds: Dataset, frame: int | None) -> tuple[float, float]:
     """RescaleSlope/Intercept for a frame (functional groups first, then the top level)."""
     item = functional_group_item(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
     source = item if item is not None and "RescaleSlope" in item else ds
