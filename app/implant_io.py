@@ -139,7 +139,7 @@ def write_implanted(result: ImplantedSeries, out: Path, source: Path) -> dict[st
         "series_uid": str(result.datasets[0].SeriesInstanceUID),
         "study_uid": str(result.datasets[0].get("StudyInstanceUID", "")),
         "spacing_mm": list(result.volume.spacing),
-        "lung_labels": "threshold lungs (models.lungs_threshold) on the 2 mm scoring grid, nearest neighbour back",
+        "lung_labels": "threshold lungs (models.threshold_method) on the 2 mm scoring grid, nearest neighbour back",
     }
     (out / TRUTH_FILE).write_text(json.dumps(truth, indent=2) + "\n")
     return truth

@@ -46,6 +46,7 @@ from models.rendering import axial_overlay, projection_overlay  # noqa: E402
 from models.volume import hu_volume  # noqa: E402
 from worker.batch_scoring import dicom_items, nifti_volume  # noqa: E402
 from worker.pipeline import StudyScore, score_ct_volume, score_study  # noqa: E402
+from worker.series_selection import SeriesCriteria  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 REAL = DATA / "real-dicom"
@@ -77,14 +78,14 @@ def run_case(name: str, scorer: Callable[[], StudyScore]) -> Case:
     return Case(name, score=score, seconds=time.perf_counter() - start)
 
 
-def study_scorer(folder: Path, min_slices: int, inplane: float) -> Callable[[], StudyScore]:
+def study_scorer(folder: Path, criteria: SeriesCriteria, inplane: float) -> Callable[[], StudyScore]:
     """Score the one study in ``folder`` as a worker does (series selection included)."""
     def score() -> StudyScore:
         items = list(dicom_items(folder))
         if len(items) != 1:
             raise CtTriageError(f"{len(items)} studies found in {folder.name} (instances need a StudyInstanceUID)")
         assert items[0].slices is not None and items[0].paths is not None
-        return score_study(items[0].slices, items[0].paths, min_slices=min_slices, inplane_spacing_mm=inplane)
+        return score_study(items[0].slices, items[0].paths, criteria=criteria, inplane_spacing_mm=inplane)
     return score
 
 
@@ -104,11 +105,11 @@ def stacked_scorer(path: Path, inplane: float) -> Callable[[], StudyScore]:
     return score
 
 
-def single_file_scorer(path: Path, min_slices: int, inplane: float) -> Callable[[], StudyScore]:
+def single_file_scorer(path: Path, criteria: SeriesCriteria, inplane: float) -> Callable[[], StudyScore]:
     def score() -> StudyScore:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / path.name).write_bytes(path.read_bytes())
-            return study_scorer(Path(tmp), min_slices, inplane)()
+            return study_scorer(Path(tmp), criteria, inplane)()
     return score
 
 
@@ -185,13 +186,13 @@ def main() -> int:
         print(f"no real data at {DATA}", file=sys.stderr)
         return 2
     settings = get_settings()
-    min_slices, inplane = settings.min_slices, settings.inplane_spacing_mm
+    criteria, inplane = SeriesCriteria.from_settings(settings), settings.inplane_spacing_mm
     plan: list[tuple[str, Callable[[], StudyScore]]] = [
-        (f"A0001 {kernel}", study_scorer(A0001 / kernel, min_slices, inplane)) for kernel in ("kernel-L", "kernel-B")
+        (f"A0001 {kernel}", study_scorer(A0001 / kernel, criteria, inplane)) for kernel in ("kernel-L", "kernel-B")
     ]
     plan += [(f"SBU {name} x40", stacked_scorer(SBU / f"{name}.dcm", inplane)) for name in STACKED]
-    plan += [(f"SBU {name} alone", single_file_scorer(SBU / f"{name}.dcm", min_slices, inplane)) for name in SINGLE]
-    plan.append(("TotalSeg JPEG2000 abdomen", study_scorer(REAL / "totalsegmentator-example-ct", min_slices, inplane)))
+    plan += [(f"SBU {name} alone", single_file_scorer(SBU / f"{name}.dcm", criteria, inplane)) for name in SINGLE]
+    plan.append(("TotalSeg JPEG2000 abdomen", study_scorer(REAL / "totalsegmentator-example-ct", criteria, inplane)))
     nifti = DATA / "real-nifti" / "totalsegmentator-chest-crop-ct.nii.gz"
     plan.append(("TotalSeg NIfTI chest crop",
                  lambda: score_ct_volume(nifti.name, nifti_volume(nifti), inplane_spacing_mm=inplane)))

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, special
 
-from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG, segment_lungs, split_lungs
+from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
 from models.preprocessing import PAPER_INPLANE_SPACING_MM, resample_inplane
+from models.threshold_method import threshold_lungs
 
 SIDES = {"right": RIGHT_LUNG, "left": LEFT_LUNG}
 DEFAULT_HU_RANGE = (250.0, 350.0)
@@ -105,7 +106,7 @@ def source_grid_lung_labels(hu: np.ndarray, spacing: tuple[float, float, float],
     """Right (1) and left (2) lung on the source grid from the scoring pipeline's threshold lungs
     (found on the 2 mm grid, where their constants hold), so the implant's lung is the scorer's."""
     resampled, grid_spacing = resample_inplane(hu, spacing, target=(inplane_mm, inplane_mm))
-    labels = split_lungs(segment_lungs(resampled, grid_spacing), grid_spacing)
+    labels = threshold_lungs(resampled, grid_spacing).lung_labels
     return labels_to_source_grid(labels, hu.shape, spacing)
 
 

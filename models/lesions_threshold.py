@@ -44,7 +44,7 @@ class LesionParams:
     #: twice the noise of a standard one, and unsmoothed noise crosses thresholds.
     noise_sigma_mm: float = 1.5
     #: A lesion is at least this much denser than the lung's own baseline at that height.
-    rise_min_hu: float = 180.0
+    rise_min_hu: float = 175.0
     #: ... and at least this dense in absolute terms (aerated lung is never a lesion).
     floor_hu: float = -750.0
     #: Denser than this is contrast-filled vessel, calcification or bone, not a lesion.
@@ -83,14 +83,18 @@ def segment_lesions(
     ``lung_labels``: 0 outside, one label per lung (a boolean mask is one lung). Steps:
 
     1. smooth in-plane (``noise_sigma_mm``) so that kernels agree;
-    2. vessels and airway walls (:func:`models.vesselness.vessel_mask`) are set aside;
-    3. per lung, the parenchyma baseline as a function of height (axis 1), fitted to the lung's
-       own voxels with a bounded gravity gradient and a capped level: dependent lung is judged
-       against dependent lung, and diffuse ground glass cannot become the baseline;
+    2. vessels and airway walls set aside: thin ones as bright lines and small dots
+       (:func:`models.vesselness.vessel_mask`), central ones as the dense tree connected to them
+       near the hila (:func:`models.vesselness.bronchovascular_tree`);
+    3. the parenchyma baseline as a function of height (axis 1), fitted to both lungs' own voxels
+       with a bounded gravity gradient and a capped level: dependent lung is judged against
+       dependent lung, and diffuse ground glass cannot become the baseline;
     4. candidates: at least ``rise_min_hu`` above the baseline, between ``floor_hu`` and ``hu_max``;
-    5. a majority vote (Gaussian ``vote_sigma_mm``) over the lung without its vessels: every lung
-       voxel, vessels included, takes the side of most of its parenchymal neighbourhood, so a
-       vessel inside ground glass counts as lesion and one in aerated lung does not;
+    5. a majority vote (Gaussian ``vote_sigma_mm``) over the lung without its vessels and pleural
+       shell: every lung voxel but the central tree takes the side of most of its parenchymal
+       neighbourhood, so thin leftovers and a thin band of dependent lung under the pleura are
+       not lesions, while the shell under a subpleural lesion and a small vessel crossing ground
+       glass are (as a reader outlines a lesion); the central vessels and bronchi never are;
     6. components smaller than ``min_component_fraction`` of the lungs are dropped.
     """
     _check_shapes(hu, lung_labels)
@@ -99,16 +103,16 @@ def segment_lesions(
         return np.zeros(hu.shape, dtype=bool)
     smooth = ndimage.gaussian_filter(hu.astype(np.float32, copy=False),
                                      (0.0, params.noise_sigma_mm / spacing[1], params.noise_sigma_mm / spacing[2]))
-    vessels = bronchovascular_tree(smooth, lung_labels, vessel_mask(hu, lungs, spacing), spacing)
-    parenchyma = lungs & ~vessels & ~_rim(lungs, spacing)
-    del vessels
+    thin = vessel_mask(hu, lungs, spacing)
+    central = bronchovascular_tree(smooth, lung_labels, thin, spacing) & ~thin
+    parenchyma = lungs & ~thin & ~central & ~_rim(lungs, spacing)
     baseline = parenchyma_baseline(smooth, parenchyma, spacing[1], params)
     threshold = np.maximum(baseline + params.rise_min_hu, params.floor_hu)[None, :, None]
     candidates = parenchyma & (smooth >= threshold) & (smooth <= params.hu_max)
     sigma = [params.vote_sigma_mm / s for s in spacing]
     votes = ndimage.gaussian_filter(candidates.astype(np.float32), sigma, mode="constant")
     weight = ndimage.gaussian_filter(parenchyma.astype(np.float32), sigma, mode="constant")
-    lesions = lungs & (votes > 0.5 * weight) & (weight > 0)
+    lesions = lungs & ~central & (votes > 0.5 * weight) & (weight > 0)
     return _drop_small(lesions, params.min_component_fraction * np.count_nonzero(lungs))
 
 
