@@ -20,7 +20,8 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, Job, JobState, QuarantinedFile, Result, Study, StudyState, utcnow
-from app.priority import severity_band
+from app.priority import effective_band
+from app.score_details import DESCRIPTOR_COLUMNS, descriptor_columns, flags_of, lower_bound_of
 from app.worklist import worklist_query
 
 WINDOWS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -216,7 +217,7 @@ EXPORT_COLUMNS = (
     "study_uid", "accession_number", "study_date", "state", "reason_code", "first_received_at",
     "last_received_at", "result_id", "study_version", "trigger", "scored_at", "latest", "method",
     "model_version", "series_uid", "identification", "severity", "severity_left", "severity_right",
-    "severity_band",
+    "severity_band", "severity_lower_bound", "flags", *DESCRIPTOR_COLUMNS,
 )
 
 
@@ -232,7 +233,7 @@ def export_query(states: Sequence[str] | None, received_from: date | None, recei
             Study.first_received_at, Study.last_received_at, newest.c.newest_id,
             Result.id.label("result_id"), Result.study_version, Job.trigger, Result.created_at.label("scored_at"),
             Result.method, Result.model_version, Result.series_uid, Result.identification, Result.severity,
-            Result.severity_left, Result.severity_right,
+            Result.severity_left, Result.severity_right, Result.details,
         )
         .outerjoin(Result, Result.study_id == Study.id)
         .outerjoin(Job, Job.id == Result.job_id)
@@ -249,13 +250,20 @@ def export_rows(session_factory: sessionmaker[Session], query: Select[Any],
             record = {column: getattr(row, column, None) for column in EXPORT_COLUMNS}
             scored = row.result_id is not None
             record["latest"] = row.result_id == row.newest_id if scored else None
-            record["severity_band"] = severity_band(row.severity, band_edges) if scored else None
+            if scored:  # the result's own flags and band (a rescore's may differ from the study's now)
+                lower_bound = lower_bound_of(row.details)
+                record["severity_band"] = effective_band(row.severity, lower_bound, band_edges)
+                record["severity_lower_bound"] = lower_bound
+                record["flags"] = [f["code"] for f in flags_of(row.details)]
+                record.update(descriptor_columns(row.details))
             yield record
 
 
 def _text(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):  # flag codes: one cell, ";"-separated
+        return ";".join(_text(v) for v in value)
     if isinstance(value, datetime):
         return value.isoformat()
     return str(value)

@@ -12,6 +12,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -127,3 +128,21 @@ def dcmtk_storescu(files: list[Path], port: int, called_aet: str = "CTTRIAGE") -
 
 def read_truth(folder: Path) -> dict:  # type: ignore[type-arg]
     return json.loads((folder / "truth.json").read_text())
+
+
+def scored(severity_left: float, severity_right: float, flags: tuple = (),  # type: ignore[type-arg]
+           bilateral: bool = True) -> Any:
+    """A threshold StudyScore as the pipeline returns it, with ``flags`` (models.findings.ScoreFlag)
+    and descriptors in its details: for tests that write results without scoring images."""
+    from models.findings import LesionDescriptors, LungDescriptors
+    from models.severity import LungSeverity
+    from worker.pipeline import METHOD_THRESHOLD, THRESHOLD_MODEL_VERSION, StudyScore, findings_details
+
+    severity = LungSeverity(severity_left, severity_right, max(severity_left, severity_right), 1500.0, 1600.0,
+                            15.0 * severity_left, 16.0 * severity_right)
+    descriptors = LesionDescriptors(right=LungDescriptors(16.0 * severity_right, 0.8, 0.75, 0.25, 3),
+                                    left=LungDescriptors(15.0 * severity_left, 0.6, 0.5, 0.5, 2), bilateral=bilateral)
+    return StudyScore(series_uid="9.9", method=METHOD_THRESHOLD, model_version=THRESHOLD_MODEL_VERSION,
+                      identification=None, severity=severity, timings={"total": 1.0},
+                      details={"severity": severity.to_dict(), **findings_details(tuple(flags), descriptors)},
+                      flags=tuple(flags), descriptors=descriptors)

@@ -47,7 +47,10 @@ from app.db.session import make_engine
 from app.live import WorklistWatcher, worklist_signature
 from app.security import Role, create_api_key
 from app.settings import Settings
+from models.findings import LUNG_MASK_IMPLAUSIBLE, ScoreFlag
 from models.phantom import PhantomSpec, write_phantom
+from tests.conftest import scored
+from worker.jobs import write_result
 from worker.pipeline import THRESHOLD_MODEL_VERSION
 
 TABLES = (AuditEvent, QuarantinedFile, Result, Job, Instance, Series, Study)
@@ -132,7 +135,7 @@ def seed(factory: sessionmaker[Session], storage_root: Path, now: datetime) -> N
 
         def result(row: Study, item: Job, severity: float, created_ago: timedelta) -> None:
             session.add(Result(study_id=row.id, job_id=item.id, study_version=item.study_version, series_uid="9.9",
-                               method="threshold", model_version="threshold-1.0", identification=None,
+                               method="threshold", model_version=THRESHOLD_MODEL_VERSION, identification=None,
                                severity=severity, severity_left=severity, severity_right=severity / 2,
                                lung_volume_left_ml=1000, lung_volume_right_ml=1100, lesion_volume_left_ml=10,
                                lesion_volume_right_ml=5, timings={"total": 1.0}, details={},
@@ -474,3 +477,54 @@ def test_watcher_wakes_listeners_on_change_only(setup: Setup) -> None:
         assert watcher._task is None  # nobody listens: no more polling
 
     asyncio.run(scenario())
+
+
+def test_flags_and_descriptors_in_the_worklist_the_study_and_the_export(setup: Setup) -> None:
+    """A lower-bound scoring: the worklist row says so (flag codes and messages, floored band), the
+    study carries its current flags and descriptors, each scoring in the history its own, and the
+    export has a column for each."""
+    flag = ScoreFlag(LUNG_MASK_IMPLAUSIBLE, "the left lung mask is small", lower_bound=True)
+    with setup.factory.begin() as session:
+        row = Study(study_uid="1.20", accession_number="ACC1.20", state=StudyState.processing.value)
+        session.add(row)
+        session.flush()
+        jobs = [Job(study_id=row.id, study_version=v, state=JobState.running.value, trigger="settled")
+                for v in (1, 2)]
+        session.add_all(jobs)
+    write_result(setup.factory, jobs[0], scored(20.0, 5.0), setup.settings)
+    with setup.factory.begin() as session:
+        session.execute(update(Study).where(Study.study_uid == "1.20").values(version=2))
+    write_result(setup.factory, jobs[1], scored(10.0, 4.0, (flag,)), setup.settings)
+
+    items = setup.client.get("/api/worklist", headers=setup.reader).json()["items"]
+    [item] = [i for i in items if i["study_uid"] == "1.20"]
+    assert item["flags"] == [{"code": LUNG_MASK_IMPLAUSIBLE, "message": flag.message, "lower_bound": True}]
+    assert (item["severity_lower_bound"], item["severity_band"], item["severity"]) == (True, 3, 10.0)
+    assert [i["study_uid"] for i in items].index("1.20") < [i["study_uid"] for i in items].index("1.3")  # CT-2
+    assert all(i["flags"] == [] and i["severity_lower_bound"] is False for i in items if i["study_uid"] != "1.20")
+    assert "1.20" in [i["study_uid"] for i in setup.client.get(
+        "/api/worklist", params={"band": 3}, headers=setup.reader).json()["items"]]
+
+    study = setup.client.get("/api/studies/1.20", headers=setup.reader).json()
+    assert study["flags"] == item["flags"] and study["severity_lower_bound"] is True
+    assert study["descriptors"] == {
+        "right": {"lesion_volume_ml": 64.0, "peripheral_share": 0.8, "ground_glass_share": 0.75,
+                  "consolidation_share": 0.25, "foci": 3},
+        "left": {"lesion_volume_ml": 150.0, "peripheral_share": 0.6, "ground_glass_share": 0.5,
+                 "consolidation_share": 0.5, "foci": 2},
+        "bilateral": True}
+    first, second = study["results"]
+    assert (first["flags"], first["severity_lower_bound"]) == ([], False)
+    assert first["descriptors"]["left"]["lesion_volume_ml"] == 300.0  # its own, not the current one
+    assert (second["flags"], second["severity_lower_bound"]) == (item["flags"], True)
+    older = setup.client.get("/api/studies/1.2", headers=setup.reader).json()  # scored before flags existed
+    assert (older["flags"], older["descriptors"], older["results"][0]["flags"]) == ([], None, [])
+
+    rows = [r for r in csv.DictReader(io.StringIO(setup.client.get("/api/admin/export.csv", headers=setup.admin).text))
+            if r["study_uid"] == "1.20"]
+    assert [(r["flags"], r["severity_lower_bound"], r["severity_band"]) for r in rows] == [
+        ("", "False", "1"), (LUNG_MASK_IMPLAUSIBLE, "True", "3")]
+    assert (rows[1]["bilateral"], rows[1]["foci_right"], rows[1]["peripheral_share_left"]) == ("True", "3", "0.6")
+    records = [r for r in setup.client.get("/api/admin/export.json", headers=setup.admin).json()
+               if r["study_uid"] == "1.20"]
+    assert records[1]["flags"] == [LUNG_MASK_IMPLAUSIBLE] and records[1]["consolidation_share_right"] == 0.25

@@ -22,7 +22,9 @@ from app.db.models import Export, ExportState, Instance, Job, JobState, Result, 
 from app.db.session import make_engine
 from app.ingest import ReceivedInstance, record_instance
 from app.settings import Settings
-from worker.jobs import claim_job, run_job
+from models.findings import LUNG_MASK_IMPLAUSIBLE, PARTIAL_COVERAGE, ScoreFlag
+from tests.conftest import scored
+from worker.jobs import claim_job, run_job, write_result
 
 
 def received(study: str, sop: str, series: str = "1.2.3.1") -> ReceivedInstance:
@@ -307,3 +309,29 @@ def test_overdue_exports_go_back_to_the_broker(factory: sessionmaker[Session]) -
     later = utcnow() + timedelta(seconds=3600)
     assert dispatch_overdue_exports(factory, handed.append, grace_seconds=1800, now=later) == 3
     assert sorted(handed[2:]) == sorted([overdue, legacy, waiting])
+
+
+def test_a_lower_bound_scoring_floors_the_band_and_puts_its_flags_on_the_study(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A 10 % severity that is only a lower bound goes on the worklist at CT-3 with its flags; the
+    next scoring's scores replace them (here: none)."""
+    settings = Settings(data_dir=tmp_path / "data")
+    add(factory, received("1.9.20", "1.9.20.1"))
+    [job_id] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
+    job = claim_job(factory, job_id, worker="w", max_attempts=5)
+    assert job is not None
+    flags = (ScoreFlag(LUNG_MASK_IMPLAUSIBLE, "the left lung mask is small", lower_bound=True),
+             ScoreFlag(PARTIAL_COVERAGE, "cut at the apex"))
+    write_result(factory, job, scored(10.0, 4.0, flags), settings)
+    s = study(factory, "1.9.20")
+    assert (s.state, s.severity, s.severity_band, s.severity_lower_bound) == ("scored", 10.0, 3, True)
+    assert 3000 <= (s.priority or 0) < 4000
+    assert s.flags == [f.to_dict() for f in flags]
+
+    job2 = claim_job(factory, request_rescore(factory, "1.9.20") or 0, worker="w", max_attempts=5)
+    assert job2 is not None
+    write_result(factory, job2, scored(10.0, 4.0), settings)
+    s = study(factory, "1.9.20")
+    assert (s.severity_band, s.severity_lower_bound, s.flags) == (1, False, [])
+    assert (s.priority or 0) < 2000

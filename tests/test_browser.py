@@ -9,6 +9,7 @@ page must show the projection picture. Screenshots go to the test's tmp folder (
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -20,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 
 from app.admin import directory_bytes
 from app.dicom.push import push_files
-from models.phantom import PhantomSpec, write_phantom
+from models.lungs_threshold import LEFT_LUNG
+from models.phantom import PhantomSpec, phantom_datasets, phantom_volume, write_phantom
 from tests import test_end_to_end
 from tests.service_process import ADMIN_KEY, API, wait_for_state, wait_until
 from tests.test_end_to_end import SMALL, Service, study_files
@@ -64,10 +67,26 @@ def browser() -> Iterator[Any]:
 
 
 def write_study(folder: Path, accession: str, severity_left: float, severity_right: float, seed: int,
-                description: str | None = None, **spec: Any) -> dict[str, Any]:
-    """A phantom study with its own accession number (and description, age) in every instance."""
-    truth = write_phantom(folder, PhantomSpec(severity_left=severity_left, severity_right=severity_right, seed=seed,
-                                              **{**SMALL, **spec}), accession=accession)
+                description: str | None = None, dense_left_base: bool = False, **spec: Any) -> dict[str, Any]:
+    """A phantom study with its own accession number (and description, age) in every instance.
+    ``dense_left_base``: the lower half of the left lung is solid (35 HU, as a collapsed lobe or an
+    effusion), which the threshold lungs leave out: the scoring flags its severity a lower bound."""
+    phantom_spec = PhantomSpec(severity_left=severity_left, severity_right=severity_right, seed=seed,
+                               **{**SMALL, **spec})
+    if dense_left_base:
+        phantom = phantom_volume(phantom_spec)
+        left = phantom.lungs == LEFT_LUNG
+        slices = np.flatnonzero(left.any(axis=(1, 2)))
+        left[(slices[0] + slices[-1]) // 2:] = False
+        hu = phantom.hu.copy()
+        hu[left] = 35
+        datasets = phantom_datasets(dataclasses.replace(phantom, hu=hu), phantom_spec, accession=accession)
+        folder.mkdir(parents=True)
+        for n, ds in enumerate(datasets, 1):
+            ds.save_as(folder / f"IM{n:04d}.dcm", enforce_file_format=True)
+        truth = {"study_instance_uid": str(datasets[0].StudyInstanceUID)}
+    else:
+        truth = write_phantom(folder, phantom_spec, accession=accession)
     for path in study_files(folder):
         ds = pydicom.dcmread(path)
         ds.PatientAge = "054Y"
@@ -118,9 +137,22 @@ def test_worklist_updates_live_and_the_detail_page_shows_the_pictures(
         page.wait_for_function("() => [...document.querySelectorAll('#rows tr')].some("
                                "r => r.innerText.includes('SEVERE01') && r.querySelector('.band.b3'))")
 
+        # A 10-20 % severity that is only a lower bound (dense lung left out of the mask): at least CT-3.
+        dense = write_study(tmp_path / "dense", "DENSE01", 20.0, 8.0, seed=35, dense_left_base=True)
+        push(service, study_files(tmp_path / "dense"), dense["study_instance_uid"], "scored")
+        page.wait_for_function("() => [...document.querySelectorAll('#rows tr')].some("
+                               "r => r.innerText.includes('DENSE01') && r.querySelector('.band.b3'))")
+
         assert page.evaluate("window.__notReloaded") is True  # appeared without a reload
         accessions = page.locator("#rows td.accession").all_inner_texts()
-        assert accessions.index("SEVERE01") < accessions.index("MILD01"), accessions
+        assert accessions.index("SEVERE01") < accessions.index("DENSE01") < accessions.index("MILD01"), accessions
+        dense_row = row(page, "DENSE01")
+        assert dense_row.locator(".band").inner_text() == "≥ CT-3"
+        marker = dense_row.locator(".flag.lower-bound")
+        assert marker.get_attribute("data-code") == "LungMaskImplausible"
+        assert "lower bound" in marker.inner_text() and "lower bound" in (marker.get_attribute("title") or "")
+        assert dense_row.locator("td.sev").inner_text().startswith("≥ ")
+        assert row(page, "MILD01").locator(".flag").count() == 0
         severe_band = row(page, "SEVERE01").locator(".band")
         assert severe_band.inner_text() == "CT-3"
         assert severe_band.evaluate("e => getComputedStyle(e).backgroundColor") == BAND_3_RGB
@@ -146,6 +178,12 @@ def test_worklist_updates_live_and_the_detail_page_shows_the_pictures(
         page.wait_for_function("() => { const i = document.querySelector('#axial img');"
                                " return i && i.complete && i.naturalWidth > 0; }")
         assert page.locator("#summary .band").inner_text() == "CT-3"
+        assert "No flags" in page.locator("#flags").inner_text()
+        assert "lower bound" not in page.locator("#summary").inner_text()
+        descriptor_rows = page.locator("#descriptor-rows tr").all_inner_texts()
+        assert [r.split("\t")[0] for r in descriptor_rows] == ["Right", "Left"], descriptor_rows
+        assert all("ml" in r and "%" in r for r in descriptor_rows), descriptor_rows
+        assert page.locator("#bilateral").inner_text().startswith("Bilateral: yes")
         series_text = page.locator("#series").inner_text()
         assert "✓ scored" in series_text and "localizer" in series_text.lower(), series_text
         history = page.locator("#results tr").all_inner_texts()
@@ -158,6 +196,23 @@ def test_worklist_updates_live_and_the_detail_page_shows_the_pictures(
         page.screenshot(path=str(study_png), full_page=True)
         print(f"study detail screenshot: {study_png}")
 
+        # The flagged study: its flags listed with their messages, the severity said to be a lower bound.
+        page.goto(f"{service.api}/studies/{dense['study_instance_uid']}")
+        page.wait_for_selector("#flags li[data-code=LungMaskImplausible]")
+        assert page.locator("#summary .band").inner_text() == "≥ CT-3"
+        assert "lower bound" in page.locator("#summary").inner_text().lower()
+        flags_text = page.locator("#flags").inner_text()
+        assert "LungMaskImplausible" in flags_text and "left lung mask holds" in flags_text, flags_text
+        assert "is a lower bound" in flags_text
+        assert page.locator("#descriptor-rows tr").count() == 2
+        assert "Lung mask implausible" in page.locator("#results").inner_text()  # the scoring's own flags
+        page.wait_for_function("() => { const i = document.querySelector('#projection img');"
+                               " return i && i.complete && i.naturalWidth > 0; }")
+        flagged_png = tmp_path / "study-flagged.png"
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(flagged_png), full_page=True)
+        print(f"flagged study screenshot: {flagged_png}")
+
         page.keyboard.press("Escape")
         page.wait_for_url(f"{service.api}/")
         page.wait_for_selector("#rows tr[data-uid]")
@@ -167,9 +222,10 @@ def test_worklist_updates_live_and_the_detail_page_shows_the_pictures(
         page.wait_for_selector("#rows tr[data-uid]")
         assert page.locator("#rows td.accession").all_inner_texts() == ["SEVERE01"]
         assert page.locator("#more").inner_text() == "Show 1 more"
-        page.click("#more")
-        page.wait_for_function("() => document.querySelectorAll('#rows tr[data-uid]').length === 2")
-        assert page.locator("#rows td.accession").all_inner_texts() == ["SEVERE01", "MILD01"]
+        for shown in (2, 3):
+            page.click("#more")
+            page.wait_for_function(f"() => document.querySelectorAll('#rows tr[data-uid]').length === {shown}")
+        assert page.locator("#rows td.accession").all_inner_texts() == ["SEVERE01", "DENSE01", "MILD01"]
         assert page.locator("#more").is_hidden()
         assert not errors, errors
     finally:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import highdicom as hd
@@ -35,6 +36,7 @@ from sqlalchemy.orm import Session
 from app.assembly import queue_settled_studies
 from app.db.models import Export, ExportKind, ExportState, Result, Study, utcnow
 from app.dicom.push import push_files
+from models.findings import LUNG_MASK_IMPLAUSIBLE, ScoreFlag, describe_lesions
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
 from models.phantom import PhantomSpec, PhantomVolume, phantom_datasets, phantom_volume
 from models.rendering import projection_overlay
@@ -42,7 +44,20 @@ from models.severity import lung_severity
 from models.volume import hu_volume
 from tests.conftest import free_port, store_study_files, write_phantom_study
 from tests.service_process import API, ServiceProcess, embedded_service, wait_for_state, wait_until
-from worker.export_common import COVID_PROBABILITY, PERCENT_AFFECTED, ExportScores, NewInstance
+from worker.export_common import (
+    BILATERAL_LESIONS,
+    CONSOLIDATION_SHARE,
+    COVID_PROBABILITY,
+    GROUND_GLASS_SHARE,
+    LESION_FOCI,
+    PERCENT_AFFECTED,
+    PERIPHERAL_SHARE,
+    QUALITY_FLAG,
+    QUALITY_FLAG_REASON,
+    SEVERITY_LOWER_BOUND,
+    ExportScores,
+    NewInstance,
+)
 from worker.export_sc import projection_capture
 from worker.export_seg import SEGMENT_LEFT_LUNG, SEGMENT_LESIONS, SEGMENT_RIGHT_LUNG, lung_segmentation
 from worker.export_sr import measurement_report
@@ -257,6 +272,62 @@ def test_sr_of_a_threshold_result(written: Written) -> None:
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99CTTRIAGE"
 
 
+#: A flag the pipeline raises, and one with a code the SR has never seen (any code is written).
+FLAGS = (ScoreFlag(LUNG_MASK_IMPLAUSIBLE, "the left lung mask holds 400 mL against 1500 mL", lower_bound=True),
+         ScoreFlag("SomeFutureCheck", "a reason the writer does not know yet"))
+
+
+def flagged(written: Written) -> ExportScores:
+    """The written scores with flags and the truth masks' descriptors, as a result's details give them."""
+    masks = written.masks
+    descriptors = describe_lesions(masks.hu, masks.lung_labels, masks.lesions, masks.spacing)
+    details = {"flags": [f.to_dict() for f in FLAGS], "severity_lower_bound": True,
+               "descriptors": descriptors.to_dict()}
+    row = SimpleNamespace(**dataclasses.asdict(written.scores.lungs), series_uid=written.scores.series_uid,
+                          method="threshold", model_version="threshold-1.0", identification=None, details=details)
+    return ExportScores.of(row)
+
+
+def coded_values(sr: Dataset, concept: Any) -> list[str]:
+    """Every coded value of ``concept`` in the report (CodeValue, or LongCodeValue over 16 characters)."""
+    found = hd.sr.utils.find_content_items(sr, name=concept, recursive=True)
+    return [str(item.ConceptCodeSequence[0].get("CodeValue") or item.ConceptCodeSequence[0].LongCodeValue)
+            for item in found]
+
+
+def test_sr_carries_flags_lower_bound_and_descriptors(written: Written) -> None:
+    scores = flagged(written)
+    assert scores.flags == FLAGS and scores.severity_lower_bound and scores.descriptors is not None
+    sr = parse_sr(measurement_report(written.sources, scores, NewInstance(ExportKind.sr, str(generate_uid())),
+                                     written.seg))
+    assert coded_values(sr, SEVERITY_LOWER_BOUND) == [codes.SCT.Yes.value]
+    assert coded_values(sr, QUALITY_FLAG) == [LUNG_MASK_IMPLAUSIBLE, "SomeFutureCheck"]
+    [flag] = [item for item in hd.sr.utils.find_content_items(sr, name=QUALITY_FLAG, recursive=True)
+              if item.ConceptCodeSequence[0].get("LongCodeValue") == LUNG_MASK_IMPLAUSIBLE]
+    assert flag.ConceptCodeSequence[0].CodeMeaning == "Lung mask implausible"
+    assert [(c.RelationshipType, c.TextValue) for c in flag.ContentSequence] == [("HAS PROPERTIES", FLAGS[0].message)]
+    assert sr_texts(sr, QUALITY_FLAG_REASON) == {f.message for f in FLAGS}
+
+    values = sr_measurements(sr)
+    for side in ("right", "left"):
+        lung = getattr(scores.descriptors, side)
+        group = f"{side} lung lesions"
+        assert values[(group, LESION_FOCI.value)] == lung.foci > 0
+        assert values[(group, PERIPHERAL_SHARE.value)] == pytest.approx(100 * lung.peripheral_share, abs=1e-3)
+        assert values[(group, GROUND_GLASS_SHARE.value)] == pytest.approx(100 * lung.ground_glass_share, abs=1e-3)
+        assert values[(group, CONSOLIDATION_SHARE.value)] == pytest.approx(100 * lung.consolidation_share, abs=1e-3)
+    assert coded_values(sr, BILATERAL_LESIONS) == [(codes.SCT.Yes if scores.descriptors.bilateral
+                                                    else codes.SCT.No).value]
+    assert scores.descriptors.bilateral  # 30 % and 8 %: both lungs
+
+    # Unflagged and without descriptors (an older result): "not a lower bound", nothing else.
+    plain = parse_sr(measurement_report(written.sources, written.scores,
+                                        NewInstance(ExportKind.sr, str(generate_uid()))))
+    assert coded_values(plain, SEVERITY_LOWER_BOUND) == [codes.SCT.No.value]
+    assert coded_values(plain, QUALITY_FLAG) == [] and coded_values(plain, BILATERAL_LESIONS) == []
+    assert not any(code == LESION_FOCI.value for _, code in sr_measurements(plain))
+
+
 def test_sr_of_a_network_result_carries_the_probability(written: Written) -> None:
     scores = dataclasses.replace(written.scores, method="multitask-unet", model_version="mt-2.1",
                                  identification=0.8312)
@@ -297,6 +368,8 @@ def test_written_objects_pass_dciodvfy(written: Written, tmp_path: Path) -> None
         "seg": lung_segmentation(written.sources, masks, written.scores, written.seg),
         "sr": measurement_report(written.sources, written.scores, NewInstance(ExportKind.sr, str(generate_uid())),
                                  written.seg),
+        "sr_flagged": measurement_report(written.sources, flagged(written),
+                                         NewInstance(ExportKind.sr, str(generate_uid())), written.seg),
         "sc": projection_capture(written.sources[0], picture, written.scores,
                                  NewInstance(ExportKind.sc, str(generate_uid()))),
     }

@@ -38,3 +38,17 @@ def test_queue_priority_policy() -> None:
     assert queue_priority("settled", 1) == 3
     assert queue_priority("rescore", 2) == 6  # already on the worklist with scores
     assert queue_priority("rescore", None) == 3  # e.g. a failed study
+
+
+def test_a_lower_bound_severity_ranks_at_least_ct3() -> None:
+    """Never rank the sickest low without saying so: a lower-bound 10 % sorts with CT-3 studies."""
+    from app.priority import LOWER_BOUND_MIN_BAND, effective_band
+
+    assert LOWER_BOUND_MIN_BAND == 3
+    assert effective_band(10.0, lower_bound=True) == 3 and effective_band(10.0, lower_bound=False) == 1
+    assert effective_band(0.0, lower_bound=True) == 3  # no lesions found in a mask that may miss them
+    assert effective_band(80.0, lower_bound=True) == 4  # a floor, never a ceiling
+    floored = priority_score(10.0, None, lower_bound=True)
+    assert priority_score(74.0, None) > floored > priority_score(49.0, 1.0)
+    assert 3000 <= floored < 4000
+    assert priority_score(10.0, None) == priority_score(10.0, None, lower_bound=False) < 2000

@@ -25,10 +25,24 @@ beginning with "99" are private), declared in each SR's CodingSchemeIdentificati
 
 - 99CTTRIAGE CTT001 "Percent of lung volume affected" (UCUM "%", 0..100);
 - 99CTTRIAGE CTT002 "Probability of COVID-19" (UCUM "1", 0..1; absent when not estimated).
+
+Quality flags and lesion descriptors (``models.findings``) have no standard codes either:
+
+- 99CTTRIAGE CTT003 "Scoring quality flag": a qualitative evaluation of the study group, one per
+  flag; its value is the flag's own code in this scheme (e.g. ``LungMaskImplausible``; codes over
+  16 characters go in LongCodeValue), with the flag's message as a TEXT child, 99CTTRIAGE CTT004
+  "Quality flag reason" (HAS PROPERTIES). Any flag code is written this way, known or new;
+- 99CTTRIAGE CTT005 "Severity is a lower bound": SCT 373066001 "Yes" / SCT 373067005 "No", always
+  in the study group (Yes: the worklist ranks the study at least CT-3);
+- per lung, in its lesions group: CTT006 "Peripheral share of lesion volume", CTT007 "Ground-glass
+  share of lesion volume", CTT008 "Consolidation share of lesion volume" (UCUM "%" of that lung's
+  lesion volume; absent without lesions) and CTT009 "Number of lesion foci" (UCUM "1");
+- CTT010 "Bilateral lesions": Yes / No in the study group (both lungs at least 1 % affected).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +53,8 @@ from pydicom.uid import generate_uid
 
 from app import __version__
 from app.db.models import ExportKind
+from app.score_details import descriptors_of, flags_of
+from models.findings import LesionDescriptors, LungDescriptors, ScoreFlag, severity_is_lower_bound
 from models.severity import LungSeverity
 
 MANUFACTURER = "cttriage"
@@ -58,6 +74,14 @@ PRIVATE_SCHEME_ITEM = hd.coding_schemes.CodingSchemeIdentificationItem(
 )
 PERCENT_AFFECTED = hd.sr.CodedConcept("CTT001", PRIVATE_SCHEME, "Percent of lung volume affected")
 COVID_PROBABILITY = hd.sr.CodedConcept("CTT002", PRIVATE_SCHEME, "Probability of COVID-19")
+QUALITY_FLAG = hd.sr.CodedConcept("CTT003", PRIVATE_SCHEME, "Scoring quality flag")
+QUALITY_FLAG_REASON = hd.sr.CodedConcept("CTT004", PRIVATE_SCHEME, "Quality flag reason")
+SEVERITY_LOWER_BOUND = hd.sr.CodedConcept("CTT005", PRIVATE_SCHEME, "Severity is a lower bound")
+PERIPHERAL_SHARE = hd.sr.CodedConcept("CTT006", PRIVATE_SCHEME, "Peripheral share of lesion volume")
+GROUND_GLASS_SHARE = hd.sr.CodedConcept("CTT007", PRIVATE_SCHEME, "Ground-glass share of lesion volume")
+CONSOLIDATION_SHARE = hd.sr.CodedConcept("CTT008", PRIVATE_SCHEME, "Consolidation share of lesion volume")
+LESION_FOCI = hd.sr.CodedConcept("CTT009", PRIVATE_SCHEME, "Number of lesion foci")
+BILATERAL_LESIONS = hd.sr.CodedConcept("CTT010", PRIVATE_SCHEME, "Bilateral lesions")
 MILLILITER = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 LUNG = codes.SCT.Lung
 RIGHT, LEFT = codes.SCT.Right, codes.SCT.Left
@@ -72,12 +96,25 @@ class ExportScores:
     model_version: str
     identification: float | None
     lungs: LungSeverity
+    flags: tuple[ScoreFlag, ...] = ()
+    descriptors: LesionDescriptors | None = None
 
     @classmethod
     def of(cls, result: Any) -> ExportScores:
-        """From anything with these attributes and LungSeverity's (a ``Result`` row)."""
+        """From anything with these attributes and LungSeverity's (a ``Result`` row), flags and
+        descriptors from its ``details``."""
         lungs = LungSeverity(**{name: getattr(result, name) for name in LungSeverity.__dataclass_fields__})
-        return cls(result.series_uid, result.method, result.model_version, result.identification, lungs)
+        flags = tuple(ScoreFlag(**f) for f in flags_of(result.details))
+        found = descriptors_of(result.details)
+        descriptors = None if found is None else LesionDescriptors(
+            right=_lung_descriptors(found["right"]), left=_lung_descriptors(found["left"]),
+            bilateral=bool(found.get("bilateral")))
+        return cls(result.series_uid, result.method, result.model_version, result.identification, lungs, flags,
+                   descriptors)
+
+    @property
+    def severity_lower_bound(self) -> bool:
+        return severity_is_lower_bound(self.flags)
 
     @property
     def is_threshold(self) -> bool:
@@ -96,6 +133,18 @@ class ExportScores:
         """For SEG segments (Algorithm Identification macro)."""
         return hd.AlgorithmIdentificationSequence(name=self.algorithm_name, family=self.algorithm_family,
                                                   version=self.model_version)
+
+
+def _lung_descriptors(values: Any) -> LungDescriptors:
+    return LungDescriptors(**{name: values.get(name) for name in LungDescriptors.__dataclass_fields__})
+
+
+def flag_concept(code: str) -> hd.sr.CodedConcept:
+    """A flag's code as a coded value in the private scheme; its meaning spelled out from the
+    code ("LungMaskImplausible" -> "Lung mask implausible"), so any code, new ones too, reads."""
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", code).split(" ")
+    meaning = " ".join([words[0], *(w.lower() if w[1:].islower() else w for w in words[1:])])
+    return hd.sr.CodedConcept(code.replace("\\", "/"), PRIVATE_SCHEME, meaning[:64])
 
 
 @dataclass(frozen=True)

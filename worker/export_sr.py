@@ -5,9 +5,12 @@ version) that produced it:
 
 - per lung (right, left; finding site Lung + laterality): lung volume (mL) and percent of lung
   volume affected (%); referencing that lung's SEG segment (TID 1411) when a SEG is exported;
-- per lung: the lesions' volume (mL) (finding type Lesion);
+- per lung: the lesions' volume (mL) (finding type Lesion) and, where the scoring described
+  them, their pattern: peripheral, ground-glass and consolidation shares (%) and number of foci;
 - the study: max-lung severity (percent affected, derivation Maximum) and the probability of
-  COVID-19 (0..1), the latter only when the method estimates it (never for "threshold").
+  COVID-19 (0..1), the latter only when the method estimates it (never for "threshold"); whether
+  the severity is a lower bound (Yes/No), each quality flag (its code, with its message as a TEXT
+  child) and, with descriptors, whether the lesions are bilateral (Yes/No).
 
 The codes are listed and justified in :mod:`worker.export_common`. Every source instance is
 listed as evidence (CurrentRequestedProcedureEvidenceSequence). TID 1500's Image Library is
@@ -24,20 +27,31 @@ from collections.abc import Sequence
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage, generate_uid
 
+from models.findings import LungDescriptors, ScoreFlag
 from worker.export_common import (
+    BILATERAL_LESIONS,
+    CONSOLIDATION_SHARE,
     COVID_PROBABILITY,
+    GROUND_GLASS_SHARE,
     LEFT,
+    LESION_FOCI,
     LUNG,
     MANUFACTURER,
     MILLILITER,
     MODEL_NAME,
     PERCENT_AFFECTED,
+    PERIPHERAL_SHARE,
     PRIVATE_SCHEME_ITEM,
+    QUALITY_FLAG,
+    QUALITY_FLAG_REASON,
     RIGHT,
+    SEVERITY_LOWER_BOUND,
     ExportScores,
     NewInstance,
+    flag_concept,
     label,
 )
 from worker.export_seg import SEGMENT_LEFT_LUNG, SEGMENT_RIGHT_LUNG
@@ -60,6 +74,29 @@ def _evidence_stub(study_uid: str, segmentation: NewInstance) -> Dataset:
 Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 
 
+def _yes_no(name: hd.sr.CodedConcept, value: bool) -> hd.sr.QualitativeEvaluation:
+    return hd.sr.QualitativeEvaluation(name, codes.SCT.Yes if value else codes.SCT.No)
+
+
+def _flag(flag: ScoreFlag) -> hd.sr.QualitativeEvaluation:
+    """The flag's code as the value, its message as a TEXT property of it."""
+    evaluation = hd.sr.QualitativeEvaluation(QUALITY_FLAG, flag_concept(flag.code))
+    evaluation[0].ContentSequence = [hd.sr.TextContentItem(
+        name=QUALITY_FLAG_REASON, value=flag.message,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES)]
+    return evaluation
+
+
+def _pattern(lung: LungDescriptors | None) -> list[tuple[hd.sr.CodedConcept, float, Code]]:
+    """A lung's lesion pattern as (concept, value, unit); shares as percentages, none without lesions."""
+    if lung is None:
+        return []
+    shares = ((PERIPHERAL_SHARE, lung.peripheral_share), (GROUND_GLASS_SHARE, lung.ground_glass_share),
+              (CONSOLIDATION_SHARE, lung.consolidation_share))
+    return [*((name, 100.0 * share, codes.UCUM.Percent) for name, share in shares if share is not None),
+            (LESION_FOCI, float(lung.foci), codes.UCUM.NoUnits)]
+
+
 def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | None) -> list[Group]:
     method = scores.algorithm_family
     algorithm = hd.sr.AlgorithmIdentification(name=scores.algorithm_name, version=scores.model_version)
@@ -74,10 +111,12 @@ def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | 
 
     groups: list[Group] = []
     lungs = scores.lungs
-    for side, side_name, segment, lung_ml, percent, lesion_ml in (
+    described = scores.descriptors
+    for side, side_name, segment, lung_ml, percent, lesion_ml, pattern in (
         (RIGHT, "right", SEGMENT_RIGHT_LUNG, lungs.lung_volume_right_ml, lungs.severity_right,
-         lungs.lesion_volume_right_ml),
-        (LEFT, "left", SEGMENT_LEFT_LUNG, lungs.lung_volume_left_ml, lungs.severity_left, lungs.lesion_volume_left_ml),
+         lungs.lesion_volume_right_ml, described.right if described else None),
+        (LEFT, "left", SEGMENT_LEFT_LUNG, lungs.lung_volume_left_ml, lungs.severity_left, lungs.lesion_volume_left_ml,
+         described.left if described else None),
     ):
         site = [hd.sr.FindingSite(anatomic_location=LUNG, laterality=side)]
         lung_measurements = [
@@ -98,7 +137,8 @@ def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | 
                 tracking_identifier=tracking(f"{side_name} lung"), measurements=lung_measurements, **common))
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(f"{side_name} lung lesions"), finding_type=codes.SCT.Lesion,
-            measurements=[measurement(codes.SCT.Volume, lesion_ml, MILLILITER)], **common))
+            measurements=[measurement(codes.SCT.Volume, lesion_ml, MILLILITER),
+                          *(measurement(name, value, unit) for name, value, unit in _pattern(pattern))], **common))
 
     study_measurements = [measurement(PERCENT_AFFECTED, lungs.severity, codes.UCUM.Percent,
                                       derivation=codes.SCT.Maximum,
@@ -107,8 +147,12 @@ def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | 
         study_measurements.append(measurement(COVID_PROBABILITY, scores.identification, codes.UCUM.NoUnits))
     # No finding type here: "Finding: COVID-19" would read as a diagnosis, even from the threshold
     # method that does not estimate it; the probability's concept name says what it is about.
+    evaluations = [_yes_no(SEVERITY_LOWER_BOUND, scores.severity_lower_bound), *map(_flag, scores.flags)]
+    if described is not None:
+        evaluations.append(_yes_no(BILATERAL_LESIONS, described.bilateral))
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking("study"), method=method, algorithm_id=algorithm, measurements=study_measurements))
+        tracking_identifier=tracking("study"), method=method, algorithm_id=algorithm, measurements=study_measurements,
+        qualitative_evaluations=evaluations))
     return groups
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.models import Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
 from app.db.upsert import insert_ignore
 from app.errors import StudyRejectedError
-from app.priority import priority_score, severity_band
+from app.priority import effective_band, priority_score
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from worker.derived import save_derived
@@ -144,9 +144,14 @@ def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: S
 
 
 def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyScore, settings: Settings) -> None:
+    """The result row, and the study's current scores when the job is still its current version.
+    A lower-bound severity floors the band and the priority (``app.priority``); the flags go on
+    the study row with the scores, replacing the previous scoring's."""
     sev = score.severity
-    priority = priority_score(sev.severity, score.identification, settings.severity_band_edges)
-    band = severity_band(sev.severity, settings.severity_band_edges)
+    lower_bound = score.severity_lower_bound
+    priority = priority_score(sev.severity, score.identification, settings.severity_band_edges,
+                              lower_bound=lower_bound)
+    band = effective_band(sev.severity, lower_bound, settings.severity_band_edges)
     now = utcnow()
     with session_factory.begin() as session:
         insert_ignore(
@@ -182,7 +187,8 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
                     identification=score.identification, severity=sev.severity, severity_left=sev.severity_left,
                     severity_right=sev.severity_right,
                     severity_band=band, priority=priority, method=score.method, model_version=score.model_version,
-                    chosen_series_uid=score.series_uid)
+                    chosen_series_uid=score.series_uid, flags=[f.to_dict() for f in score.flags],
+                    severity_lower_bound=lower_bound)
         )
         if settings.export_enabled:  # with the result, or a worker lost in between would leave it unsent
             add_exports(session, job.id, now)

@@ -5,11 +5,38 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
+
+from app.score_details import descriptors_of, flags_of, lower_bound_of
 
 
 class Orm(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+class FlagOut(BaseModel):
+    """A reason not to take a scoring at face value (``code`` is a bounded set that may grow)."""
+
+    code: str
+    message: str
+    #: The severity may under-read the disease: the band is floored at CT-3 (app.priority).
+    lower_bound: bool = False
+
+
+class LungDescriptorsOut(BaseModel):
+    """One lung's lesion pattern; shares are of that lung's lesion volume (0..1), None without lesions."""
+
+    lesion_volume_ml: float
+    peripheral_share: float | None
+    ground_glass_share: float | None
+    consolidation_share: float | None
+    foci: int
+
+
+class DescriptorsOut(BaseModel):
+    right: LungDescriptorsOut
+    left: LungDescriptorsOut
+    bilateral: bool
 
 
 class WorklistItem(Orm):
@@ -32,6 +59,9 @@ class WorklistItem(Orm):
     priority: float | None
     method: str | None
     model_version: str | None
+    #: The current scoring's flags; with ``severity_lower_bound`` the band shown is floored at CT-3.
+    flags: list[FlagOut]
+    severity_lower_bound: bool
 
 
 class Worklist(BaseModel):
@@ -87,6 +117,23 @@ class ResultOut(Orm):
     details: dict[str, Any]
     created_at: datetime
 
+    # This scoring's own flags and descriptors, read from its details (older results: none).
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def flags(self) -> list[FlagOut]:
+        return [FlagOut(**f) for f in flags_of(self.details)]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def severity_lower_bound(self) -> bool:
+        return lower_bound_of(self.details)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def descriptors(self) -> DescriptorsOut | None:
+        found = descriptors_of(self.details)
+        return DescriptorsOut.model_validate(found) if found is not None else None
+
 
 class ExportOut(Orm):
     """One object sent back to the PACS for a result, with its last attempt's outcome."""
@@ -109,6 +156,14 @@ class StudyDetail(WorklistItem):
     jobs: list[JobOut]
     results: list[ResultOut]
     exports: list[ExportOut]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def descriptors(self) -> DescriptorsOut | None:
+        """The current scoring's descriptors: the result whose scores the study shows (written
+        with the same time as ``scored_at``; a late result of an outdated version is history only)."""
+        current = [r for r in self.results if self.scored_at is not None and r.created_at == self.scored_at]
+        return current[-1].descriptors if current else None
 
 
 class UploadedFile(BaseModel):

@@ -22,6 +22,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -108,6 +110,11 @@ class Study(Base):
     priority: Mapped[float | None] = mapped_column(Float)
     method: Mapped[str | None] = mapped_column(String(32))
     model_version: Mapped[str | None] = mapped_column(String(64))
+    #: The current scoring's quality flags ({code, message, lower_bound} each, models.findings):
+    #: here so the worklist shows them without reading results; written with the scores.
+    flags: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    #: The current severity is a lower bound: severity_band and priority are floored (app.priority).
+    severity_lower_bound: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")

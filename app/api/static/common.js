@@ -94,10 +94,21 @@ const CT = (() => {
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
     return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
   }
-  const band = (b) => (isNone(b) ? el("span", { class: "muted", text: DASH })
-    : el("span", { class: `band b${b}`, text: `CT-${b}`, title: BAND_TITLES[b] }));
+  /** The band pill; `atLeast`: the band was floored because the severity is a lower bound. */
+  const band = (b, atLeast = false) => (isNone(b) ? el("span", { class: "muted", text: DASH })
+    : el("span", { class: `band b${b}${atLeast ? " floored" : ""}`, text: atLeast ? `≥ CT-${b}` : `CT-${b}`,
+                   title: atLeast ? `at least CT-${b}: the severity is a lower bound (see the flags)`
+                     : BAND_TITLES[b] }));
   const BAND_TITLES = ["CT-0: no lesions", "CT-1: under 25 % of the worse lung", "CT-2: 25–50 %",
     "CT-3: 50–75 %", "CT-4: 75 % or more"];
+  /** A severity that may under-read the disease reads "≥ x %". */
+  const severity = (v, lowerBound = false) => (lowerBound && !isNone(v) ? `≥ ${pct(v)}` : pct(v));
+  /** "LungMaskImplausible" → "Lung mask implausible": any code, known or not. */
+  const flagName = (code) => String(code).replace(/([a-z0-9])([A-Z])/g, "$1 $2").replace(/ ([A-Z])(?=[a-z])/g,
+    (m, c) => ` ${c.toLowerCase()}`);
+  /** One badge per flag, its message as the title; lower-bound flags stand out. */
+  const flagBadge = (f) => el("span", { class: `flag${f.lower_bound ? " lower-bound" : ""}`, dataset: { code: f.code },
+    title: f.message, text: `⚠ ${flagName(f.code)}${f.lower_bound ? " · lower bound" : ""}` });
   const state = (s) => el("span", { class: `state ${s}`, text: s });
 
   // --- sign-in ------------------------------------------------------------------------------
@@ -266,6 +277,7 @@ const CT = (() => {
 
   return {
     ApiError, api, el, pct, prob, dateTime, duration, since, between, age, dicomDate, bytes, band, state,
+    severity, flagName, flagBadge,
     signIn, handleAuthError, live, serial, typing, saveOrder, loadOrder, studyUrl, DASH,
   };
 })();

@@ -16,9 +16,10 @@
 
   function renderSummary(s) {
     const summary = document.getElementById("summary");
+    const lowerBound = s.severity_lower_bound;
     summary.replaceChildren(
-      CT.band(s.severity_band),
-      figure("Max-lung severity", CT.pct(s.severity)),
+      CT.band(s.severity_band, lowerBound),
+      figure(lowerBound ? "Max-lung severity (lower bound)" : "Max-lung severity", CT.severity(s.severity, lowerBound)),
       figure("Left lung", CT.pct(s.severity_left)),
       figure("Right lung", CT.pct(s.severity_right)),
       figure("COVID-19 probability", CT.prob(s.identification)),
@@ -30,6 +31,44 @@
         el("span", { class: "reason", text: s.reason })));
     }
     document.title = `cttriage · ${s.accession_number || "study"} · ${s.severity_band === null ? s.state : "CT-" + s.severity_band}`;
+  }
+
+  function renderFlags(s) {
+    const box = document.getElementById("flags");
+    const flags = s.flags || [];
+    if (s.severity === null) { box.replaceChildren(el("p", { class: "muted", text: "Not scored yet." })); return; }
+    if (!flags.length) {
+      box.replaceChildren(el("p", { class: "muted", text: "No flags: nothing found that makes the scores doubtful." }));
+      return;
+    }
+    box.replaceChildren(
+      ...(s.severity_lower_bound ? [el("p", { class: "lower-bound-note", text: "The severity is a lower bound: the "
+        + "disease may be worse than measured, so the study is ranked at least CT-3." })] : []),
+      el("ul", { class: "flag-list" }, flags.map((f) => el("li", { dataset: { code: f.code } },
+        CT.flagBadge(f), el("code", { text: f.code }), el("span", { class: "flag-message", text: f.message })))));
+  }
+
+  const share = (v) => (v === null || v === undefined ? CT.DASH : `${(100 * v).toFixed(0)} %`);
+
+  function renderDescriptors(s) {
+    const d = s.descriptors;
+    const tbody = document.getElementById("descriptor-rows");
+    const bilateral = document.getElementById("bilateral");
+    if (!d) {
+      tbody.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "empty",
+        text: s.severity === null ? "Not scored yet." : "No descriptors for this scoring." })));
+      bilateral.textContent = "";
+      return;
+    }
+    tbody.replaceChildren(...[["Right", d.right], ["Left", d.left]].map(([name, lung]) => el("tr", {},
+      el("td", { text: name }),
+      el("td", { class: "num", text: `${lung.lesion_volume_ml.toFixed(1)} ml` }),
+      el("td", { class: "num", text: share(lung.peripheral_share) }),
+      el("td", { class: "num", text: share(lung.ground_glass_share) }),
+      el("td", { class: "num", text: share(lung.consolidation_share) }),
+      el("td", { class: "num", text: lung.foci }))));
+    bilateral.textContent = `Bilateral: ${d.bilateral ? "yes" : "no"} (lesions in both lungs). Shares are of `
+      + "each lung's lesion volume.";
   }
 
   function renderMeta(s) {
@@ -106,9 +145,10 @@
       el("td", { class: "num", text: CT.pct(r.severity_left) }),
       el("td", { class: "num", text: CT.pct(r.severity_right) }),
       el("td", { class: "num", text: ml(r.lung_volume_left_ml, r.lung_volume_right_ml) }),
-      el("td", { class: "num", text: ml(r.lesion_volume_left_ml, r.lesion_volume_right_ml) })));
+      el("td", { class: "num", text: ml(r.lesion_volume_left_ml, r.lesion_volume_right_ml) }),
+      el("td", { class: "flags" }, (r.flags || []).length ? r.flags.map(CT.flagBadge) : CT.DASH)));
     document.getElementById("results").replaceChildren(...(rows.length ? rows
-      : [el("tr", {}, el("td", { colspan: 11, class: "empty", text: "No scoring yet." }))]));
+      : [el("tr", {}, el("td", { colspan: 12, class: "empty", text: "No scoring yet." }))]));
   }
 
   function renderJobs(s) {
@@ -179,6 +219,8 @@
       return;
     }
     renderSummary(study);
+    renderFlags(study);
+    renderDescriptors(study);
     renderMeta(study);
     renderTimings(study);
     renderSeries(study);

@@ -44,13 +44,19 @@
 
   // --- rendering ------------------------------------------------------------------------------
   function severityCell(item) {
-    const td = el("td", { class: "num sev" }, CT.pct(item.severity));
+    const td = el("td", { class: "num sev", title: item.severity_lower_bound ? "a lower bound: see the flags" : null },
+      CT.severity(item.severity, item.severity_lower_bound));
     if (item.severity !== null) {
       const fill = el("span", { class: `b${item.severity_band}` });
       fill.style.width = `${Math.min(100, Math.max(0, item.severity))}%`;
       td.append(el("span", { class: "sevbar" }, fill));
     }
     return td;
+  }
+
+  function flagsCell(item) {
+    const flags = item.flags || [];
+    return el("td", { class: "flags" }, flags.length ? flags.map(CT.flagBadge) : null);
   }
 
   function stateCell(item) {
@@ -67,12 +73,13 @@
       on: { click: () => open(item.study_uid), focus: () => { selected = item.study_uid; } },
     },
     el("td", { class: "num muted", text: index + 1 }),
-    el("td", {}, CT.band(item.severity_band)),
+    el("td", {}, CT.band(item.severity_band, item.severity_lower_bound)),
     severityCell(item),
     el("td", { class: "num", text: CT.pct(item.severity_left) }),
     el("td", { class: "num", text: CT.pct(item.severity_right) }),
     el("td", { class: "num", text: CT.prob(item.identification),
                title: item.identification === null ? "not computed by this method" : null }),
+    flagsCell(item),
     el("td", { class: "accession" }, el("a", { href: CT.studyUrl(item.study_uid), tabindex: "-1",
                                                text: item.accession_number || "(no accession)" })),
     el("td", { text: CT.age(item.patient_age) }),
@@ -81,6 +88,7 @@
     el("td", { class: "num waiting", dataset: { since: item.first_received_at },
                text: CT.duration(CT.since(item.first_received_at)) }),
     stateCell(item));
+    if (item.flags && item.flags.length) tr.classList.add("flagged");
     const fingerprint = `${item.state}|${item.priority}`;
     if (previous && previous.get(item.study_uid) !== fingerprint) tr.classList.add("fresh");
     return tr;
@@ -91,7 +99,7 @@
     items = data.items;
     const rendered = items.map(renderRow);
     rows.replaceChildren(...(rendered.length ? rendered
-      : [el("tr", {}, el("td", { colspan: 12, class: "empty", text: "No studies match the filters." }))]));
+      : [el("tr", {}, el("td", { colspan: 13, class: "empty", text: "No studies match the filters." }))]));
     previous = new Map(items.map((i) => [i.study_uid, `${i.state}|${i.priority}`]));
     CT.saveOrder(items.map((i) => i.study_uid));
     const shown = items.length < data.total ? `${items.length} of ${data.total}` : `${data.total}`;
