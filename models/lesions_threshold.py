@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from models.vesselness import bronchovascular_tree, vessel_mask
+from models.lungs_threshold import distance_to_mediastinum
+from models.vesselness import CENTRAL_ZONE_MM, bronchovascular_tree, vessel_mask
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,10 @@ def segment_lesions(
         return np.zeros(hu.shape, dtype=bool)
     smooth = ndimage.gaussian_filter(hu.astype(np.float32, copy=False),
                                      (0.0, params.noise_sigma_mm / spacing[1], params.noise_sigma_mm / spacing[2]))
-    thin = vessel_mask(hu, lungs, spacing)
-    central = bronchovascular_tree(smooth, lung_labels, thin, spacing) & ~thin
+    to_mediastinum = distance_to_mediastinum(lung_labels, spacing)
+    thin = vessel_mask(hu, lungs, spacing, central=to_mediastinum <= CENTRAL_ZONE_MM)
+    central = bronchovascular_tree(smooth, lung_labels, thin, to_mediastinum) & ~thin
+    del to_mediastinum
     parenchyma = lungs & ~thin & ~central & ~_rim(lungs, spacing)
     baseline = parenchyma_baseline(smooth, parenchyma, spacing[1], params)
     threshold = np.maximum(baseline + params.rise_min_hu, params.floor_hu)[None, :, None]

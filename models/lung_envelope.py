@@ -3,11 +3,12 @@
 A threshold lung mask holds aerated lung only: consolidation, dense atelectasis and pleura-based
 opacities against the chest wall are soft-tissue dense and fall outside it, so a sick lung looks
 small and its severity low. Along the chest wall, such lung is a dent in the aerated lung's
-outline; a ball rolled along the pleura (a per-slice closing of each lung) bridges dents up to
-about twice its radius wide and gives them back, in numerator and denominator alike. Nothing is
-taken from the mediastinum (what lies between the two lungs in each row), from bone or from the
-other lung, nor within the hilar zone (``models.vesselness.HILAR_ZONE_MM``), where the dents
-are bronchi, vessels and nodes.
+outline. In each slice, each lung's convex hull spans its dents; a dent whose mouth (where the
+hull leaves the lung) is at most DENT_MOUTH_MAX_MM wide is lung given back, in numerator and
+denominator alike. The heart's and the diaphragm's indentations open far wider and stay out.
+Nothing is taken from the mediastinum (what lies between the two lungs in each row), from bone
+or from the other lung, nor within the hilar zone (``models.vesselness.HILAR_ZONE_MM``), where
+the dents are bronchi, vessels and nodes.
 
 Pleural effusion is not lung. A bridged region that is homogeneous fluid (0-20 HU after
 smoothing, little spread, no aerated bronchi) and lies in the dependent half of the lung is
@@ -22,14 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG, distance_to_mediastinum, mediastinum
 from models.vesselness import HILAR_ZONE_MM
 
-#: Radius of the ball rolled along the pleura: dents up to about 20 mm wide are given back
-#: (subpleural consolidation, plate atelectasis); the heart's and the diaphragm's indentations
-#: are far wider and stay out.
-PLEURAL_BALL_MM = 10.0
+#: Widest mouth of a dent given back (subpleural consolidation, plate atelectasis, a dense
+#: segment against the chest wall); the heart's and the diaphragm's indentations are wider.
+DENT_MOUTH_MAX_MM = 45.0
 #: Bone (ribs, vertebrae) and contrast-filled vessels are denser than any lung: never added.
 ADDED_MAX_HU = 150.0
 #: Bridged regions smaller than this are partial-volume slivers, not worth a decision.
@@ -40,6 +41,7 @@ FLUID_HU = (-10.0, 30.0)
 FLUID_MAX_SPREAD_HU = 30.0
 FLUID_MAX_AERATED_SHARE = 0.02
 AERATED_HU = -500.0
+_IN_PLANE = np.array([np.zeros((3, 3), bool), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3), bool)])
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def pleural_envelope(hu: np.ndarray, lung_labels: np.ndarray, spacing: tuple[flo
         lung = lung_labels == side
         bridged = np.zeros(lung.shape, dtype=bool)
         for k in np.flatnonzero(lung.any(axis=(1, 2))):
-            bridged[k] = _closing_2d(lung[k], spacing[1:], PLEURAL_BALL_MM) & ~blocked[k]
+            bridged[k] = _dents(lung[k], spacing[1:]) & ~blocked[k]
         comp, n = ndimage.label(bridged, structure=ndimage.generate_binary_structure(3, 3))
         added = fluid = 0.0
         dependent_row = _dependent_half_start(lung)
@@ -72,9 +74,10 @@ def pleural_envelope(hu: np.ndarray, lung_labels: np.ndarray, spacing: tuple[flo
             ml = float(np.count_nonzero(mask)) * voxel_ml
             if ml < MIN_REGION_ML:
                 continue
-            values = smooth[region][mask]
+            interior = ndimage.binary_erosion(mask, _IN_PLANE) if mask.shape[1] > 2 and mask.shape[2] > 2 else mask
+            judged = interior if interior.any() else mask  # the rim mixes with the lung beside it
             rows = np.nonzero(mask)[1] + region[1].start
-            if _looks_like_fluid(values, hu[region][mask], rows, dependent_row):
+            if _looks_like_fluid(smooth[region][judged], hu[region][judged], rows, dependent_row):
                 fluid += ml
                 continue
             labels[region][mask] = side
@@ -83,13 +86,36 @@ def pleural_envelope(hu: np.ndarray, lung_labels: np.ndarray, spacing: tuple[flo
     return EnvelopeResult(labels, added_ml, fluid_ml)
 
 
-def _closing_2d(mask: np.ndarray, spacing: tuple[float, ...], radius_mm: float) -> np.ndarray:
-    """Exact closing of one slice with a disc of ``radius_mm``, via distance transforms."""
-    pad = [int(np.ceil(radius_mm / s)) + 1 for s in spacing]
-    padded = np.pad(mask, [(p, p) for p in pad])
-    dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
-    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
-    return closed[pad[0]:-pad[0], pad[1]:-pad[1]] & ~mask
+def _dents(lung: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Pixels of the lung's convex hull (one slice) in dents whose mouth is narrow enough."""
+    hull = _convex_hull(lung)
+    edge = hull & ~ndimage.binary_erosion(hull)
+    comp, n = ndimage.label(hull & ~lung, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return np.zeros(lung.shape, dtype=bool)
+    mouth_mm = np.bincount(comp[edge], minlength=n + 1) * float(np.mean(spacing))
+    keep = mouth_mm <= DENT_MOUTH_MAX_MM
+    keep[0] = False
+    return keep[comp]
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The convex hull of a 2D mask's pixel centres, as a mask (the mask itself when degenerate)."""
+    points = np.argwhere(mask)
+    if len(points) < 3:
+        return mask.copy()
+    try:
+        hull = ConvexHull(points)
+    except QhullError:  # all pixels on one line
+        return mask.copy()
+    (r0, c0), (r1, c1) = points.min(axis=0), points.max(axis=0) + 1
+    rows, cols = np.mgrid[r0:r1, c0:c1]
+    inside = np.ones(rows.shape, dtype=bool)
+    for a, b, offset in hull.equations:  # a * row + b * col + offset <= 0 inside
+        inside &= a * rows + b * cols + offset <= 1e-6
+    out = np.zeros(mask.shape, dtype=bool)
+    out[r0:r1, c0:c1] = inside
+    return out | mask
 
 
 def _dependent_half_start(lung: np.ndarray) -> int:
@@ -99,6 +125,8 @@ def _dependent_half_start(lung: np.ndarray) -> int:
 
 
 def _looks_like_fluid(smooth: np.ndarray, raw: np.ndarray, rows: np.ndarray, dependent_row: int) -> bool:
+    """Homogeneous fluid density, no aerated bronchi, mostly dependent. Density is judged on the
+    region's interior (``smooth`` and ``raw`` hold the interior first; see the caller)."""
     median = float(np.median(smooth))
     spread = float(np.percentile(smooth, 84) - np.percentile(smooth, 16)) / 2
     aerated = float(np.mean(raw < AERATED_HU))

@@ -20,8 +20,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from models.lungs_threshold import distance_to_mediastinum
-
 #: Scales (Gaussian sigma, mm): vessels of about 2 to 17 mm across (segmental to lobar vessels
 #: inside the lung mask; the main pulmonary arteries lie in the mediastinum, outside it).
 SCALES_MM = (1.0, 1.5, 2.0, 3.0, 4.5, 6.0)
@@ -33,14 +31,19 @@ RIDGE_MIN_HU = 150.0
 #: millimetres); above it only elongated structures count, so that round patches of ground
 #: glass or consolidation stay lesions.
 DOT_MAX_SCALE_MM = 2.0
+#: What the image reads as outside the region: aerated lung.
+OUTSIDE_HU = -850.0
 #: Elongated: the across-line curvature is at least this many times the along-line one.
 LINE_MIN_ANISOTROPY = 2.0
 
 
-def vessel_mask(hu: np.ndarray, region: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+def vessel_mask(hu: np.ndarray, region: np.ndarray, spacing: tuple[float, float, float],
+                central: np.ndarray | None = None) -> np.ndarray:
     """Voxels of ``region`` on bright lines or small bright dots of any of SCALES_MM.
 
     ``hu`` is a (z, y, x) volume, ``spacing`` its voxel size in mm; only axes 1 and 2 are used.
+    Lines wider than DOT_MAX_SCALE_MM count only within ``central`` (default: everywhere): vessels
+    taper towards the pleura, so a wide bright band out there is a consolidation, not a vessel.
     """
     out = np.zeros(hu.shape, dtype=bool)
     boxes = ndimage.find_objects(region.astype(np.uint8))
@@ -49,7 +52,9 @@ def vessel_mask(hu: np.ndarray, region: np.ndarray, spacing: tuple[float, float,
     margin = [0] + [int(np.ceil(3 * max(SCALES_MM) / s)) for s in spacing[1:]]
     box = tuple(slice(max(0, b.start - m), min(n, b.stop + m))
                 for b, m, n in zip(boxes[0], margin, hu.shape, strict=True))
-    image = hu[box].astype(np.float32, copy=False)
+    # Outside the region (chest wall, mediastinum) reads as aerated lung: dense lung against the
+    # chest wall is then a patch, not the bright flank of a wall that looks like a line.
+    image = np.where(region[box], hu[box], np.float32(OUTSIDE_HU)).astype(np.float32, copy=False)
     found = out[box]
     for sigma_mm in SCALES_MM:
         sigma = (0.0, sigma_mm / spacing[1], sigma_mm / spacing[2])
@@ -66,12 +71,17 @@ def vessel_mask(hu: np.ndarray, region: np.ndarray, spacing: tuple[float, float,
         ridge = across < -RIDGE_MIN_HU
         if sigma_mm > DOT_MAX_SCALE_MM:
             ridge &= -across >= LINE_MIN_ANISOTROPY * np.abs(along)
+            if central is not None:
+                ridge &= central[box]
         found |= ridge
         del across, along, ridge
     out &= region
     return out
 
 
+#: Wide vessels (lobar and segmental, wider than DOT_MAX_SCALE_MM lines) lie within this distance
+#: of the mediastinum; the outer lung holds vessels of a few millimetres.
+CENTRAL_ZONE_MM = 60.0
 #: Near the hila vessels are wide and branch (a branching point is round, not a line): there,
 #: dense structures connected to detected vessels are the bronchovascular tree too.
 HILAR_ZONE_MM = 25.0
@@ -80,11 +90,12 @@ VESSEL_CORE_MIN_HU = -400.0
 
 
 def bronchovascular_tree(smooth: np.ndarray, lung_labels: np.ndarray, vessels: np.ndarray,
-                         spacing: tuple[float, float, float]) -> np.ndarray:
+                         to_mediastinum_mm: np.ndarray) -> np.ndarray:
     """``vessels`` plus dense lung (>= VESSEL_CORE_MIN_HU) within HILAR_ZONE_MM of the mediastinum
     that is connected to them: the central vessels and bronchi where they are too wide and too
-    branched to look like lines. ``smooth`` is the HU volume after noise smoothing."""
-    hilar = (lung_labels > 0) & (distance_to_mediastinum(lung_labels, spacing) <= HILAR_ZONE_MM)
+    branched to look like lines. ``smooth`` is the HU volume after noise smoothing,
+    ``to_mediastinum_mm`` :func:`models.lungs_threshold.distance_to_mediastinum`."""
+    hilar = (lung_labels > 0) & (to_mediastinum_mm <= HILAR_ZONE_MM)
     dense = hilar & (smooth >= VESSEL_CORE_MIN_HU)
     comp, n = ndimage.label(dense | (vessels & hilar), structure=ndimage.generate_binary_structure(3, 3))
     if n == 0:
