@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
+from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG, mediastinum
 
 #: Reason codes of :class:`ScoreFlag` (a bounded set: pages, the SR and metrics key on them).
 LUNG_MASK_IMPLAUSIBLE = "LungMaskImplausible"
@@ -28,8 +28,9 @@ POSSIBLE_EFFUSION = "PossibleEffusion"
 #: Lesion voxels at or above this HU are consolidation, below it ground glass (the usual split:
 #: ground glass -700..-300 HU still shows vessels through it, consolidation hides them).
 CONSOLIDATION_MIN_HU = -300.0
-#: "Peripheral": the outer third of a lung's depth in its slice, measured from its pleural border.
-PERIPHERAL_DEPTH_FRACTION = 1.0 / 3.0
+#: "Peripheral": in the outer third of the lung's depth under the costal and diaphragmatic pleura,
+#: in each slice (depth is not measured from the mediastinal surface, where the hilum is).
+PERIPHERAL_OUTER_FRACTION = 1.0 / 3.0
 #: Both lungs must hold at least this share (%) of their volume as lesion to call it bilateral.
 BILATERAL_MIN_PERCENT = 1.0
 
@@ -78,6 +79,7 @@ def describe_lesions(
     """Per-lung lesion descriptors on the scoring grid (canonical axes, ``spacing`` in mm)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     consolidation = ndimage.median_filter(hu, size=(1, 3, 3)) >= CONSOLIDATION_MIN_HU  # noise-robust density
+    peripheral = _peripheral_zone(lung_labels, spacing)
     per_side = {}
     for side in (RIGHT_LUNG, LEFT_LUNG):
         lung = lung_labels == side
@@ -86,7 +88,6 @@ def describe_lesions(
         if n == 0:
             per_side[side] = LungDescriptors(0.0, None, None, None, 0)
             continue
-        peripheral = _peripheral_zone(lung, spacing)
         dense = int(np.count_nonzero(lesion & consolidation))
         _, foci = ndimage.label(lesion, structure=ndimage.generate_binary_structure(3, 3))
         per_side[side] = LungDescriptors(
@@ -104,12 +105,18 @@ def describe_lesions(
     return LesionDescriptors(right=per_side[RIGHT_LUNG], left=per_side[LEFT_LUNG], bilateral=bilateral)
 
 
-def _peripheral_zone(lung: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Voxels in the outer third of the lung's depth within their slice (depth from the border)."""
-    out = np.zeros(lung.shape, dtype=bool)
-    for k in np.flatnonzero(lung.any(axis=(1, 2))):
-        depth = ndimage.distance_transform_edt(lung[k], sampling=spacing[1:])
-        out[k] = lung[k] & (depth <= PERIPHERAL_DEPTH_FRACTION * float(depth.max()))
+def _peripheral_zone(lung_labels: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Lung voxels whose in-plane depth under the pleura (not counting the mediastinal surface)
+    is within the outer PERIPHERAL_OUTER_FRACTION of their lung's deepest point in that slice."""
+    walls = ~(lung_labels > 0) & ~mediastinum(lung_labels)
+    out = np.zeros(lung_labels.shape, dtype=bool)
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        lung = lung_labels == side
+        for k in np.flatnonzero(lung.any(axis=(1, 2))):
+            if not walls[k].any():
+                continue
+            depth = ndimage.distance_transform_edt(~walls[k], sampling=spacing[1:])
+            out[k] |= lung[k] & (depth <= PERIPHERAL_OUTER_FRACTION * float(depth[lung[k]].max()))
     return out
 
 

@@ -37,6 +37,11 @@ class LesionThresholdParams:
 #: +300.) The paper does not state sigma's unit; on its 2x2 mm slices, 4 voxels is 8 mm.
 PAPER_BASELINE = LesionThresholdParams(hu_min=-700.0, hu_max=300.0, sigma_mm=8.0, min_component_fraction=0.001)
 
+#: The lesion step of the method's first version (threshold-1.0): an absolute band of -750..100
+#: HU, a 3 mm blur re-thresholded at 0.5. Kept to measure what threshold-2.0 changed on real CT.
+VERSION_1_PARAMS = LesionThresholdParams(hu_min=-750.0, hu_max=100.0, sigma_mm=3.0, min_component_fraction=0.001)
+
+
 @dataclass(frozen=True)
 class LesionParams:
     """Parameters of :func:`segment_lesions` (defaults: ``DEFAULT_LESION_PARAMS``)."""
