@@ -50,13 +50,15 @@ class LesionParams:
     #: twice the noise of a standard one, and unsmoothed noise crosses thresholds.
     noise_sigma_mm: float = 1.5
     #: A lesion is at least this much denser than the lung's own baseline at that height.
-    rise_min_hu: float = 175.0
+    rise_min_hu: float = 185.0
     #: ... and at least this dense in absolute terms (aerated lung is never a lesion).
     floor_hu: float = -750.0
     #: Denser than this is contrast-filled vessel, calcification or bone, not a lesion.
     hu_max: float = 100.0
     #: The majority vote's neighbourhood (Gaussian sigma): thinner leftovers are not lesions.
     vote_sigma_mm: float = 3.0
+    #: How far (voxels, in-plane) a lesion's margin is judged on its own unsmoothed density.
+    margin_voxels: int = 1
     #: Components smaller than this share of the lungs are dropped (the paper's Vmin).
     min_component_fraction: float = 0.001
     #: Steepest gravity gradient of the baseline, HU per cm of height (normal supine lungs:
@@ -68,6 +70,7 @@ class LesionParams:
 
 
 DEFAULT_LESION_PARAMS = LesionParams()
+_IN_PLANE = np.array([np.zeros((3, 3), bool), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3), bool)])
 #: Height bins (mm along the anterior-posterior axis) of the baseline fit.
 BASELINE_BIN_MM = 8.0
 #: The baseline of a height bin is this percentile of its parenchyma: lesions may fill up to
@@ -111,7 +114,7 @@ def segment_lesions(
                                      (0.0, params.noise_sigma_mm / spacing[1], params.noise_sigma_mm / spacing[2]))
     to_mediastinum = distance_to_mediastinum(lung_labels, spacing)
     thin = vessel_mask(hu, lungs, spacing, central=to_mediastinum <= CENTRAL_ZONE_MM)
-    central = bronchovascular_tree(smooth, lung_labels, thin, to_mediastinum) & ~thin
+    central = bronchovascular_tree(smooth, lung_labels, thin, to_mediastinum, spacing) & ~thin
     del to_mediastinum
     parenchyma = lungs & ~thin & ~central & ~_rim(lungs, spacing)
     baseline = parenchyma_baseline(smooth, parenchyma, spacing[1], params)
@@ -121,6 +124,10 @@ def segment_lesions(
     votes = ndimage.gaussian_filter(candidates.astype(np.float32), sigma, mode="constant")
     weight = ndimage.gaussian_filter(parenchyma.astype(np.float32), sigma, mode="constant")
     lesions = lungs & ~central & (votes > 0.5 * weight) & (weight > 0)
+    # The margin: smoothing blends a lesion's outermost voxel with the lung beside it and the vote
+    # leaves it out; it is lesion where its own density (unsmoothed) is above the rise.
+    margin = lungs & ~central & (hu >= threshold) & (hu <= params.hu_max)
+    lesions |= margin & ndimage.binary_dilation(lesions, _IN_PLANE, iterations=params.margin_voxels)
     return _drop_small(lesions, params.min_component_fraction * np.count_nonzero(lungs))
 
 

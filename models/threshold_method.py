@@ -26,6 +26,10 @@ class ThresholdMasks:
     added_ml: dict[str, float]
     fluid_ml: dict[str, float]
 
+    @classmethod
+    def of(cls, lungs: EnvelopeResult, lesions: np.ndarray) -> ThresholdMasks:
+        return cls(lungs.lung_labels, lesions, lungs.added_ml, lungs.fluid_ml)
+
 
 def threshold_lungs(hu: np.ndarray, spacing: tuple[float, float, float]) -> EnvelopeResult:
     """Right (1) and left (2) lung labels, dense lung along the pleura included."""
@@ -34,5 +38,4 @@ def threshold_lungs(hu: np.ndarray, spacing: tuple[float, float, float]) -> Enve
 
 def threshold_masks(hu: np.ndarray, spacing: tuple[float, float, float]) -> ThresholdMasks:
     lungs = threshold_lungs(hu, spacing)
-    lesions = segment_lesions(hu, lungs.lung_labels, spacing)
-    return ThresholdMasks(lungs.lung_labels, lesions, lungs.added_ml, lungs.fluid_ml)
+    return ThresholdMasks.of(lungs, segment_lesions(hu, lungs.lung_labels, spacing))

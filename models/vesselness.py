@@ -85,22 +85,24 @@ CENTRAL_ZONE_MM = 60.0
 #: Near the hila vessels are wide and branch (a branching point is round, not a line): there,
 #: dense structures connected to detected vessels are the bronchovascular tree too.
 HILAR_ZONE_MM = 25.0
+#: How far beyond a detected vessel line a dense hilar voxel still belongs to it (half the width
+#: of a lobar vessel or bronchus around its detected core).
+TREE_REACH_MM = 5.0
 #: Blood and vessel walls without contrast (about 40 HU) blurred by partial volume.
 VESSEL_CORE_MIN_HU = -400.0
 
 
 def bronchovascular_tree(smooth: np.ndarray, lung_labels: np.ndarray, vessels: np.ndarray,
-                         to_mediastinum_mm: np.ndarray) -> np.ndarray:
+                         to_mediastinum_mm: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """``vessels`` plus dense lung (>= VESSEL_CORE_MIN_HU) within HILAR_ZONE_MM of the mediastinum
-    that is connected to them: the central vessels and bronchi where they are too wide and too
-    branched to look like lines. ``smooth`` is the HU volume after noise smoothing,
-    ``to_mediastinum_mm`` :func:`models.lungs_threshold.distance_to_mediastinum`."""
+    and within TREE_REACH_MM (in-plane) of them: the central vessels and bronchi where they are
+    too wide and too branched to look like lines. A consolidation by the hilum reaches further
+    and stays a lesion. ``smooth`` is the HU volume after noise smoothing, ``to_mediastinum_mm``
+    :func:`models.lungs_threshold.distance_to_mediastinum`."""
     hilar = (lung_labels > 0) & (to_mediastinum_mm <= HILAR_ZONE_MM)
-    dense = hilar & (smooth >= VESSEL_CORE_MIN_HU)
-    comp, n = ndimage.label(dense | (vessels & hilar), structure=ndimage.generate_binary_structure(3, 3))
-    if n == 0:
-        return vessels
-    touched = np.zeros(n + 1, dtype=bool)
-    touched[np.unique(comp[vessels & hilar])] = True
-    touched[0] = False
-    return vessels | (touched[comp] & dense)
+    seeds = vessels & hilar
+    out = vessels.copy()
+    for k in np.flatnonzero(seeds.any(axis=(1, 2))):
+        near = ndimage.distance_transform_edt(~seeds[k], sampling=spacing[1:]) <= TREE_REACH_MM
+        out[k] |= near & hilar[k] & (smooth[k] >= VESSEL_CORE_MIN_HU)
+    return out

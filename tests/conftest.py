@@ -6,6 +6,7 @@ that needs one fails, rather than skips, when it is missing, because CI must exe
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +24,7 @@ from sqlalchemy.pool import NullPool
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_engine
 from app.settings import Settings
+from models.volume import CtVolume, hu_volume
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_TEST_DB = 11
@@ -146,3 +149,20 @@ def scored(severity_left: float, severity_right: float, flags: tuple = (),  # ty
                       identification=None, severity=severity, timings={"total": 1.0},
                       details={"severity": severity.to_dict(), **findings_details(tuple(flags), descriptors)},
                       flags=tuple(flags), descriptors=descriptors)
+
+
+def stacked_real_slice(name: str, copies: int = 40) -> CtVolume:
+    """One real COVID-19 axial slice of ../shared/data repeated along z every 5 mm: real HU, noise
+    and anatomy in 3D (a single slice is rejected as a series). Skips where the data is absent."""
+    path = SHARED_DATA / "real-dicom" / "covid19-ny-sbu" / f"{name}.dcm"
+    if not path.is_file():
+        pytest.skip(f"real test data not present at {path} (see ../shared/data/README.md)")
+    ds = pydicom.dcmread(path)
+    x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+    stack = []
+    for k in range(copies):
+        item = copy.deepcopy(ds)
+        item.ImagePositionPatient = [x, y, 5.0 * k]
+        item.SOPInstanceUID = f"1.2.826.0.1.3680043.2.{k + 1}"
+        stack.append(item)
+    return hu_volume(stack)

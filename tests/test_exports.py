@@ -178,7 +178,7 @@ def test_seg_from_the_pipeline_masks_is_upsampled_to_the_mirrored_source() -> No
     phantom = phantom_volume(spec)
     datasets = phantom_datasets(phantom, spec)
     volume = hu_volume(datasets)
-    _, masks = score_volume(volume, 2.0, StepTimer())
+    _, masks, _ = score_volume(volume, 2.0, StepTimer())
     assert masks.lung_labels.shape[1] < spec.rows  # resampled in-plane
     sources = headers_only(datasets)
     seg = lung_segmentation(sources, masks, scores_of(masks, str(sources[0].SeriesInstanceUID)),

@@ -8,11 +8,9 @@ on the scoring grid, where the answer is known.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 
 from app.implant_io import implant_series, read_series
@@ -30,13 +28,12 @@ from models.preprocessing import resample_inplane
 from models.severity import lung_severity
 from models.threshold_method import threshold_lungs
 from models.volume import CtVolume, hu_volume
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, stacked_real_slice
 from worker.batch_scoring import dicom_items
 from worker.pipeline import StudyScore, score_ct_volume, score_study
 from worker.series_selection import SeriesCriteria
 
 A0001 = SHARED_DATA / "real-dicom" / "lung-pet-ct-dx-A0001"
-SBU = SHARED_DATA / "real-dicom" / "covid19-ny-sbu"
 AXES = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 
 
@@ -70,15 +67,7 @@ def a0001_grid() -> tuple[np.ndarray, tuple[float, float, float]]:
 
 def stacked(name: str) -> StudyScore:
     """One real axial slice repeated 40 times along z at 5 mm, scored."""
-    ds = pydicom.dcmread(require(SBU / f"{name}.dcm"))
-    x, y, _ = (float(v) for v in ds.ImagePositionPatient)
-    copies = []
-    for k in range(40):
-        item = copy.deepcopy(ds)
-        item.ImagePositionPatient = [x, y, 5.0 * k]
-        item.SOPInstanceUID = f"1.2.826.0.1.3680043.2.{k + 1}"
-        copies.append(item)
-    return score_ct_volume(name, hu_volume(copies), inplane_spacing_mm=2.0)
+    return score_ct_volume(name, stacked_real_slice(name), inplane_spacing_mm=2.0)
 
 
 def test_a_normal_chest_with_a_hilar_mass_scores_a_few_percent_with_either_kernel(a0001: dict[str, StudyScore]) -> None:

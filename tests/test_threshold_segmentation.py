@@ -6,9 +6,7 @@ lung_severity, from DICOM instances as the worker will run it.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -24,9 +22,9 @@ from models.phantom import PhantomSpec, phantom_datasets, phantom_volume
 from models.preprocessing import resample_inplane, window
 from models.severity import LungSeverity, lung_severity, max_lung_severity
 from models.volume import hu_volume
+from tests.conftest import stacked_real_slice
 
 SMALL = PhantomSpec(rows=128, columns=128, pixel_spacing=2.8, slices=48, slice_spacing=5.0)
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-dicom"
 
 
 def run_pipeline(datasets: list[pydicom.Dataset]) -> LungSeverity:
@@ -152,19 +150,8 @@ def test_no_lungs_is_a_segmentation_error(healthy: ph.PhantomVolume) -> None:
 
 
 def real_stack(name: str) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """One real axial slice repeated 40 times along z (real HU, noise and anatomy in 3D), at 2 mm."""
-    path = REAL / "covid19-ny-sbu" / f"{name}.dcm"
-    if not path.is_file():
-        pytest.skip(f"real test data not present at {path}")
-    ds = pydicom.dcmread(path)
-    x, y, _ = (float(v) for v in ds.ImagePositionPatient)
-    stack = []
-    for k in range(40):
-        copy_ = copy.deepcopy(ds)
-        copy_.ImagePositionPatient = [x, y, 5.0 * k]
-        copy_.SOPInstanceUID = f"1.2.826.0.1.3680043.2.{k + 1}"
-        stack.append(copy_)
-    volume = hu_volume(stack)
+    """One real axial slice repeated 40 times along z, at 2 mm."""
+    volume = stacked_real_slice(name)
     return resample_inplane(volume.hu, volume.spacing)
 
 

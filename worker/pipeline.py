@@ -20,9 +20,10 @@ from pydicom import Dataset
 from app.errors import ModelOutputError, NoUsableSeriesError, PixelDecodeError
 from models.dicom_headers import SliceHeader
 from models.findings import LesionDescriptors, ScoreFlag, check_masks, describe_lesions, severity_is_lower_bound
+from models.lesions_threshold import segment_lesions
 from models.preprocessing import resample_inplane
 from models.severity import LungSeverity, lung_severity
-from models.threshold_method import ThresholdMasks, threshold_masks
+from models.threshold_method import ThresholdMasks, threshold_lungs
 from models.volume import CtVolume, hu_volume
 from worker.series_selection import SeriesCriteria, SeriesSelection, select_series
 
@@ -126,8 +127,10 @@ def score_volume(volume: CtVolume, inplane_spacing_mm: float,
     """Threshold lungs and lesions on a volume resampled in-plane, then per-lung severity."""
     with timer.step("resample"):
         hu, spacing = resample_inplane(volume.hu, volume.spacing, target=(inplane_spacing_mm, inplane_spacing_mm))
-    with timer.step("segment"):
-        found = threshold_masks(hu, spacing)
+    with timer.step("lungs"):
+        lungs = threshold_lungs(hu, spacing)
+    with timer.step("lesions"):
+        found = ThresholdMasks.of(lungs, segment_lesions(hu, lungs.lung_labels, spacing))
     with timer.step("severity"):
         severity = lung_severity(found.lung_labels, found.lesions, spacing)
     return severity, grid_masks(volume, hu, spacing, found.lung_labels, found.lesions), found
