@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from models.lungs_threshold import distance_to_mediastinum
+from models.lungs_threshold import IN_PLANE_STRUCTURE, distance_to_mediastinum
 from models.vesselness import CENTRAL_ZONE_MM, bronchovascular_tree, vessel_mask
 
 
@@ -70,7 +70,6 @@ class LesionParams:
 
 
 DEFAULT_LESION_PARAMS = LesionParams()
-_IN_PLANE = np.array([np.zeros((3, 3), bool), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3), bool)])
 #: Height bins (mm along the anterior-posterior axis) of the baseline fit.
 BASELINE_BIN_MM = 8.0
 #: The baseline of a height bin is this percentile of its parenchyma: lesions may fill up to
@@ -127,7 +126,7 @@ def segment_lesions(
     # The margin: smoothing blends a lesion's outermost voxel with the lung beside it and the vote
     # leaves it out; it is lesion where its own density (unsmoothed) is above the rise.
     margin = lungs & ~central & (hu >= threshold) & (hu <= params.hu_max)
-    lesions |= margin & ndimage.binary_dilation(lesions, _IN_PLANE, iterations=params.margin_voxels)
+    lesions |= margin & ndimage.binary_dilation(lesions, IN_PLANE_STRUCTURE, iterations=params.margin_voxels)
     return _drop_small(lesions, params.min_component_fraction * np.count_nonzero(lungs))
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG, distance_to_mediastinum, mediastinum
+from models.lungs_threshold import IN_PLANE_STRUCTURE, LEFT_LUNG, RIGHT_LUNG, distance_to_mediastinum, mediastinum
 from models.vesselness import HILAR_ZONE_MM
 
 #: Widest mouth of a dent given back (subpleural consolidation, plate atelectasis, a dense
@@ -41,7 +41,8 @@ FLUID_HU = (-10.0, 30.0)
 FLUID_MAX_SPREAD_HU = 30.0
 FLUID_MAX_AERATED_SHARE = 0.02
 AERATED_HU = -500.0
-_IN_PLANE = np.array([np.zeros((3, 3), bool), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3), bool)])
+#: In-plane smoothing before densities are judged (noise of sharp kernels).
+NOISE_SIGMA_MM = 1.5
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class EnvelopeResult:
 def pleural_envelope(hu: np.ndarray, lung_labels: np.ndarray, spacing: tuple[float, float, float]) -> EnvelopeResult:
     """Add to each lung the dense dents along its pleura (see the module docstring)."""
     labels = lung_labels.copy()
-    smooth = ndimage.gaussian_filter(hu.astype(np.float32, copy=False), (0.0, 1.5 / spacing[1], 1.5 / spacing[2]))
+    sigma = (0.0, NOISE_SIGMA_MM / spacing[1], NOISE_SIGMA_MM / spacing[2])
+    smooth = ndimage.gaussian_filter(hu.astype(np.float32, copy=False), sigma)
     blocked = (mediastinum(lung_labels) | (distance_to_mediastinum(lung_labels, spacing) < HILAR_ZONE_MM)
                | (smooth > ADDED_MAX_HU) | (lung_labels > 0))
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -65,7 +67,7 @@ def pleural_envelope(hu: np.ndarray, lung_labels: np.ndarray, spacing: tuple[flo
         lung = lung_labels == side
         bridged = np.zeros(lung.shape, dtype=bool)
         for k in np.flatnonzero(lung.any(axis=(1, 2))):
-            bridged[k] = _dents(lung[k], spacing[1:]) & ~blocked[k]
+            bridged[k] = _dents(lung[k], spacing[1:]) & ~blocked[k] & (labels[k] == 0)
         comp, n = ndimage.label(bridged, structure=ndimage.generate_binary_structure(3, 3))
         added = fluid = 0.0
         dependent_row = _dependent_half_start(lung)
@@ -74,7 +76,7 @@ def pleural_envelope(hu: np.ndarray, lung_labels: np.ndarray, spacing: tuple[flo
             ml = float(np.count_nonzero(mask)) * voxel_ml
             if ml < MIN_REGION_ML:
                 continue
-            interior = ndimage.binary_erosion(mask, _IN_PLANE) if mask.shape[1] > 2 and mask.shape[2] > 2 else mask
+            interior = ndimage.binary_erosion(mask, IN_PLANE_STRUCTURE)
             judged = interior if interior.any() else mask  # the rim mixes with the lung beside it
             rows = np.nonzero(mask)[1] + region[1].start
             if _looks_like_fluid(smooth[region][judged], hu[region][judged], rows, dependent_row):

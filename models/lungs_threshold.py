@@ -52,7 +52,8 @@ SPLIT_MIN_SHARE = 0.05
 VALLEY_MAX_RATIO = 0.5
 
 _NO_Z = np.zeros((3, 3), bool)
-_SLICE_STRUCTURE = np.array([_NO_Z, ndimage.generate_binary_structure(2, 1), _NO_Z])  # 4-connected in-plane only
+#: 4-connected within a slice, nothing across slices.
+IN_PLANE_STRUCTURE = np.array([_NO_Z, ndimage.generate_binary_structure(2, 1), _NO_Z])
 _SLICE_STRUCTURE_8 = np.array([_NO_Z, np.ones((3, 3), bool), _NO_Z])  # 8-connected in-plane only
 
 
@@ -113,7 +114,7 @@ def split_lungs(lung_mask: np.ndarray, spacing: tuple[float, float, float]) -> n
 
 def _touches_inplane_border(mask: np.ndarray) -> np.ndarray:
     """Voxels of ``mask`` connected, within their slice, to the slice border (air outside the body)."""
-    comp, _ = ndimage.label(mask, structure=_SLICE_STRUCTURE)
+    comp, _ = ndimage.label(mask, structure=IN_PLANE_STRUCTURE)
     border = np.unique(
         np.concatenate([comp[:, 0, :].ravel(), comp[:, -1, :].ravel(), comp[:, :, 0].ravel(), comp[:, :, -1].ravel()])
     )
