@@ -178,6 +178,8 @@ def dispatch_overdue_exports(session_factory: sessionmaker[Session], enqueue_exp
     queued (the broker was down after the scoring) or the broker lost it (a Redis restart), since
     a task the broker still holds runs before then and moves ``next_attempt_at`` on. A late task
     that runs after all only repeats a send; the PACS receives the same SOP instance again.
+    Exports held back (``export_hold_seconds``) are due at the hold's end, so they are overdue
+    only ``grace_seconds`` after it; superseded ones are never pending again.
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=grace_seconds)

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     export_backoff_max_seconds: float = 1200.0
     #: Connection, association and reply timeouts of one send.
     export_timeout_seconds: float = 30.0
+    #: Hold a result's exports back this long after its scoring (0: send at once). A study that
+    #: arrives in parts and is rescored within the hold sends only its newest scoring; the older
+    #: one's objects are marked superseded. Keep it below processing_timeout_seconds + 60 (Redis'
+    #: visibility timeout), like the backoff.
+    export_hold_seconds: float = Field(default=0.0, ge=0.0)
 
     log_level: str = "INFO"
     log_json: bool = True

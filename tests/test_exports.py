@@ -30,7 +30,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, evt
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.orm import Session
 
 from app.assembly import queue_settled_studies
@@ -493,6 +493,160 @@ def test_a_node_that_takes_no_seg_and_only_implicit_vr_still_gets_the_sr_and_the
     assert {str(ds.file_meta.TransferSyntaxUID) for ds in received} == {ImplicitVRLittleEndian}
     [sr] = [ds for ds in received if ds.SOPClassUID == Comprehensive3DSRStorage]
     assert seg.sop_instance_uid not in str(sr)  # no reference to a SEG the node never stored
+
+
+# --- amended results: a study scored again ------------------------------------------------------
+
+
+class InProcessPacs:
+    """A pynetdicom node taking the three kinds; what it stores is kept, and written to ``folder``
+    as received (for dciodvfy)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.received = folder, []  # type: list[Dataset]
+        folder.mkdir(parents=True, exist_ok=True)
+        ae = AE(ae_title="PACS")
+        for sop_class in (Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage):
+            ae.add_supported_context(sop_class)
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = self.server.server_address[1]
+
+    def _store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        ds.save_as(self.folder / f"{len(self.received):03d}.dcm", enforce_file_format=True)
+        self.received.append(ds)
+        return 0x0000
+
+    def series(self) -> dict[str, list[Dataset]]:
+        """SOP class -> its instances in the order received."""
+        out: dict[str, list[Dataset]] = {}
+        for ds in self.received:
+            out.setdefault(str(ds.SOPClassUID), []).append(ds)
+        return out
+
+
+def score_twice(settings: Any, factory: Any, folder: Path, between: Any = None) -> tuple[str, list[int]]:
+    """A study scored, ``between()`` run, then rescored (a study reopened by its second part, or
+    an admin's rescore: each a new scoring with its own result). Returns the study UID and the
+    result ids, oldest first."""
+    from app.assembly import request_rescore
+
+    truth = write_phantom_study(folder, severity_left=25.0, severity_right=6.0, seed=84, slices=36, rows=96,
+                                columns=96, pixel_spacing=3.6, slice_spacing=9.0)
+    store_study_files(settings, factory, folder)
+    [job_id] = queue_settled_studies(factory, 0.0, now=utcnow() + timedelta(seconds=5))
+    assert run_job(job_id, factory, settings, worker="test", export=None).status == "scored"
+    if between is not None:
+        between()
+    job_id = request_rescore(factory, truth["study_instance_uid"])
+    assert job_id is not None
+    assert run_job(job_id, factory, settings, worker="test", export=None).status == "scored"
+    with factory() as session:
+        results = session.execute(select(Result.id).order_by(Result.id)).scalars().all()
+    assert len(results) == 2
+    return truth["study_instance_uid"], list(results)
+
+
+def latest_result(factory: Any) -> int:
+    with factory() as session:
+        return int(session.execute(select(func.max(Result.id))).scalar_one())
+
+
+def exporting(settings: Any, pacs: InProcessPacs, **more: Any) -> Any:
+    return settings.model_copy(update={"export_enabled": True, "export_host": "127.0.0.1", "export_port": pacs.port,
+                                       "export_ae_title": "PACS", "export_timeout_seconds": 10, **more})
+
+
+def test_a_rescored_study_amends_its_report_in_the_same_series(
+    sqlite_settings: Any, sqlite_factory: Any, tmp_path: Path
+) -> None:
+    """Before, each scoring went out as three new series, and the PACS showed the first part's
+    report (lungs too small) beside the full study's, with nothing saying which counts. Now the
+    second scoring's objects go into the same three series with higher instance numbers, and its
+    SR names the first in its Predecessor Documents Sequence."""
+    pacs = InProcessPacs(tmp_path / "pacs")
+    try:
+        settings = exporting(sqlite_settings, pacs)
+        first_run: list[Any] = []
+        study_uid, (first, second) = score_twice(
+            settings, sqlite_factory, tmp_path / "s",
+            between=lambda: first_run.append(run_export(latest_result(sqlite_factory), sqlite_factory, settings)))
+        assert first_run[0].sent == 3 and first_run[0].result_id == first, first_run
+        run = run_export(second, sqlite_factory, settings)
+    finally:
+        pacs.server.shutdown()
+    assert (run.sent, run.failed, run.pending) == (3, 0, 0), run
+    by_class = pacs.series()
+    assert {k: len(v) for k, v in by_class.items()} == {
+        Comprehensive3DSRStorage: 2, SegmentationStorage: 2, SecondaryCaptureImageStorage: 2}
+    for sop_class, (old, new) in by_class.items():  # one series each, the newer instance after the older
+        assert old.StudyInstanceUID == new.StudyInstanceUID == study_uid
+        assert old.SeriesInstanceUID == new.SeriesInstanceUID, sop_class
+        assert old.SeriesNumber == new.SeriesNumber and old.SOPInstanceUID != new.SOPInstanceUID
+        assert (int(old.InstanceNumber), int(new.InstanceNumber)) == (1, 2), sop_class
+    assert len({str(ds.SeriesInstanceUID) for ds in pacs.received}) == 3
+    old_sr, new_sr = by_class[Comprehensive3DSRStorage]
+    assert "PredecessorDocumentsSequence" not in old_sr
+    [study] = new_sr.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    [item] = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID, item.ReferencedSOPClassUID,
+            item.ReferencedSOPInstanceUID) == (study_uid, old_sr.SeriesInstanceUID, Comprehensive3DSRStorage,
+                                               old_sr.SOPInstanceUID)
+    # The new SR still points at its own SEG, in the SEG series.
+    new_seg = by_class[SegmentationStorage][1]
+    evidence = {(s.SeriesInstanceUID, i.ReferencedSOPInstanceUID)
+                for st in new_sr.CurrentRequestedProcedureEvidenceSequence for s in st.ReferencedSeriesSequence
+                for i in s.ReferencedSOPSequence}
+    assert (new_seg.SeriesInstanceUID, new_seg.SOPInstanceUID) in evidence
+    if not DCIODVFY.exists():
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
+    for path in sorted(pacs.folder.iterdir()):
+        assert dciodvfy_errors(path) == [], path.name
+
+
+def test_a_rescore_within_the_hold_sends_only_the_newest_result(
+    sqlite_settings: Any, sqlite_factory: Any, tmp_path: Path
+) -> None:
+    """With export_hold_seconds, a study reopened and rescored inside the hold sends its newest
+    scoring only; the older result's objects are superseded, never sent, and an admin's retry
+    does not send them either."""
+    from worker.exports import reset_export
+
+    pacs = InProcessPacs(tmp_path / "pacs")
+    try:
+        settings = exporting(sqlite_settings, pacs, export_hold_seconds=600.0)
+        held: list[Any] = []
+        _study_uid, (first, second) = score_twice(
+            settings, sqlite_factory, tmp_path / "s",
+            between=lambda: held.append(run_export(latest_result(sqlite_factory), sqlite_factory, settings)))
+        assert (held[0].sent, held[0].pending) == (0, 3) and 590 < held[0].retry_in <= 600, held
+        assert pacs.received == []
+        with sqlite_factory() as session:
+            rows = session.execute(select(Export).order_by(Export.id)).scalars().all()
+        old = [r for r in rows if r.result_id == first]
+        assert {r.state for r in old} == {ExportState.superseded.value} and len(old) == 3
+        assert all("superseded by result" in (r.last_error or "") for r in old)
+        assert run_export(first, sqlite_factory, settings).sent == 0
+        assert reset_export(sqlite_factory, old[0].id).state == ExportState.superseded.value
+        still = run_export(second, sqlite_factory, settings)  # the newest one is held too
+        assert (still.sent, still.pending) == (0, 3) and pacs.received == []
+        with sqlite_factory.begin() as session:  # the hold is over
+            session.execute(update(Export).where(Export.result_id == second).values(
+                next_attempt_at=utcnow() - timedelta(seconds=1)))
+        run = run_export(second, sqlite_factory, settings)
+        assert run_export(first, sqlite_factory, settings).sent == 0
+    finally:
+        pacs.server.shutdown()
+    assert (run.sent, run.pending, run.retry_in) == (3, 0, None), run
+    with sqlite_factory() as session:
+        sent = set(session.execute(select(Export.sop_instance_uid).where(
+            Export.state == ExportState.sent.value)).scalars())
+    assert {str(ds.SOPInstanceUID) for ds in pacs.received} == sent and len(sent) == 3
+    assert all(int(ds.InstanceNumber) == 1 for ds in pacs.received)  # the superseded ones are not counted
+    [sr] = pacs.series()[Comprehensive3DSRStorage]
+    assert "PredecessorDocumentsSequence" not in sr  # nothing earlier reached the PACS
 
 
 # --- the service sends them to a DICOM node -----------------------------------------------------

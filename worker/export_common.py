@@ -1,5 +1,6 @@
-"""What the three DICOM objects sent back to the PACS share: who made them, which new series
-they start, the scores they carry, and the codes they use.
+"""What the three DICOM objects sent back to the PACS share: who made them, which series they
+go in (one per kind and study, every scoring of the study amending the last), the scores they
+carry, and the codes they use.
 
 The writers (:mod:`worker.export_sr`, :mod:`worker.export_seg`, :mod:`worker.export_sc`) are
 pure: source headers, masks or pictures and an :class:`ExportScores` in, a pydicom Dataset out.
@@ -149,14 +150,23 @@ def flag_concept(code: str) -> hd.sr.CodedConcept:
 
 @dataclass(frozen=True)
 class NewInstance:
-    """The UIDs and series labels of one object we create."""
+    """The UIDs and series labels of one object we create.
+
+    With ``study_uid``, the series is the study's own series of that kind, the same for every
+    scoring of the study: a rescore's objects replace the earlier ones in it (higher
+    ``instance_number``), so the PACS shows one current report and its history. Without (the
+    writers on their own), each object starts a series of its own."""
 
     kind: ExportKind
     sop_instance_uid: str
+    study_uid: str = ""
+    instance_number: int = 1
 
     @property
     def series_instance_uid(self) -> str:
-        """One new series per object, derived from its SOP instance UID (stable across retries)."""
+        """Derived, so stable across retries and rescores without storing it."""
+        if self.study_uid:
+            return study_series_uid(self.study_uid, self.kind)
         return str(generate_uid(entropy_srcs=[self.sop_instance_uid, "series"]))
 
     @property
@@ -170,7 +180,24 @@ class NewInstance:
     def identity(self) -> dict[str, Any]:
         """The highdicom constructor arguments that name the instance, its series and maker."""
         return {"series_instance_uid": self.series_instance_uid, "series_number": self.series_number,
-                "sop_instance_uid": self.sop_instance_uid, "instance_number": 1, "manufacturer": MANUFACTURER}
+                "sop_instance_uid": self.sop_instance_uid, "instance_number": self.instance_number,
+                "manufacturer": MANUFACTURER}
+
+
+def study_series_uid(study_uid: str, kind: ExportKind) -> str:
+    """The one series of ``kind`` (SR, SEG, SC) that every scoring of ``study_uid`` is exported
+    into: a hash of the study UID and the kind, so no table has to remember it."""
+    return str(generate_uid(entropy_srcs=[study_uid, "cttriage export series", kind.value]))
+
+
+@dataclass(frozen=True)
+class Predecessor:
+    """An earlier SR of the same study that a new one amends (Predecessor Documents Sequence)."""
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
 
 
 def software_versions(scores: ExportScores) -> list[str]:

@@ -51,6 +51,7 @@ from worker.export_common import (
     SEVERITY_LOWER_BOUND,
     ExportScores,
     NewInstance,
+    Predecessor,
     flag_concept,
     label,
 )
@@ -61,13 +62,14 @@ DEVICE_OBSERVER_UID = str(generate_uid(entropy_srcs=["cttriage", "device observe
 PROCEDURE_REPORTED = codes.LN.CTUnspecifiedBodyRegion
 
 
-def _evidence_stub(study_uid: str, segmentation: NewInstance) -> Dataset:
-    """What the evidence sequences need to know of the SEG this report references."""
+def _stub(study_uid: str, series_uid: str, sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    """What highdicom needs to know of an instance this report references (the SEG as evidence,
+    an earlier report as predecessor): where it is and what it is, no content."""
     ds = Dataset()
     ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = segmentation.series_instance_uid
-    ds.SOPClassUID = SegmentationStorage
-    ds.SOPInstanceUID = segmentation.sop_instance_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
     return ds
 
 
@@ -157,10 +159,13 @@ def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | 
 
 
 def measurement_report(sources: Sequence[Dataset], scores: ExportScores, new: NewInstance,
-                       segmentation: NewInstance | None = None) -> hd.sr.Comprehensive3DSR:
+                       segmentation: NewInstance | None = None,
+                       predecessor: Predecessor | None = None) -> hd.sr.Comprehensive3DSR:
     """The scores of one result as a Measurement Report on ``sources`` (the scored series'
     instances; headers suffice). ``segmentation`` names the SEG exported beside it, whose lung
-    segments the per-lung groups then reference."""
+    segments the per-lung groups then reference. ``predecessor``: the report of an earlier scoring
+    of the study that this one amends (a study sent in parts, a rescore), so a reader sees which
+    report counts."""
     if not sources:
         raise ValueError("a measurement report needs the source instances")
     observer = hd.sr.ObserverContext(
@@ -175,13 +180,16 @@ def measurement_report(sources: Sequence[Dataset], scores: ExportScores, new: Ne
     )
     evidence = list(sources)
     if segmentation is not None:
-        evidence.append(_evidence_stub(str(sources[0].StudyInstanceUID), segmentation))
+        evidence.append(_stub(str(sources[0].StudyInstanceUID), segmentation.series_instance_uid,
+                              SegmentationStorage, segmentation.sop_instance_uid))
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
         is_complete=True,
         is_final=True,
         coding_schemes=[PRIVATE_SCHEME_ITEM],
+        previous_versions=None if predecessor is None else [_stub(
+            predecessor.study_uid, predecessor.series_uid, predecessor.sop_class_uid, predecessor.sop_instance_uid)],
         **new.identity(),
     )
     return label(sr, new, scores)

@@ -9,20 +9,29 @@ failure or a non-success status keeps an object pending with the error, for a re
 exponential backoff, until ``export_max_attempts``; then it is failed, and an admin may retry it
 (:func:`reset_export`). An object that cannot be built fails at once: trying again would fail
 the same way.
+
+Amendments. Every scoring of a study is exported into the same three series (SR, SEG, SC), whose
+UIDs are derived from the study UID (:func:`worker.export_common.study_series_uid`), each object
+with the next instance number; a new SR lists the study's last SR that was sent in its
+Predecessor Documents Sequence. So the PACS shows one current report and its history.
+
+Hold. With ``export_hold_seconds``, a result's rows are due only that long after the scoring; a
+newer result of the study written meanwhile supersedes every pending row of older results (state
+``superseded``), so a study sent in parts sends only its newest scoring.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
-from pydicom.uid import generate_uid
-from sqlalchemy import select
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import EnqueueExport
@@ -38,6 +47,8 @@ log = logging.getLogger(__name__)
 Send = Callable[..., list[int]]
 #: Built and sent in this order: the SR references the SEG.
 BUILD_ORDER = (ExportKind.seg, ExportKind.sr, ExportKind.sc)
+#: A row due this soon counts as due: a task retried after exactly the backoff may start a hair early.
+DUE_TOLERANCE = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -56,13 +67,23 @@ def backoff_seconds(attempts: int, settings: Settings) -> float:
     return float(min(settings.export_backoff_seconds * 2 ** max(attempts - 1, 0), settings.export_backoff_max_seconds))
 
 
-def add_exports(session: Session, job_id: int, now: datetime) -> int | None:
-    """Pending rows for the result of ``job_id`` (kinds it already has are kept), due now, in the
-    caller's transaction: the scoring writes them with its result, so no result is ever left
-    without its exports. Returns the result id, None when the job has no result."""
+def add_exports(session: Session, job_id: int, now: datetime, hold_seconds: float = 0.0) -> int | None:
+    """Pending rows for the result of ``job_id`` (kinds it already has are kept), due after
+    ``hold_seconds``, in the caller's transaction: the scoring writes them with its result, so no
+    result is ever left without its exports. Pending rows of the study's older results are
+    superseded: the newest scoring is the one that counts, and an older one sent after it would
+    only bury it. Returns the result id, None when the job has no result."""
     result = session.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none()
     if result is None:
         return None
+    session.execute(
+        update(Export)
+        .where(Export.study_id == result.study_id, Export.result_id < result.id,
+               Export.state == ExportState.pending.value)
+        .values(state=ExportState.superseded.value, next_attempt_at=None,
+                last_error=f"superseded by result {result.id}, a newer scoring of the study; not sent")
+        .execution_options(synchronize_session=False)
+    )
     files = (result.details or {}).get("files") or {}
     kinds = [ExportKind.sr]
     if files.get("masks"):
@@ -74,7 +95,8 @@ def add_exports(session: Session, job_id: int, now: datetime) -> int | None:
         if kind.value not in existing:
             session.add(Export(study_id=result.study_id, result_id=result.id, kind=kind.value,
                                sop_instance_uid=str(generate_uid()), state=ExportState.pending.value,
-                               attempts=0, created_at=now, next_attempt_at=now))
+                               attempts=0, created_at=now,
+                               next_attempt_at=now + timedelta(seconds=max(hold_seconds, 0.0))))
     return result.id
 
 
@@ -93,11 +115,15 @@ def queue_exports(session_factory: sessionmaker[Session], job_id: int, enqueue: 
 
 def reset_export(session_factory: sessionmaker[Session], export_id: int) -> Export | None:
     """An admin's retry: the export is pending again with a fresh set of attempts (its last
-    error stays visible until an attempt succeeds). None when there is no such export."""
+    error stays visible until an attempt succeeds). A superseded export stays so: a newer scoring
+    of the study counts. None when there is no such export."""
     with session_factory.begin() as session:
         row = session.get(Export, export_id)
         if row is None:
             return None
+        if row.state == ExportState.superseded.value:  # a newer scoring counts: never send an older one
+            session.expunge(row)
+            return row
         row.state = ExportState.pending.value
         row.attempts = 0
         row.next_attempt_at = utcnow()
@@ -144,25 +170,55 @@ def slice_step_mm(sources: Sequence[Dataset]) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an object goes among the study's exports: its instance number in the study's series
+    of its kind, and (SR only) the earlier report it amends."""
+
+    study_uid: str
+    instance_number: int = 1
+    predecessor_sr_uid: str | None = None
+
+
+def placement(session: Session, row: Export, study_uid: str) -> Placement:
+    """Derived from the study's earlier rows of the same kind, so a retry rebuilds the same object:
+    the instance number counts those not superseded (sent, failed or still pending; their states no
+    longer change once a newer result exists), the predecessor is the last SR actually sent."""
+    earlier = (Export.study_id == row.study_id, Export.kind == row.kind, Export.id < row.id)
+    count = session.execute(select(func.count(Export.id)).where(
+        *earlier, Export.state != ExportState.superseded.value)).scalar_one()
+    predecessor = None
+    if row.kind == ExportKind.sr.value:
+        predecessor = session.execute(
+            select(Export.sop_instance_uid).where(*earlier, Export.state == ExportState.sent.value)
+            .order_by(Export.id.desc()).limit(1)).scalar_one_or_none()
+    return Placement(study_uid, count + 1, predecessor)
+
+
 def build_dataset(kind: ExportKind, sop_instance_uid: str, result: Result, sources: Sequence[Dataset],
-                  storage_root: Path, segmentation_uid: str | None) -> Dataset:
-    """One object of ``result``. ``segmentation_uid``: the SEG the SR references (None: none)."""
+                  storage_root: Path, segmentation_uid: str | None, where: Placement | None = None) -> Dataset:
+    """One object of ``result``. ``segmentation_uid``: the SEG the SR references (None: none).
+    ``where``: its series, number and predecessor among the study's exports (None: a series of its own)."""
     # The writers pull in highdicom and the pipeline: imported where objects are built only.
     import numpy as np
     from PIL import Image
 
     from worker.derived import load_masks
-    from worker.export_common import ExportScores, NewInstance
+    from worker.export_common import ExportScores, NewInstance, Predecessor, study_series_uid
     from worker.export_sc import projection_capture
     from worker.export_seg import lung_segmentation
     from worker.export_sr import measurement_report
 
     scores = ExportScores.of(result)
-    new = NewInstance(kind, sop_instance_uid)
+    study_uid = where.study_uid if where is not None else ""
+    new = NewInstance(kind, sop_instance_uid, study_uid, where.instance_number if where is not None else 1)
     files = (result.details or {}).get("files") or {}
     if kind is ExportKind.sr:
-        seg = NewInstance(ExportKind.seg, segmentation_uid) if segmentation_uid else None
-        return measurement_report(sources, scores, new, seg)
+        seg = NewInstance(ExportKind.seg, segmentation_uid, study_uid) if segmentation_uid else None
+        before = where.predecessor_sr_uid if where is not None else None
+        predecessor = None if before is None else Predecessor(
+            study_uid, study_series_uid(study_uid, ExportKind.sr), Comprehensive3DSRStorage, before)
+        return measurement_report(sources, scores, new, seg, predecessor)
     masks = load_masks(storage_root / files["masks"]) if files.get("masks") else None
     if kind is ExportKind.seg:
         if masks is None:
@@ -207,14 +263,17 @@ def check_one_patient(sources: Sequence[Dataset], study_uid: str) -> None:
 def run_export(result_id: int, session_factory: sessionmaker[Session], settings: Settings,
                send: Send = push_datasets) -> ExportRun:
     """Build and send the pending objects of ``result_id``; record each one's outcome."""
+    now = utcnow()
     with session_factory() as session:
         result = session.get(Result, result_id)
         rows = session.execute(select(Export).where(Export.result_id == result_id)).scalars().all()
         paths = _source_paths(session, result) if result is not None else []
         study_uid = session.get(Study, result.study_id).study_uid if result is not None else ""
-    pending = sorted((r for r in rows if r.state == ExportState.pending.value),
-                     key=lambda r: BUILD_ORDER.index(ExportKind(r.kind)))
-    attempt = _Attempt()
+        waiting = [r for r in rows if r.state == ExportState.pending.value]
+        held = [r for r in waiting if r.next_attempt_at is not None and r.next_attempt_at > now + DUE_TOLERANCE]
+        pending = sorted((r for r in waiting if r not in held), key=lambda r: BUILD_ORDER.index(ExportKind(r.kind)))
+        places = {r.id: placement(session, r, study_uid) for r in pending}
+    attempt = _Attempt(places=places)
     sources = _sources(attempt, pending, result, paths, study_uid) if result is not None and pending else None
     if result is not None and sources is not None:
         # The SEG goes first, on its own: the SR references it only once the node has stored it.
@@ -227,7 +286,13 @@ def run_export(result_id: int, session_factory: sessionmaker[Session], settings:
         rest = [r for r in pending if r.kind != ExportKind.seg.value]
         _build(attempt, rest, result, sources, settings.storage_root, seg.sop_instance_uid if seg_stored else None)
         _send(attempt, [r.id for r in rest], settings, send)
-    return _record(session_factory, settings, result_id, [r.id for r in pending], attempt)
+    run = _record(session_factory, settings, result_id, [r.id for r in pending], attempt)
+    if not held:
+        return run
+    # Held back (export_hold_seconds): come back when the first is due; a newer scoring may supersede them.
+    due_in = min((r.next_attempt_at - now).total_seconds() for r in held if r.next_attempt_at is not None)
+    return replace(run, pending=run.pending + len(held),
+                               retry_in=due_in if run.retry_in is None else min(run.retry_in, due_in))
 
 
 @dataclass
@@ -238,6 +303,7 @@ class _Attempt:
     errors: dict[int, str] = field(default_factory=dict)  # why it failed this time
     final: set[int] = field(default_factory=set)  # failures no retry can mend (cannot be built)
     warnings: dict[int, str] = field(default_factory=dict)  # stored, with a warning status
+    places: dict[int, Placement] = field(default_factory=dict)  # series number and predecessor
 
 
 def _sources(attempt: _Attempt, pending: list[Export], result: Result, paths: list[Path],
@@ -261,7 +327,7 @@ def _build(attempt: _Attempt, rows: list[Export], result: Result, sources: list[
     for row in rows:
         try:
             attempt.built[row.id] = build_dataset(ExportKind(row.kind), row.sop_instance_uid, result, sources,
-                                                  storage_root, segmentation_uid)
+                                                  storage_root, segmentation_uid, attempt.places.get(row.id))
         except Exception as exc:  # a bug or unusable masks: fail visibly, keep the others going
             log.exception("could not build an export", extra={"export_id": row.id, "kind": row.kind})
             attempt.errors[row.id] = f"could not build the {row.kind.upper()}: {type(exc).__name__}: {exc}"
@@ -302,6 +368,12 @@ def _record(session_factory: sessionmaker[Session], settings: Settings, result_i
     with session_factory.begin() as session:
         for export_id in attempted:
             row = session.get(Export, export_id)
+            if (row is not None and row.state == ExportState.superseded.value and export_id in attempt.built
+                    and export_id not in attempt.errors):  # a newer scoring came while it was on its way
+                row.attempts += 1
+                row.state, row.sent_at, row.last_error = ExportState.sent.value, now, attempt.warnings.get(export_id)
+                counts[ExportState.sent] += 1
+                continue
             if row is None or row.state != ExportState.pending.value:
                 continue  # an admin or another delivery got there first
             row.attempts += 1

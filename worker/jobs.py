@@ -191,7 +191,7 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
                     severity_lower_bound=lower_bound)
         )
         if settings.export_enabled:  # with the result, or a worker lost in between would leave it unsent
-            add_exports(session, job.id, now)
+            add_exports(session, job.id, now, settings.export_hold_seconds)
 
 
 def with_derived_files(score: StudyScore, session_factory: sessionmaker[Session], job: Job,

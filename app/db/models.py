@@ -239,6 +239,7 @@ class ExportState(str, enum.Enum):
     pending = "pending"  # to be sent (again)
     sent = "sent"
     failed = "failed"  # attempts exhausted or the object could not be built; an admin may retry
+    superseded = "superseded"  # never sent: a newer scoring of the study came first (export hold)
 
 
 class Export(Base):
