@@ -3,7 +3,8 @@
 The worker logs like the other processes (structured lines, no patient data): receiving
 ``setup_logging`` makes Celery leave logging to us, its own messages included. Each worker
 process loads its networks as it starts (``worker_process_init``, sent by the solo and prefork
-pools alike), not on its first study.
+pools alike), not on its first study. Started by `cttriage serve`, the worker stops when that
+process is gone, however it went (:mod:`app.parent_watch`).
 """
 
 from typing import Any
@@ -11,9 +12,11 @@ from typing import Any
 from celery.signals import setup_logging, worker_process_init
 
 from app.logging_setup import configure_logging
+from app.parent_watch import exit_with_parent, parent_pid_from_env
 from app.settings import get_settings
 from worker.celery_app import WorkerResources, create_celery
 
+exit_with_parent(parent_pid_from_env())  # first: a parent gone while we started is noticed at once
 settings = get_settings()
 resources = WorkerResources(settings)
 app = create_celery(settings, resources)
