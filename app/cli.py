@@ -99,7 +99,7 @@ def cmd_implant(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from app.dicom.push import AssociationFailed, part10_files, push_files
+    from app.dicom.push import AssociationFailed, failure_summary, part10_files, push_files
 
     missing = [path for path in args.paths if not Path(path).exists()]
     if missing:
@@ -116,7 +116,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     failed = [s for s in statuses if s != 0]
-    print(f"sent {len(statuses)} instances, {len(failed)} failed")
+    print(f"sent {len(statuses)} instances, {len(failed)} failed" + (f": {failure_summary(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
