@@ -87,7 +87,8 @@ def worker_environment(settings: Settings) -> dict[str, str]:
 
 def worker_command(settings: Settings, concurrency: int, queues: list[str], device: str = "cpu") -> list[str]:
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=prefork", f"--concurrency={concurrency}"]
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_main", "worker", *pool,
+    # --quiet: no banner (plain text in a log of JSON lines; the settings are logged by us).
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_main", "--quiet", "worker", *pool,
             "-Q", ",".join(queues), "--loglevel=INFO", "--without-gossip", "--without-mingle",
             # The node name carries the pid (kept by `cttriage worker`'s exec), so a job's
             # `worker` column names the very process that ran it.
