@@ -40,10 +40,30 @@ def cmd_api(_args: argparse.Namespace) -> int:
     return 0
 
 
+#: Exit status of a process refused at start because the database schema is missing or old.
+EXIT_NOT_MIGRATED = 2
+
+
+def _schema_refusal(command: str, settings: Settings) -> int | None:
+    """One line and EXIT_NOT_MIGRATED when the database lacks the schema (`dicom` and `worker`
+    do not migrate by themselves; `serve` and `api` do), else None."""
+    from app.db.migrate import schema_problem
+
+    problem = schema_problem(settings.sqlalchemy_url)
+    if problem is None:
+        return None
+    print(f"cttriage {command}: {problem}; run `cttriage migrate` first", file=sys.stderr)
+    return EXIT_NOT_MIGRATED
+
+
 def cmd_dicom(_args: argparse.Namespace) -> int:
     from app.embedded import serve_dicom
 
-    serve_dicom(_settings())
+    settings = _settings()
+    refused = _schema_refusal("dicom", settings)
+    if refused is not None:
+        return refused
+    serve_dicom(settings)
     return 0
 
 
@@ -51,6 +71,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from app.embedded import worker_command
 
     settings = _settings()
+    refused = _schema_refusal("worker", settings)
+    if refused is not None:
+        return refused
     os.environ["CTTRIAGE_DEVICE"] = args.device
     queues = args.queues.split(",") if args.queues else [settings.scoring_queue, "default"]
     command = worker_command(settings, args.concurrency, queues, args.device)
