@@ -40,10 +40,30 @@ def cmd_api(_args: argparse.Namespace) -> int:
     return 0
 
 
+#: Exit status of a process refused at start because the database schema is missing or old.
+EXIT_NOT_MIGRATED = 2
+
+
+def _schema_refusal(command: str, settings: Settings) -> int | None:
+    """One line and EXIT_NOT_MIGRATED when the database lacks the schema (`dicom` and `worker`
+    do not migrate by themselves; `serve` and `api` do), else None."""
+    from app.db.migrate import schema_problem
+
+    problem = schema_problem(settings.sqlalchemy_url)
+    if problem is None:
+        return None
+    print(f"cttriage {command}: {problem}; run `cttriage migrate` first", file=sys.stderr)
+    return EXIT_NOT_MIGRATED
+
+
 def cmd_dicom(_args: argparse.Namespace) -> int:
     from app.embedded import serve_dicom
 
-    serve_dicom(_settings())
+    settings = _settings()
+    refused = _schema_refusal("dicom", settings)
+    if refused is not None:
+        return refused
+    serve_dicom(settings)
     return 0
 
 
@@ -51,6 +71,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from app.embedded import worker_command
 
     settings = _settings()
+    refused = _schema_refusal("worker", settings)
+    if refused is not None:
+        return refused
     os.environ["CTTRIAGE_DEVICE"] = args.device
     queues = args.queues.split(",") if args.queues else [settings.scoring_queue, "default"]
     command = worker_command(settings, args.concurrency, queues, args.device)
@@ -99,7 +122,7 @@ def cmd_implant(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from app.dicom.push import AssociationFailed, part10_files, push_files
+    from app.dicom.push import AssociationFailed, failure_summary, part10_files, push_files
 
     missing = [path for path in args.paths if not Path(path).exists()]
     if missing:
@@ -116,7 +139,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     failed = [s for s in statuses if s != 0]
-    print(f"sent {len(statuses)} instances, {len(failed)} failed")
+    print(f"sent {len(statuses)} instances, {len(failed)} failed" + (f": {failure_summary(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

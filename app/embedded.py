@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from app.api.main import create_app
 from app.assembly import Enqueue, EnqueueExport, release_running_jobs, run_assembler
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
+from app.parent_watch import PARENT_PID_ENV, STOP_GRACE_SECONDS
 from app.security import ensure_bootstrap_admin
 from app.settings import Settings
 from worker.celery_app import create_celery, enqueue_export, enqueue_scoring, ping_broker
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 #: On stop, open requests get this long before they are cancelled: the worklist's live event
 #: streams never finish by themselves, and must not hold a restart up.
 GRACEFUL_SHUTDOWN_SECONDS = 5
+#: The worker child's warm shutdown (finishing its job) gets this long before it is killed; an
+#: unfinished job goes back to the queue (acks_late).
+WORKER_STOP_SECONDS = STOP_GRACE_SECONDS
+#: The signals that stop `cttriage serve`: Ctrl-C, and SIGTERM from Docker, systemd and Kubernetes.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def prepare(settings: Settings) -> None:
@@ -72,13 +79,16 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         "CTTRIAGE_BROKER_URL": settings.celery_broker_url,
         "CTTRIAGE_STORAGE_DIR": str(settings.storage_root.resolve()),
         "CTTRIAGE_DATA_DIR": str(settings.data_dir.resolve()),
+        # The child stops when this process is gone, however it went (app.parent_watch).
+        PARENT_PID_ENV: str(os.getpid()),
     })
     return env
 
 
 def worker_command(settings: Settings, concurrency: int, queues: list[str], device: str = "cpu") -> list[str]:
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=prefork", f"--concurrency={concurrency}"]
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_main", "worker", *pool,
+    # --quiet: no banner (plain text in a log of JSON lines; the settings are logged by us).
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_main", "--quiet", "worker", *pool,
             "-Q", ",".join(queues), "--loglevel=INFO", "--without-gossip", "--without-mingle",
             # The node name carries the pid (kept by `cttriage worker`'s exec), so a job's
             # `worker` column names the very process that ran it.
@@ -116,7 +126,7 @@ class SupervisedProcess:
                 log.warning("worker process exited; restarting", extra={"exit_code": code})
                 self._stop.wait(self.restart_delay)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = WORKER_STOP_SECONDS) -> None:
         with self._lock:
             self._stop.set()
             proc = self._proc
@@ -128,10 +138,31 @@ class SupervisedProcess:
                 proc.kill()
 
 
+class StopRequested(SystemExit):
+    """SIGTERM or SIGINT asked the service to stop: a clean exit (status 0), cleanup included."""
+
+
+def _request_stop(signum: int, _frame: object) -> None:
+    raise StopRequested(0)
+
+
+def _set_stop_handlers(handler: Callable[[int, object], None] | int) -> None:
+    """Signal handlers can only be set from the main thread (tests may run the service elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, handler)
+
+
 def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
-    """Run everything on this machine until interrupted."""
+    """Run everything on this machine until SIGINT or SIGTERM.
+
+    uvicorn takes both signals while it runs, drains, then raises them again: with the default
+    SIGTERM disposition that killed the process before the ``finally`` below, leaving the worker
+    child running. Our handler turns either into :class:`StopRequested`, so cleanup always runs.
+    """
     from app.dicom.listener import start_listener
 
+    _set_stop_handlers(_request_stop)
     prepare(settings)
     session_factory = make_session_factory(settings)
     bootstrap_admin(settings, session_factory)
@@ -164,6 +195,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
         if not api.started:  # as uvicorn.run: the API could not start (its port in use)
             raise SystemExit(3)
     finally:
+        _set_stop_handlers(signal.SIG_IGN)  # a second signal must not cut the cleanup short
         stop.set()
         listener.shutdown()
         worker.stop()

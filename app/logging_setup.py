@@ -28,6 +28,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
+    """One handler on the root logger; library chatter down to what an operator needs."""
     handler = logging.StreamHandler(sys.stderr)
     plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     handler.setFormatter(JsonFormatter() if json_lines else plain)
@@ -36,3 +37,7 @@ def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO and may echo dataset contents at DEBUG.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom logs each step of building a SEG or SR at INFO: two thirds of a worker's log.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # Warnings (Celery's SecurityWarning, deprecations) become log lines, not raw text on stderr.
+    logging.captureWarnings(True)

@@ -134,7 +134,8 @@ def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factor
             received = describe_instance(ds, str(ds.file_meta.TransferSyntaxUID))
             stored = store_instance(incoming, received, calling_aet=None, **common)  # type: ignore[arg-type]
     except (PydicomInvalidDicomError, InvalidDicomError, AttributeError, KeyError, ValueError, EOFError) as exc:
-        reason = f"not a readable DICOM Part 10 file: {exc}"
+        # Our own refusal (UIDs missing, a header out of bounds) was read fine: say what is wrong with it.
+        reason = str(exc) if isinstance(exc, InvalidDicomError) else f"not a readable DICOM Part 10 file: {exc}"
         quarantine_bytes(data, reason, original_name=name, min_free_bytes=settings.min_free_bytes,
                          **common)  # type: ignore[arg-type]
         return UploadedFile(filename=name, stored=False, error=reason)

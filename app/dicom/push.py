@@ -3,6 +3,7 @@ our results back to the PACS (worker.exports)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,11 +11,53 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 
 class AssociationFailed(RuntimeError):
     pass
+
+
+#: C-STORE statuses a node answers with, in words (PS3.4 B.2.3, PS3.7 C): what an operator can act on.
+_STATUS_WORDS = {
+    0x0000: "success",
+    0x0001: "warning: requested optional attributes not supported",
+    0x0107: "warning: attribute list error",
+    0x0110: "processing failure",
+    0x0111: "duplicate SOP instance",
+    0x0117: "invalid SOP instance",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorised",
+    0x0210: "duplicate invocation",
+    0x0211: "unrecognised operation",
+    0x0212: "mistyped argument",
+    0x0213: "resource limitation",
+    0xB000: "warning: coercion of data elements",
+    0xB006: "warning: elements discarded",
+    0xB007: "warning: data set does not match SOP class",
+}
+
+
+def status_reason(status: int) -> str:
+    """One C-STORE outcome in words, e.g. ``0xA700 out of resources``, so a failed push says why."""
+    if status == -1:
+        return "no answer (association aborted or timed out)"
+    if status == NOT_ACCEPTED:
+        return "SOP class or transfer syntax not accepted by the node"
+    words = _STATUS_WORDS.get(status)
+    if words is None:
+        high = status & 0xFF00
+        words = ("out of resources" if high == 0xA700 else
+                 "data set does not match SOP class" if high == 0xA900 else
+                 "cannot understand" if status & 0xF000 == 0xC000 else "unknown status")
+    return f"0x{status:04X} {words}"
+
+
+def failure_summary(statuses: Sequence[int]) -> str:
+    """The failed statuses grouped by reason, most frequent first: ``0xA700 out of resources (12), ...``."""
+    counts = Counter(status_reason(s) for s in statuses if s != 0)
+    return ", ".join(f"{reason} ({count})" for reason, count in counts.most_common())
 
 
 #: A DICOMDIR is a Part 10 file too, but an index of the media, not an instance to store.
@@ -103,7 +146,7 @@ def _push_once(datasets: Sequence[Dataset], *, host: str, port: int, called_aet:
     if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
         return [NOT_ACCEPTED] * len(datasets)  # the node answered, and takes none of these objects
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
+        why = _why_not_established(assoc)
         raise AssociationFailed(f"association with {called_aet}@{host}:{port} was not established ({why})")
     statuses: list[int] = []
     try:
@@ -121,3 +164,12 @@ def _push_once(datasets: Sequence[Dataset], *, host: str, port: int, called_aet:
         if assoc.is_established:
             assoc.release()
     return statuses
+
+
+def _why_not_established(assoc: Association) -> str:
+    """The A-ASSOCIATE-RJ reason when the node rejected us (a wrong called AE title, an unknown calling one)."""
+    if assoc.is_rejected:
+        answer = assoc.acceptor.primitive
+        reason = answer.reason_str if answer is not None and answer.result_source is not None else ""
+        return f"rejected: {reason[:1].lower()}{reason[1:]}" if reason else "rejected"
+    return "aborted" if assoc.is_aborted else "no connection"
