@@ -55,6 +55,8 @@ class ReceivedInstance:
     patient_age: str | None
     patient_sex: str | None
     headers: list[dict[str, Any]]
+    patient_name: str | None = None
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance
         patient_age=_text(ds, "PatientAge", 8),
         patient_sex=_text(ds, "PatientSex", 4),
         headers=[h.to_dict() for h in headers],
+        patient_name=_text(ds, "PatientName", 128),
+        patient_id=_text(ds, "PatientID", 64),
     )
 
 
@@ -225,6 +229,8 @@ def record_instance(
                 "study_description": received.study_description,
                 "patient_age": received.patient_age,
                 "patient_sex": received.patient_sex,
+                "patient_name": received.patient_name,
+                "patient_id": received.patient_id,
                 "state": StudyState.receiving.value,
                 "version": 1,
                 "first_received_at": now,

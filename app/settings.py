@@ -7,8 +7,10 @@ so one command runs the whole service on a laptop. Production sets ``CTTRIAGE_DA
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import quote
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -121,6 +123,11 @@ class Settings(BaseSettings):
     #: visibility timeout), like the backoff.
     export_hold_seconds: float = Field(default=0.0, ge=0.0)
 
+    #: "Open in viewer" link on the worklist and study pages (absent: no link), e.g. an OHIF URL
+    #: "https://pacs.example/viewer?StudyInstanceUIDs={study_uid}"; the placeholders {study_uid}
+    #: and {accession} are replaced URL-encoded.
+    viewer_url_template: str | None = None
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -129,6 +136,13 @@ class Settings(BaseSettings):
         if self.export_enabled and not self.export_host:
             raise ValueError("CTTRIAGE_EXPORT_HOST is required when CTTRIAGE_EXPORT_ENABLED is true")
         return self
+
+    def viewer_url(self, study_uid: str, accession: str | None) -> str | None:
+        """The study's "open in viewer" link from ``viewer_url_template`` (None without one)."""
+        if not self.viewer_url_template:
+            return None
+        values = {"study_uid": quote(study_uid, safe=""), "accession": quote(accession or "", safe="")}
+        return re.sub(r"\{(study_uid|accession)\}", lambda m: values[m.group(1)], self.viewer_url_template)
 
     @property
     def export_calling_aet(self) -> str:

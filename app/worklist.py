@@ -20,13 +20,15 @@ def worklist_order() -> tuple[object, ...]:
 
 def worklist_query(states: Sequence[str] | None = None, received_from: date | None = None,
                    received_to: date | None = None, bands: Sequence[int] | None = None,
-                   zone: tzinfo = timezone.utc) -> Select[tuple[Study]]:
+                   zone: tzinfo = timezone.utc, *, patient_id: str | None = None) -> Select[tuple[Study]]:
     """Studies matching the filters, unordered (callers add the order and the page).
 
     The days are calendar days in ``zone`` (the reader's, not the server's): from its midnight,
-    up to the next day's midnight.
+    up to the next day's midnight. ``patient_id`` matches exactly.
     """
     query = select(Study)
+    if patient_id:
+        query = query.where(Study.patient_id == patient_id)
     if states:
         query = query.where(Study.state.in_(list(states)))
     if bands:

@@ -101,17 +101,23 @@ def push(service: Service, files: list[Path], uid: str, expected_state: str) -> 
     PUSHED[uid] = expected_state
 
 
+def new_page(browser: Any) -> tuple[Any, Any, list[str]]:
+    """A fresh context's page (1700 px wide) and the list its script errors are collected in."""
+    context = browser.new_context(viewport={"width": 1700, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return context, page, errors
+
+
 def row(page: Any, accession: str) -> Any:
     return page.locator("#rows tr", has=page.locator("td.accession", has_text=accession))
 
 
 def test_worklist_updates_live_and_the_detail_page_shows_the_pictures(
         service: Service, browser: Any, tmp_path: Path) -> None:
-    context = browser.new_context(viewport={"width": 1700, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    context, page, errors = new_page(browser)
     try:
         page.goto(f"{service.api}/")
         # a wrong key is refused with a clear message
@@ -336,3 +342,118 @@ def _radiologist_headers(service: Service) -> dict[str, str]:
     added = subprocess.run([sys.executable, "-m", "app.cli", "users", "add", "reader", "--role", "radiologist"],
                            env=env, capture_output=True, text=True, check=True)
     return {"Authorization": f"Bearer {added.stdout.strip().rsplit(' ', 1)[-1]}"}
+
+
+SCREENS = Path("/tmp/cttriage-screens-i11")
+
+
+def add_failed_study(data_dir: Path) -> str:
+    """A study that failed while scoring its chosen series, with a returned SEG (144 frames) beside
+    it: written straight into the service's database (a real scoring failure is a bug to provoke)."""
+    from sqlalchemy.orm import sessionmaker
+
+    from app.db.models import Job, JobState, Series, Study, StudyState, utcnow
+    from app.db.session import make_engine
+
+    engine = make_engine(f"sqlite:///{data_dir / 'cttriage.sqlite'}")
+    reason = "scoring failed: ValueError: lung mask is empty"
+    with sessionmaker(engine).begin() as session:
+        study = Study(study_uid="1.2.826.0.1.3680043.99.11.1", accession_number=None, study_date="20260315",
+                      patient_name="FAILED^FRED", patient_id="PID-FAIL", state=StudyState.failed.value,
+                      reason=reason, reason_code="ValueError", instance_count=145,
+                      chosen_series_uid="1.2.826.0.1.3680043.99.11.2")
+        session.add(study)
+        session.flush()
+        session.add_all([
+            Series(study_id=study.id, series_uid="1.2.826.0.1.3680043.99.11.2", series_number=2, modality="CT",
+                   description="CHEST 1mm", instance_count=144, chosen=True, slice_count=144,
+                   slice_spacing_mm=1.25),
+            Series(study_id=study.id, series_uid="1.2.826.0.1.3680043.99.11.3", series_number=99, modality="SEG",
+                   description="cttriage lungs and lesions", instance_count=1, chosen=False,
+                   skip_reason="modality SEG is not CT", slice_count=144, slice_spacing_mm=0.0),
+            Job(study_id=study.id, study_version=1, state=JobState.failed.value, trigger="settled", attempts=1,
+                error=reason, created_at=utcnow(), finished_at=utcnow()),
+        ])
+    engine.dispose()
+    return "1.2.826.0.1.3680043.99.11.1"
+
+
+def test_rejected_and_failed_pages_and_patient_fields(service: Service, browser: Any, tmp_path: Path) -> None:
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    scored = write_study(tmp_path / "scored", "PAT01", 30.0, 12.0, seed=41)
+    for path in study_files(tmp_path / "scored"):  # an identified patient
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID = "SMITH^ANNA", "PID-0042"
+        ds.save_as(path, enforce_file_format=True)
+    lonely = write_study(tmp_path / "lonely", "", 10.0, 10.0, seed=42)  # anonymised: no accession
+    for path in study_files(tmp_path / "lonely"):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID = "", "ANON-77"
+        ds.save_as(path, enforce_file_format=True)
+    push(service, study_files(tmp_path / "scored"), scored["study_instance_uid"], "scored")
+    push(service, study_files(tmp_path / "lonely")[:1], lonely["study_instance_uid"], "rejected")
+    wait_for_state(service.api, scored["study_instance_uid"], logs=service.process.log)
+    rejected = wait_for_state(service.api, lonely["study_instance_uid"], logs=service.process.log)
+    assert rejected["state"] == "rejected" and rejected["reason_code"] == "NoUsableSeriesError", rejected
+    assert all(s["skip_reason"] for s in rejected["series"]), rejected["series"]  # recorded before the rejection
+    failed_uid = add_failed_study(service.data_dir)
+
+    context, page, errors = new_page(browser)
+    try:
+        page.goto(f"{service.api}/")
+        page.fill("#signin-key", ADMIN_KEY)
+        page.click("#signin button[type=submit]")
+        page.wait_for_selector("#app:not([hidden])")
+        patient_row = page.locator("#rows tr", has=page.locator("td.patient", has_text="PID-0042"))
+        patient_row.wait_for()
+        assert "SMITH, ANNA" in patient_row.locator("td.patient").inner_text()
+        assert patient_row.locator("td.accession").inner_text() == "PAT01"
+        assert patient_row.locator("td.modality").inner_text() == "CT"
+        href = patient_row.locator("a.viewer").get_attribute("href")
+        assert href == test_end_to_end.VIEWER_URL_TEMPLATE.format(study_uid=scored["study_instance_uid"],
+                                                                   accession="PAT01"), href
+        anonymous = page.locator("#rows tr", has=page.locator("td.patient", has_text="ANON-77"))
+        assert anonymous.locator("td.accession").inner_text() == "patient ANON-77"
+        page.screenshot(path=str(SCREENS / "worklist.png"), full_page=True)
+        # the patient ID filter, kept in the URL
+        page.fill("#f-patient", "PID-0042")
+        page.press("#f-patient", "Enter")
+        page.wait_for_function("() => document.querySelectorAll('#rows tr[data-uid]').length === 1")
+        assert "patient=PID-0042" in page.url
+        page.screenshot(path=str(SCREENS / "worklist-filtered.png"), full_page=True)
+
+        # rejected: the reason code and text, each series its own reason, no pictures to wait for
+        page.goto(f"{service.api}/studies/{lonely['study_instance_uid']}")
+        page.wait_for_selector("#summary .reason-code")
+        assert page.locator("#summary .reason-code").inner_text() == "NoUsableSeriesError"
+        assert "no usable series" in page.locator("#summary .reason").inner_text()
+        decisions = page.locator("#series td.decision").all_inner_texts()
+        assert decisions and all("1 slice" in d for d in decisions), decisions
+        assert "✓ scored" not in page.locator("#series").inner_text()
+        assert page.locator("#pictures-panel").is_hidden()
+        assert not any(x.is_visible() for x in page.get_by_text("loading…").all())
+        assert page.locator("#summary .patient-id").inner_text() == "ANON-77"
+        page.screenshot(path=str(SCREENS / "study-rejected.png"), full_page=True)
+
+        # failed: the chosen series is not "scored"; the SEG shows no slices or spacing
+        page.goto(f"{service.api}/studies/{failed_uid}")
+        page.wait_for_selector("#summary .reason-code")
+        assert page.locator("#summary .reason-code").inner_text() == "ValueError"
+        series = page.locator("#series").inner_text()
+        assert "✓ scored" not in series and "scoring failed" in series, series
+        seg = page.locator("#series tr", has_text="SEG").inner_text()
+        assert "0.00 mm" not in seg and "144 frames" in seg, seg
+        assert page.locator("#pictures-panel").is_hidden()
+        page.screenshot(path=str(SCREENS / "study-failed.png"), full_page=True)
+
+        # scored: pictures, the chosen series scored, patient fields and the viewer link
+        page.goto(f"{service.api}/studies/{scored['study_instance_uid']}")
+        page.wait_for_function("() => { const i = document.querySelector('#projection img');"
+                               " return i && i.complete && i.naturalWidth > 0; }")
+        assert "✓ scored" in page.locator("#series").inner_text()
+        assert page.locator("#summary .patient-name").inner_text() == "SMITH, ANNA"
+        assert page.locator("#summary a.viewer").get_attribute("href") == href
+        page.screenshot(path=str(SCREENS / "study-scored.png"), full_page=True)
+        assert not errors, errors
+    finally:
+        context.close()

@@ -29,6 +29,8 @@ from tests.conftest import dcmtk_storescu, write_phantom_study
 from tests.service_process import ADMIN_KEY, API, EmbeddedService, embedded_service, wait_for_state, wait_until
 
 #: Small but anatomically complete phantoms keep the module fast on 2 cores.
+#: The pages' "open in viewer" link (tests/test_browser.py checks it).
+VIEWER_URL_TEMPLATE = "https://viewer.example/ohif/viewer?StudyInstanceUIDs={study_uid}&accession={accession}"
 SMALL = {"slices": 48, "rows": 192, "columns": 192, "pixel_spacing": 1.9, "slice_spacing": 6.0}
 
 
@@ -38,7 +40,8 @@ Service = EmbeddedService
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     with embedded_service(tmp_path_factory.mktemp("embedded"), CTTRIAGE_SETTLE_SECONDS="3",
-                          CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS="0.5") as running:
+                          CTTRIAGE_ASSEMBLER_INTERVAL_SECONDS="0.5",
+                          CTTRIAGE_VIEWER_URL_TEMPLATE=VIEWER_URL_TEMPLATE) as running:
         yield running
 
 

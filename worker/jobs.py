@@ -122,7 +122,11 @@ def study_slices(session_factory: sessionmaker[Session], study_id: int) -> tuple
 
 
 def record_selection(session_factory: sessionmaker[Session], job: Job, selection: SeriesSelection) -> None:
+    """Every series' decision; a series without image slices (SR, for one) was never a candidate."""
+    decided = [d.series_uid for d in selection.decisions]
     with session_factory.begin() as session:
+        session.execute(update(Series).where(Series.study_id == job.study_id, Series.series_uid.not_in(decided))
+                        .values(chosen=False, skip_reason="no image slices"))
         for decision in selection.decisions:
             session.execute(
                 update(Series)

@@ -154,16 +154,18 @@ def score_study(
 ) -> StudyScore:
     """Score one study from its slice headers and the files of its instances.
 
-    ``on_selection`` lets the caller record series decisions before the (slow) scoring, so a
-    study that later fails still shows which series was chosen and why others were not.
+    ``on_selection`` lets the caller record series decisions before the (slow) scoring or the
+    rejection (NoUsableSeriesError), so a study that is rejected or later fails still shows
+    which series was chosen and why others were not.
     ``networks`` (loaded once per worker process) selects the network method; without them
     the threshold method scores, and the result says so.
     """
     timer = StepTimer()
     with timer.step("select"):
-        selection = choose_series(slices, criteria)
-    if on_selection is not None:
+        selection = select_series(slices, criteria)
+    if on_selection is not None:  # before a rejection too: each series shows its own reason
         on_selection(selection)
+    selection.require()
     chosen_uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == selection.chosen})
     with timer.step("load"):
         volume = hu_volume(read_datasets([paths[uid] for uid in chosen_uids]))

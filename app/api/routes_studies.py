@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import zipfile
 from datetime import date
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import pydicom
 from fastapi import APIRouter, File, Query, UploadFile, status
@@ -29,17 +29,20 @@ from app.api.schemas import (
     WorklistItem,
 )
 from app.assembly import dispatch_pending_jobs, request_rescore
-from app.db.models import QuarantinedFile, Result, Study, StudyState
+from app.db.models import QuarantinedFile, Result, Series, Study, StudyState
 from app.dicom.storage import IncomingFile
 from app.errors import InvalidDicomError, NotFoundError
 from app.ingest import describe_instance, quarantine_bytes, store_instance
 from app.security import record_audit
+from app.settings import Settings
 from app.worklist import worklist_order, worklist_query
 
 router = APIRouter(prefix="/api", tags=["studies"])
 
 #: Upload limits: a whole CT study zipped is a few hundred MB at most.
 MAX_ZIP_MEMBERS = 20000
+ItemT = TypeVar("ItemT", bound=WorklistItem)
+
 #: A single uploaded instance (a zip member unpacked) may not be larger: it is held in memory.
 MAX_UPLOADED_INSTANCE_BYTES = 2**30
 
@@ -47,6 +50,7 @@ MAX_UPLOADED_INSTANCE_BYTES = 2**30
 @router.get("/worklist", response_model=Worklist)
 def get_worklist(
     session: SessionDep,
+    settings: SettingsDep,
     _principal: Radiologist,
     zone: DayZoneDep,
     state: Annotated[list[StudyState] | None, Query(description="Only these states (repeatable).")] = None,
@@ -54,17 +58,39 @@ def get_worklist(
     received_to: Annotated[date | None, Query(description="First received on or before this day (in tz).")] = None,
     band: Annotated[list[Annotated[int, Field(ge=0, le=4)]] | None,
                     Query(description="Only these severity bands, CT-0..CT-4 as 0..4 (repeatable).")] = None,
+    patient_id: Annotated[str | None, Query(max_length=64, description="Only this patient ID (exact).")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Worklist:
-    query = worklist_query([s.value for s in state] if state else None, received_from, received_to, band, zone)
+    query = worklist_query([s.value for s in state] if state else None, received_from, received_to, band, zone,
+                           patient_id=patient_id)
     total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
     rows = session.execute(query.order_by(*worklist_order()).limit(limit).offset(offset)).scalars().all()
-    return Worklist(items=[WorklistItem.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
+    modalities = study_modalities(session, [r.id for r in rows])
+    items = [shown(WorklistItem.model_validate(r), settings, modalities.get(r.id, [])) for r in rows]
+    return Worklist(items=items, total=total, limit=limit, offset=offset)
+
+
+def study_modalities(session: SessionDep, study_ids: list[int]) -> dict[int, list[str]]:
+    """Each study's series modalities (one query for a worklist page)."""
+    found: dict[int, set[str]] = {}
+    if study_ids:
+        for study_id, modality in session.execute(
+                select(Series.study_id, Series.modality).where(Series.study_id.in_(study_ids)).distinct()):
+            if modality:
+                found.setdefault(study_id, set()).add(modality)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def shown(item: ItemT, settings: Settings, modalities: list[str]) -> ItemT:
+    """The item with its modalities (CT first, "CT/SEG/SR") and its viewer link."""
+    ordered = sorted(modalities, key=lambda m: (m != "CT", m))
+    return item.model_copy(update={"modality": "/".join(ordered) or None,
+                                   "viewer_url": settings.viewer_url(item.study_uid, item.accession_number)})
 
 
 @router.get("/studies/{study_uid}", response_model=StudyDetail)
-def get_study(study_uid: str, session: SessionDep, principal: Radiologist) -> StudyDetail:
+def get_study(study_uid: str, session: SessionDep, settings: SettingsDep, principal: Radiologist) -> StudyDetail:
     study = session.execute(
         select(Study)
         .where(Study.study_uid == study_uid)
@@ -73,7 +99,7 @@ def get_study(study_uid: str, session: SessionDep, principal: Radiologist) -> St
     ).scalar_one_or_none()
     if study is None:
         raise NotFoundError(f"no study {study_uid}")
-    detail = StudyDetail.model_validate(study)
+    detail = shown(StudyDetail.model_validate(study), settings, [x.modality for x in study.series if x.modality])
     record_audit(session, principal, "read_study", study_uid)
     session.commit()
     return detail

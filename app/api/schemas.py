@@ -45,8 +45,14 @@ class WorklistItem(Orm):
     study_date: str | None
     study_description: str | None
     patient_age: str | None
+    #: Shown to radiologists; never logged or in error bodies.
+    patient_name: str | None = None
+    patient_id: str | None = None
+    modality: str | None = None
     state: str
     reason: str | None
+    #: The error class behind ``reason`` (rejected and failed studies).
+    reason_code: str | None = None
     first_received_at: datetime
     last_received_at: datetime
     scored_at: datetime | None
@@ -62,6 +68,8 @@ class WorklistItem(Orm):
     #: The current scoring's flags; with ``severity_lower_bound`` the band shown is floored at CT-3.
     flags: list[FlagOut]
     severity_lower_bound: bool
+    #: "Open in viewer" link (CTTRIAGE_VIEWER_URL_TEMPLATE); None without a template.
+    viewer_url: str | None = None
 
 
 class Worklist(BaseModel):

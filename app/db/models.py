@@ -89,6 +89,9 @@ class Study(Base):
     study_description: Mapped[str | None] = mapped_column(String(128))
     patient_age: Mapped[str | None] = mapped_column(String(8))
     patient_sex: Mapped[str | None] = mapped_column(String(4))
+    #: Shown to radiologists on the pages only: never logged, counted or put in an error body.
+    patient_name: Mapped[str | None] = mapped_column(String(128))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(16), default=StudyState.receiving.value)
     reason: Mapped[str | None] = mapped_column(Text)
     #: The error class behind ``reason`` (a bounded set: metrics group failures by it).

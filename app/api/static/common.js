@@ -87,6 +87,18 @@ const CT = (() => {
   }
   /** DICOM DA "20240501" → "2024-05-01". */
   const dicomDate = (v) => (/^\d{8}$/.test(v || "") ? `${v.slice(0, 4)}-${v.slice(4, 6)}-${v.slice(6)}` : v || DASH);
+  /** DICOM PN "DOE^JOHN^^^" → "DOE, JOHN" (family name, then the other components). */
+  function personName(value) {
+    const parts = (value || "").split("=")[0].split("^").map((x) => x.trim()).filter(Boolean);
+    if (!parts.length) return DASH;
+    return parts.length === 1 ? parts[0] : `${parts[0]}, ${parts.slice(1).join(" ")}`;
+  }
+  /** How to name a study in a list: its accession, else (anonymised) its patient ID or date. */
+  const studyLabel = (s) => s.accession_number || (s.patient_id ? `patient ${s.patient_id}` : null)
+    || (s.study_date ? `study of ${dicomDate(s.study_date)}` : "(no accession)");
+  /** The "open in viewer" link (the API gives it only where a viewer is configured). */
+  const viewerLink = (s) => (/^https?:\/\//i.test(s.viewer_url || "") ? el("a", { class: "viewer", href: s.viewer_url, target: "_blank",
+    rel: "noopener noreferrer", text: "Open in viewer" }) : null);
   function bytes(n) {
     if (isNone(n)) return DASH;
     const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -276,7 +288,8 @@ const CT = (() => {
   const studyUrl = (uid) => `/studies/${encodeURIComponent(uid)}`;
 
   return {
-    ApiError, api, el, pct, prob, dateTime, duration, since, between, age, dicomDate, bytes, band, state,
+    ApiError, api, el, pct, prob, dateTime, duration, since, between, age, dicomDate, personName, studyLabel,
+    viewerLink, bytes, band, state,
     severity, flagName, flagBadge,
     signIn, handleAuthError, live, serial, typing, saveOrder, loadOrder, studyUrl, DASH,
   };

@@ -24,13 +24,21 @@
       figure("Right lung", CT.pct(s.severity_right)),
       figure("COVID-19 probability", CT.prob(s.identification)),
       el("div", { class: "figure" }, el("span", { class: "label", text: "State" }), CT.state(s.state)),
+      figure("Patient", CT.personName(s.patient_name), "value small patient-name"),
+      figure("Patient ID", s.patient_id || CT.DASH, "value small patient-id"),
+      figure("Study date", CT.dicomDate(s.study_date), "value small"),
+      figure("Modality", s.modality || CT.DASH, "value small"),
       figure("Accession", s.accession_number || CT.DASH, "value small"),
     );
+    const viewer = CT.viewerLink(s);
+    if (viewer) summary.append(el("div", { class: "figure" }, el("span", { class: "label", text: "Images" }), viewer));
     if (s.reason) {
-      summary.append(el("div", { class: "figure" }, el("span", { class: "label", text: `Reason (${s.reason_code || "—"})` }),
+      summary.append(el("div", { class: "figure why" },
+        el("span", { class: "label", text: s.state === "rejected" ? "Rejected because" : "Reason" }),
+        el("code", { class: "reason-code", text: s.reason_code || "no code recorded" }),
         el("span", { class: "reason", text: s.reason })));
     }
-    document.title = `cttriage · ${s.accession_number || "study"} · ${s.severity_band === null ? s.state : "CT-" + s.severity_band}`;
+    document.title = `cttriage · ${CT.studyLabel(s)} · ${s.severity_band === null ? s.state : "CT-" + s.severity_band}`;
   }
 
   function renderFlags(s) {
@@ -73,7 +81,9 @@
 
   function renderMeta(s) {
     const rows = [
-      ["Accession", s.accession_number || CT.DASH], ["Patient age", CT.age(s.patient_age)],
+      ["Patient", CT.personName(s.patient_name)], ["Patient ID", s.patient_id || CT.DASH],
+      ["Accession", s.accession_number || CT.DASH], ["Modality", s.modality || CT.DASH],
+      ["Patient age", CT.age(s.patient_age)],
       ["Study date", CT.dicomDate(s.study_date)], ["Description", s.study_description || CT.DASH],
       ["First received", CT.dateTime(s.first_received_at, { seconds: true })],
       ["Last received", CT.dateTime(s.last_received_at, { seconds: true })],
@@ -117,16 +127,43 @@
     );
   }
 
+  // Objects derived from images (segmentations, reports, screenshots): no slices to count or space.
+  const DERIVED = new Set(["SEG", "SR", "SC", "OT", "PR", "KO", "REG", "RTSTRUCT"]);
+
+  /** A series' decision, consistent with the study's state: "✓ scored" only with a result for it. */
+  function decision(s, x) {
+    const scored = s.results.some((r) => r.series_uid === x.series_uid);
+    if (x.chosen && scored && s.state === "scored") return el("span", { class: "decision-scored", text: "✓ scored" });
+    if (x.chosen) {
+      const text = { failed: "chosen, but scoring failed (see the reason above)",
+                     rejected: "chosen, but the study was rejected (see the reason above)" }[s.state]
+        || (FINAL.has(s.state) ? "chosen, not scored" : "chosen, being scored");
+      return el("span", { class: s.state === "failed" || s.state === "rejected" ? "reason" : "muted", text });
+    }
+    if (x.skip_reason) return el("span", { class: "reason", text: x.skip_reason });
+    return el("span", { class: "muted", text: FINAL.has(s.state) ? "not examined" : "not examined yet" });
+  }
+
+  function sliceCells(x) {
+    if (DERIVED.has(x.modality)) {
+      const frames = x.slice_count && x.slice_count > x.instance_count ? `${x.slice_count} frames` : CT.DASH;
+      return [el("td", { class: "num", text: frames, title: "a derived object, not a stack of slices" }),
+              el("td", { class: "num", text: CT.DASH })];
+    }
+    const spacing = x.slice_spacing_mm ? `${x.slice_spacing_mm.toFixed(2)} mm` : CT.DASH;
+    return [el("td", { class: "num", text: x.slice_count ?? CT.DASH }), el("td", { class: "num", text: spacing })];
+  }
+
   function renderSeries(s) {
     const tbody = document.getElementById("series");
-    const rows = s.series.map((x) => el("tr", { class: x.chosen ? "chosen" : "" },
-      el("td", { class: "wrap" }, x.chosen ? "✓ scored" : el("span", { class: "reason", text: x.skip_reason || "not examined" })),
+    const rows = s.series.map((x) => el("tr", { class: x.chosen && s.state === "scored" ? "chosen" : "",
+                                                dataset: { series: x.series_uid } },
+      el("td", { class: "wrap decision" }, decision(s, x)),
       el("td", { class: "num", text: x.series_number ?? CT.DASH }),
       el("td", { class: "wrap", text: x.description || CT.DASH }),
       el("td", { text: x.modality || CT.DASH }),
       el("td", { class: "num", text: x.instance_count }),
-      el("td", { class: "num", text: x.slice_count ?? CT.DASH }),
-      el("td", { class: "num", text: x.slice_spacing_mm === null ? CT.DASH : `${x.slice_spacing_mm.toFixed(2)} mm` }),
+      ...sliceCells(x),
       el("td", { class: "wrap muted", text: x.series_uid })));
     tbody.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 8, class: "empty", text: "No series." }))]));
   }
@@ -200,6 +237,8 @@
 
   function renderPictures(s) {
     const newest = s.results.length ? s.results[s.results.length - 1].id : null;
+    // No scoring (rejected, failed, or not scored yet): no pictures to wait for.
+    document.getElementById("pictures-panel").hidden = newest === null;
     if (newest === pictureOf) return;
     pictureOf = newest;
     while (blobUrls.length) URL.revokeObjectURL(blobUrls.pop());

@@ -15,6 +15,7 @@
     band: document.getElementById("f-band"),
     from: document.getElementById("f-from"),
     to: document.getElementById("f-to"),
+    patient: document.getElementById("f-patient"),
   };
   let items = [];
   let previous = null; // uid -> state|priority of the last render (to flash what changed)
@@ -37,6 +38,7 @@
     for (const b of filters.band.value.split(",").filter(Boolean)) q.append("band", b);
     if (filters.from.value) q.set("received_from", filters.from.value);
     if (filters.to.value) q.set("received_to", filters.to.value);
+    if (filters.patient.value.trim()) q.set("patient_id", filters.patient.value.trim());
     // The days picked are the reader's days, as the times shown are the reader's times.
     if (filters.from.value || filters.to.value) q.set("tz", Intl.DateTimeFormat().resolvedOptions().timeZone);
     return q;
@@ -69,7 +71,7 @@
     const bandClass = item.severity_band === null ? "" : `band-row-${item.severity_band}`;
     const tr = el("tr", {
       tabindex: "-1", class: bandClass, dataset: { uid: item.study_uid },
-      "aria-label": `Study ${item.accession_number || item.study_uid}`,
+      "aria-label": `Study ${item.accession_number || item.patient_id || item.study_uid}`,
       on: { click: () => open(item.study_uid), focus: () => { selected = item.study_uid; } },
     },
     el("td", { class: "num muted", text: index + 1 }),
@@ -81,13 +83,18 @@
                title: item.identification === null ? "not computed by this method" : null }),
     flagsCell(item),
     el("td", { class: "accession" }, el("a", { href: CT.studyUrl(item.study_uid), tabindex: "-1",
-                                               text: item.accession_number || "(no accession)" })),
+                                               text: CT.studyLabel(item) })),
+    el("td", { class: "patient wrap" }, el("span", { class: "patient-name", text: CT.personName(item.patient_name) }),
+      el("span", { class: "patient-id muted", text: item.patient_id || "" })),
     el("td", { text: CT.age(item.patient_age) }),
+    el("td", { class: "study-date", text: CT.dicomDate(item.study_date) }),
+    el("td", { class: "modality", text: item.modality || CT.DASH }),
     el("td", { class: "wrap", text: item.study_description || CT.DASH }),
     el("td", { text: CT.dateTime(item.first_received_at), title: item.first_received_at }),
     el("td", { class: "num waiting", dataset: { since: item.first_received_at },
                text: CT.duration(CT.since(item.first_received_at)) }),
-    stateCell(item));
+    stateCell(item),
+    el("td", { class: "viewer-cell" }, CT.viewerLink(item)));
     if (item.flags && item.flags.length) tr.classList.add("flagged");
     const fingerprint = `${item.state}|${item.priority}`;
     if (previous && previous.get(item.study_uid) !== fingerprint) tr.classList.add("fresh");
@@ -99,7 +106,7 @@
     items = data.items;
     const rendered = items.map(renderRow);
     rows.replaceChildren(...(rendered.length ? rendered
-      : [el("tr", {}, el("td", { colspan: 13, class: "empty", text: "No studies match the filters." }))]));
+      : [el("tr", {}, el("td", { colspan: 17, class: "empty", text: "No studies match the filters." }))]));
     previous = new Map(items.map((i) => [i.study_uid, `${i.state}|${i.priority}`]));
     CT.saveOrder(items.map((i) => i.study_uid));
     const shown = items.length < data.total ? `${items.length} of ${data.total}` : `${data.total}`;
@@ -179,6 +186,14 @@
   for (const input of Object.values(filters)) {
     input.addEventListener("change", () => { writeFiltersToUrl(); previous = null; pages = 1; refresh(); });
   }
+  // Enter in the patient ID box applies the filters (the form is never sent: the page asks the API).
+  document.getElementById("filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    writeFiltersToUrl();
+    previous = null;
+    pages = 1;
+    refresh();
+  });
   document.getElementById("f-clear").addEventListener("click", () => {
     for (const input of Object.values(filters)) input.value = "";
     writeFiltersToUrl();
