@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.dicom.own_objects import OwnObjectsPolicy
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CTTRIAGE_", env_file=None, extra="ignore")
@@ -115,6 +117,10 @@ class Settings(BaseSettings):
     export_backoff_max_seconds: float = 1200.0
     #: Connection, association and reply timeouts of one send.
     export_timeout_seconds: float = 30.0
+    #: Our own SR, SEG and secondary capture sent back by the PACS (a "forward on change" rule):
+    #: "store" keeps them, listed as created by cttriage; "drop" answers success and keeps nothing.
+    #: Either way they never reopen a study (``app.dicom.own_objects``).
+    own_objects: OwnObjectsPolicy = "store"
 
     log_level: str = "INFO"
     log_json: bool = True
