@@ -2,7 +2,8 @@
 
 C-STORE and the HTTP upload both end here, so the two paths behave the same: the file is on disk
 (fsynced) and recorded before the caller reports success, a re-sent SOP instance is idempotent,
-and new instances for a study that was already queued or scored reopen it for a rescore.
+and new instances for a study that was already queued or scored reopen it for a rescore, unless
+they cannot change the scoring (our own objects sent back, anything not CT: ``app.dicom.own_objects``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, QuarantinedFile, Series, Study, StudyState, utcnow
 from app.db.upsert import dialect_name, ignoring_insert, insert_ignore
+from app.dicom.own_objects import OwnObjectsPolicy, created_by_cttriage, never_scored_reason
 from app.dicom.storage import (
     MAX_UID_LENGTH,
     IncomingFile,
@@ -57,6 +59,17 @@ class ReceivedInstance:
     headers: list[dict[str, Any]]
     patient_name: str | None = None
     patient_id: str | None = None
+    #: "SR", "SEG" or "SC" when cttriage itself wrote it (``app.dicom.own_objects``).
+    created_by: str | None = None
+
+    @property
+    def never_scored_reason(self) -> str | None:
+        """Why its series can never be the scored one; None when it may be (it may reopen a study)."""
+        return never_scored_reason(self.modality, self.created_by)
+
+
+#: The key marking our own objects' headers, so scoring leaves them out (``worker.jobs``).
+CREATED_BY = "created_by"
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,7 @@ def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance
     if frames > MAX_FRAMES:  # a header is stored per frame
         raise InvalidDicomError(f"NumberOfFrames {frames} is more than the {MAX_FRAMES} accepted")
     headers = slice_headers(ds)
+    created_by = created_by_cttriage(ds)
     first = headers[0]  # every frame shares the instance-level fields
     uids = {"StudyInstanceUID": first.study_uid, "SeriesInstanceUID": first.series_uid,
             "SOPInstanceUID": first.sop_instance_uid, "SOPClassUID": first.sop_class_uid}
@@ -104,7 +118,8 @@ def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance
         study_description=_text(ds, "StudyDescription", 128),
         patient_age=_text(ds, "PatientAge", 8),
         patient_sex=_text(ds, "PatientSex", 4),
-        headers=[h.to_dict() for h in headers],
+        headers=[{**h.to_dict(), CREATED_BY: created_by} if created_by else h.to_dict() for h in headers],
+        created_by=created_by,
         patient_name=_text(ds, "PatientName", 128),
         patient_id=_text(ds, "PatientID", 64),
     )
@@ -162,8 +177,8 @@ _SERIES_GREW = (
     update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count + 1)
 )
 # A new instance for a study that already left `receiving` reopens it as a new version to score;
-# so does one that moved away to another study. (Every SET expression reads the row as it was,
-# on PostgreSQL and SQLite alike.)
+# so does one that moved away to another study; unless it can never be scored (_STUDY_ADDED_TO).
+# (Every SET expression reads the row as it was, on PostgreSQL and SQLite alike.)
 _LEFT_RECEIVING = _STUDIES.c.state != StudyState.receiving.value
 _STUDY_GREW = (
     update(_STUDIES)
@@ -178,6 +193,17 @@ _STUDY_GREW = (
         files_purged_at=null(),  # retention removed the earlier files: these are kept again
     )
 )
+# An instance that cannot change the scoring (ours sent back, not CT): counted, nothing reopened.
+_STUDY_ADDED_TO = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("sid"))
+    .values(instance_count=_STUDIES.c.instance_count + bindparam("by"), last_received_at=bindparam("now"))
+)
+
+
+def _study_changed(received: ReceivedInstance) -> Any:
+    """The study update for one instance more or less: reopening only when it may change the scoring."""
+    return _STUDY_GREW if received.never_scored_reason is None else _STUDY_ADDED_TO
 
 
 def _row_id(session: Connection | Session, lookup: Any, uid: str, insert: Callable[[], object]) -> int:
@@ -250,6 +276,7 @@ def record_instance(
                 "description": received.series_description,
                 "instance_count": 0,
                 "chosen": False,
+                "skip_reason": received.never_scored_reason,
             },
             "series_uid",
         ))
@@ -257,14 +284,14 @@ def record_instance(
             session, Instance, {**instance, "study_id": study_id, "series_id": series_id}, "sop_instance_uid"
         )
         if not inserted:
-            return _record_resend(session, instance, study_id, series_id, now)
+            return _record_resend(session, instance, study_id, series_id, now, _study_changed(received))
     session.execute(_SERIES_GREW, {"seid": series_id})
-    session.execute(_STUDY_GREW, {"sid": study_id, "now": now, "by": 1})
+    session.execute(_study_changed(received), {"sid": study_id, "now": now, "by": 1})
     return False
 
 
 def _record_resend(session: Connection | Session, instance: dict[str, Any], study_id: int, series_id: int,
-                   now: datetime) -> bool:
+                   now: datetime, study_changed: Any) -> bool:
     """A SOP instance received before: refresh its row. Filed where it was, that is all (a retry,
     no rescore); filed under another study or series now, it moves there, and both studies are
     reopened to be scored on what they now hold. Returns True for a plain re-send."""
@@ -278,9 +305,9 @@ def _record_resend(session: Connection | Session, instance: dict[str, Any], stud
         session.execute(_STUDY_TOUCHED, {"sid": study_id, "now": now})
         return True
     session.execute(_SERIES_SHRANK, {"seid": old_series_id})
-    session.execute(_STUDY_GREW, {"sid": old_study_id, "now": now, "by": -1})
+    session.execute(study_changed, {"sid": old_study_id, "now": now, "by": -1})
     session.execute(_SERIES_GREW, {"seid": series_id})
-    session.execute(_STUDY_GREW, {"sid": study_id, "now": now, "by": 1})
+    session.execute(study_changed, {"sid": study_id, "now": now, "by": 1})
     return False
 
 
@@ -292,15 +319,20 @@ def store_instance(
     session_factory: sessionmaker[Session],
     source: str,
     calling_aet: str | None,
+    own_objects: OwnObjectsPolicy = "store",
 ) -> StoredInstance:
     """Record an instance whose bytes are being flushed, and commit once they are in place.
 
     The file is placed (durable, under its UID path) inside the transaction, after the record's
     statements: no committed row ever points at a missing file, and a record that fails leaves no
     file behind (``incoming`` removes what it placed unless kept). The statements go through a Core
-    connection, as this is the C-STORE hot path. Raises typed errors.
+    connection, as this is the C-STORE hot path. Raises typed errors. With ``own_objects`` "drop",
+    an object cttriage wrote is neither kept nor recorded (reported as a duplicate: nothing new).
     """
     path = instance_path(storage_root, received.study_uid, received.series_uid, received.sop_instance_uid)
+    if received.created_by is not None and own_objects == "drop":
+        log.debug("own object sent back, dropped", extra={"kind": received.created_by})
+        return StoredInstance(received.study_uid, received.sop_instance_uid, path, duplicate=True)
     engine: Engine = session_factory.kw["bind"]
     try:
         with engine.begin() as connection:

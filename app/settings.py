@@ -15,6 +15,8 @@ from urllib.parse import quote
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.dicom.own_objects import OwnObjectsPolicy
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CTTRIAGE_", env_file=None, extra="ignore")
@@ -127,6 +129,11 @@ class Settings(BaseSettings):
     #: "https://pacs.example/viewer?StudyInstanceUIDs={study_uid}"; the placeholders {study_uid}
     #: and {accession} are replaced URL-encoded.
     viewer_url_template: str | None = None
+
+    #: Our own SR, SEG and secondary capture sent back by the PACS (a "forward on change" rule):
+    #: "store" keeps them, listed as created by cttriage; "drop" answers success and keeps nothing.
+    #: Either way they never reopen a study (``app.dicom.own_objects``).
+    own_objects: OwnObjectsPolicy = "store"
 
     log_level: str = "INFO"
     log_json: bool = True

@@ -98,7 +98,7 @@ def store_study_files(settings: Settings, factory: sessionmaker[Session], folder
         with IncomingFile(settings.storage_root, path.read_bytes(), min_free_bytes=0) as incoming:
             store_instance(incoming, describe_instance(ds, str(ds.file_meta.TransferSyntaxUID)),
                            storage_root=settings.storage_root, session_factory=factory, source="test",
-                           calling_aet=None)
+                           calling_aet=None, own_objects=settings.own_objects)
 
 
 def write_phantom_study(out: Path, **spec_kwargs: object) -> dict:  # type: ignore[type-arg]

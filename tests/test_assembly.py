@@ -335,3 +335,39 @@ def test_a_lower_bound_scoring_floors_the_band_and_puts_its_flags_on_the_study(
     s = study(factory, "1.9.20")
     assert (s.severity_band, s.severity_lower_bound, s.flags) == (1, False, [])
     assert (s.priority or 0) < 2000
+
+
+def scored_study(factory: sessionmaker[Session], uid: str, instances: int) -> None:
+    for i in range(instances):
+        add(factory, received(uid, f"{uid}.{i}"))
+    with factory.begin() as session:
+        session.execute(Study.__table__.update().where(Study.study_uid == uid).values(state=StudyState.scored.value))
+
+
+def test_a_duplicate_only_resend_does_not_reopen(factory: sessionmaker[Session]) -> None:
+    """A PACS forwarding the same study again: every instance a re-send, the version stays."""
+    scored_study(factory, "1.9.20", 3)
+    for i in range(3):
+        assert add(factory, received("1.9.20", f"1.9.20.{i}"), when_offset=5) is True
+    s = study(factory, "1.9.20")
+    assert (s.state, s.version, s.instance_count) == (StudyState.scored.value, 1, 3)
+    assert queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=10)) == []
+
+
+def test_instances_that_cannot_change_the_scoring_do_not_reopen(factory: sessionmaker[Session]) -> None:
+    """Our own SR sent back, or any series that is not CT, is stored and counted, never scored:
+    the study keeps its version and state, and the series says why."""
+    scored_study(factory, "1.9.21", 2)
+    ours = ReceivedInstance(**{**received("1.9.21", "1.9.21.sr", series="9901").__dict__, "modality": "SR",
+                               "sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.34", "created_by": "SR"})
+    dose = ReceivedInstance(**{**received("1.9.21", "1.9.21.pdf", series="999").__dict__, "modality": "DOC"})
+    assert add(factory, ours) is False and add(factory, dose) is False
+    s = study(factory, "1.9.21")
+    assert (s.state, s.version, s.instance_count) == (StudyState.scored.value, 1, 4)
+    with factory() as session:
+        reasons = {row.series_uid: row.skip_reason for row in session.execute(select(Series)).scalars()}
+    assert reasons == {"1.9.21.1.2.3.1": None, "1.9.21.9901": "created by cttriage (SR)",
+                       "1.9.21.999": "modality DOC is not CT"}
+    add(factory, received("1.9.21", "1.9.21.9"))  # a new CT slice still reopens
+    s = study(factory, "1.9.21")
+    assert (s.state, s.version) == (StudyState.receiving.value, 2)

@@ -54,12 +54,11 @@ from pydicom.uid import generate_uid
 
 from app import __version__
 from app.db.models import ExportKind
+from app.dicom.own_objects import MANUFACTURER, MODEL_NAME
 from app.score_details import descriptors_of, flags_of
 from models.findings import LesionDescriptors, LungDescriptors, ScoreFlag, severity_is_lower_bound
 from models.severity import LungSeverity
 
-MANUFACTURER = "cttriage"
-MODEL_NAME = "cttriage chest CT triage"
 METHOD_THRESHOLD = "threshold"
 
 #: Per kind: series number and description of the new series.

@@ -4,15 +4,22 @@ This is the body of the Celery task, kept free of Celery so it can be called dir
 Delivery is at-least-once (late acks), so every step tolerates being run again: a job already
 done is skipped, a result is unique per job, and a job whose study moved on to a newer version
 writes its result to history without touching the study's current scores.
+
+A job whose chosen series holds exactly the instances the study's latest result was scored on
+reuses that result (a copy for this version, nothing recomputed, nothing exported again): a
+study reopened by an instance that changed nothing scores the same. An admin's rescore (trigger
+"rescore") always recomputes: it is how a newly installed model or method is applied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +30,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.models import Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
 from app.db.upsert import insert_ignore
 from app.errors import StudyRejectedError
+from app.ingest import CREATED_BY
 from app.priority import effective_band, priority_score
+from app.score_details import flags_of, lower_bound_of
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
+from models.severity import LungSeverity
 from worker.derived import save_derived
 from worker.exports import EnqueueExport, add_exports, queue_exports
 from worker.pipeline import StudyScore, score_study
-from worker.series_selection import SeriesCriteria, SeriesSelection
+from worker.series_selection import SeriesCriteria, SeriesSelection, select_series
 
 if TYPE_CHECKING:
     from models.inference import TriageNetworks
@@ -37,12 +47,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINISHED = (JobState.done.value, JobState.superseded.value, JobState.failed.value)
+#: The trigger of an admin's rescore: it recomputes even when the instances are the same.
+RESCORE_TRIGGER = "rescore"
+#: ``Result.details`` key: SHA-256 of the scored series' sorted SOP instance UIDs.
+INSTANCES_SHA256 = "instances_sha256"
+#: ``Result.details`` key of a reused result: the id of the result it copies.
+REUSED_RESULT_ID = "reused_result_id"
+#: The Result columns a scoring fills, besides its job, version, timings and details.
+SCORE_COLUMNS = ("series_uid", "method", "model_version", "identification",
+                 *LungSeverity.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
 class JobOutcome:
     job_id: int
-    status: str  # scored, rejected, failed, skipped, retry
+    status: str  # scored, reused, rejected, failed, skipped, retry
     reason: str | None = None
 
 
@@ -113,12 +132,20 @@ def release_job(session_factory: sessionmaker[Session], job: Job, reason: str) -
 
 
 def study_slices(session_factory: sessionmaker[Session], study_id: int) -> tuple[list[SliceHeader], dict[str, Path]]:
+    """The study's slice headers and files; our own objects sent back are left out (their series
+    keep the reason ingest gave them, "created by cttriage (...)")."""
     with session_factory() as session:
         rows = session.execute(
             select(Instance.sop_instance_uid, Instance.path, Instance.headers).where(Instance.study_id == study_id)
         ).all()
-    slices = [SliceHeader.from_dict(h) for _, _, headers in rows for h in headers]
+    slices = [SliceHeader.from_dict(h) for _, _, headers in rows for h in headers if not h.get(CREATED_BY)]
     return slices, {uid: Path(path) for uid, path, _ in rows}
+
+
+def instances_sha256(slices: list[SliceHeader], series_uid: str) -> str:
+    """What identifies the input of a scoring: the hash of the series' sorted SOP instance UIDs."""
+    uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == series_uid})
+    return hashlib.sha256("\n".join(uids).encode()).hexdigest()
 
 
 def record_selection(session_factory: sessionmaker[Session], job: Job, selection: SeriesSelection) -> None:
@@ -148,54 +175,73 @@ def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: S
 
 
 def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyScore, settings: Settings) -> None:
-    """The result row, and the study's current scores when the job is still its current version.
-    A lower-bound severity floors the band and the priority (``app.priority``); the flags go on
-    the study row with the scores, replacing the previous scoring's."""
+    """The result row, and the study's current scores when the job is still its current version;
+    its exports are added with it."""
     sev = score.severity
-    lower_bound = score.severity_lower_bound
-    priority = priority_score(sev.severity, score.identification, settings.severity_band_edges,
-                              lower_bound=lower_bound)
-    band = effective_band(sev.severity, lower_bound, settings.severity_band_edges)
+    row = {"series_uid": score.series_uid, "method": score.method, "model_version": score.model_version,
+           "identification": score.identification, **sev.to_dict(),
+           "timings": score.timings, "details": score.details}
     now = utcnow()
     with session_factory.begin() as session:
-        insert_ignore(
-            session,
-            Result,
-            {
-                "study_id": job.study_id,
-                "job_id": job.id,
-                "study_version": job.study_version,
-                "series_uid": score.series_uid,
-                "method": score.method,
-                "model_version": score.model_version,
-                "identification": score.identification,
-                "severity": sev.severity,
-                "severity_left": sev.severity_left,
-                "severity_right": sev.severity_right,
-                "lung_volume_left_ml": sev.lung_volume_left_ml,
-                "lung_volume_right_ml": sev.lung_volume_right_ml,
-                "lesion_volume_left_ml": sev.lesion_volume_left_ml,
-                "lesion_volume_right_ml": sev.lesion_volume_right_ml,
-                "timings": score.timings,
-                "details": score.details,
-                "created_at": now,
-            },
-            "job_id",
-        )
-        session.execute(
-            update(Job).where(Job.id == job.id)
-            .values(state=JobState.done.value, finished_at=now, timings=score.timings, error=None)
-        )
-        session.execute(
-            study_of(job).values(state=StudyState.scored.value, reason=None, reason_code=None, scored_at=now,
-                    identification=score.identification, severity=sev.severity, severity_left=sev.severity_left,
-                    severity_right=sev.severity_right,
-                    severity_band=band, priority=priority, method=score.method, model_version=score.model_version,
-                    chosen_series_uid=score.series_uid, flags=[f.to_dict() for f in score.flags],
-                    severity_lower_bound=lower_bound)
-        )
+        finish_scored(session, job, row, [f.to_dict() for f in score.flags], score.severity_lower_bound, settings,
+                      now)
         if settings.export_enabled:  # with the result, or a worker lost in between would leave it unsent
             add_exports(session, job.id, now, settings.export_hold_seconds)
+
+
+def finish_scored(session: Session, job: Job, row: dict[str, Any], flags: list[dict[str, Any]], lower_bound: bool,
+                  settings: Settings, now: datetime) -> None:
+    """Write the result ``row`` (SCORE_COLUMNS, timings, details) and mark job and study scored.
+    A lower-bound severity floors the band and the priority (``app.priority``); the flags go on
+    the study row with the scores, replacing the previous scoring's."""
+    severity = row["severity"]
+    priority = priority_score(severity, row["identification"], settings.severity_band_edges, lower_bound=lower_bound)
+    band = effective_band(severity, lower_bound, settings.severity_band_edges)
+    insert_ignore(session, Result, {**row, "study_id": job.study_id, "job_id": job.id,
+                                    "study_version": job.study_version, "created_at": now}, "job_id")
+    session.execute(
+        update(Job).where(Job.id == job.id)
+        .values(state=JobState.done.value, finished_at=now, timings=row["timings"], error=None)
+    )
+    session.execute(
+        study_of(job).values(state=StudyState.scored.value, reason=None, reason_code=None, scored_at=now,
+                             identification=row["identification"], severity=severity,
+                             severity_left=row["severity_left"], severity_right=row["severity_right"],
+                             severity_band=band, priority=priority, method=row["method"],
+                             model_version=row["model_version"], chosen_series_uid=row["series_uid"], flags=flags,
+                             severity_lower_bound=lower_bound)
+    )
+
+
+def reusable_result(session_factory: sessionmaker[Session], job: Job, slices: list[SliceHeader],
+                    criteria: SeriesCriteria) -> tuple[Result, SeriesSelection] | None:
+    """The study's latest result when this job would score exactly its instances again; None
+    otherwise, and always for an admin's rescore."""
+    if job.trigger == RESCORE_TRIGGER:
+        return None
+    with session_factory() as session:
+        latest = session.execute(
+            select(Result).where(Result.study_id == job.study_id).order_by(Result.id.desc()).limit(1)
+        ).scalar_one_or_none()
+    if latest is None or not (latest.details or {}).get(INSTANCES_SHA256):
+        return None
+    selection = select_series(slices, criteria)
+    if selection.chosen != latest.series_uid:
+        return None
+    if instances_sha256(slices, selection.chosen) != latest.details[INSTANCES_SHA256]:
+        return None
+    return latest, selection
+
+
+def reuse_result(session_factory: sessionmaker[Session], job: Job, previous: Result, selection: SeriesSelection,
+                 settings: Settings) -> None:
+    """Finish the job with a copy of ``previous`` for its version; no exports (the PACS has them)."""
+    record_selection(session_factory, job, selection)
+    row = {name: getattr(previous, name) for name in SCORE_COLUMNS}
+    details = {**(previous.details or {}), REUSED_RESULT_ID: previous.id}
+    row.update(timings={}, details=details)
+    with session_factory.begin() as session:
+        finish_scored(session, job, row, flags_of(details), lower_bound_of(details), settings, utcnow())
 
 
 def with_derived_files(score: StudyScore, session_factory: sessionmaker[Session], job: Job,
@@ -227,8 +273,14 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
         return JobOutcome(job_id, "skipped")
     try:
         slices, paths = study_slices(session_factory, job.study_id)
+        criteria = SeriesCriteria.from_settings(settings)
+        reusable = reusable_result(session_factory, job, slices, criteria)
+        if reusable is not None:
+            reuse_result(session_factory, job, *reusable, settings)
+            log.info("same instances as the latest result: reused", extra={"job_id": job_id})
+            return JobOutcome(job_id, "reused")
         score = score_study(
-            slices, paths, criteria=SeriesCriteria.from_settings(settings),
+            slices, paths, criteria=criteria,
             inplane_spacing_mm=settings.inplane_spacing_mm,
             on_selection=lambda selection: record_selection(session_factory, job, selection),
             networks=networks() if networks is not None else None,
@@ -251,6 +303,7 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
         finish_with_error(session_factory, job, StudyState.failed, reason, type(exc).__name__)
         return JobOutcome(job_id, "failed", reason)
     score = with_derived_files(score, session_factory, job, settings)
+    score = replace(score, details={**score.details, INSTANCES_SHA256: instances_sha256(slices, score.series_uid)})
     write_result(session_factory, job, score, settings)
     if settings.export_enabled and export is not None:
         queue_exports(session_factory, job.id, export)  # never raises

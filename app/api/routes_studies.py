@@ -158,7 +158,8 @@ def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factor
         with IncomingFile(settings.storage_root, data, min_free_bytes=settings.min_free_bytes) as incoming:
             ds = pydicom.dcmread(io.BytesIO(data), force=False)
             received = describe_instance(ds, str(ds.file_meta.TransferSyntaxUID))
-            stored = store_instance(incoming, received, calling_aet=None, **common)  # type: ignore[arg-type]
+            stored = store_instance(incoming, received, calling_aet=None, own_objects=settings.own_objects,
+                                    **common)  # type: ignore[arg-type]
     except (PydicomInvalidDicomError, InvalidDicomError, AttributeError, KeyError, ValueError, EOFError) as exc:
         # Our own refusal (UIDs missing, a header out of bounds) was read fine: say what is wrong with it.
         reason = str(exc) if isinstance(exc, InvalidDicomError) else f"not a readable DICOM Part 10 file: {exc}"

@@ -234,7 +234,8 @@ def handle_store(event: Event, context: ListenerContext) -> int:
         file_meta = event.file_meta
         with context.receive(_part10_bytes(event, file_meta)) as incoming:  # flushed while we read the header
             received = _describe(event, file_meta)
-            stored = store_instance(incoming, received, **context.ingest_kwargs(calling_aet))
+            stored = store_instance(incoming, received, own_objects=context.settings.own_objects,
+                                    **context.ingest_kwargs(calling_aet))
     except CtTriageError as exc:
         if isinstance(exc, InvalidDicomError):  # retrying will not help: keep the bytes for an admin
             _quarantine(event, context, str(exc), calling_aet)
