@@ -172,7 +172,13 @@ _RESENT = (
 _SERIES_SHRANK = (
     update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count - 1)
 )
-_STUDY_TOUCHED = update(_STUDIES).where(_STUDIES.c.id == bindparam("sid")).values(last_received_at=bindparam("now"))
+# A plain re-send keeps a study that is still arriving from settling; one that has settled keeps
+# its "last received" (a PACS forwarding the same study again brings nothing new to show).
+_STUDY_TOUCHED = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("sid"), _STUDIES.c.state == StudyState.receiving.value)
+    .values(last_received_at=bindparam("now"))
+)
 _SERIES_GREW = (
     update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count + 1)
 )

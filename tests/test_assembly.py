@@ -347,10 +347,12 @@ def scored_study(factory: sessionmaker[Session], uid: str, instances: int) -> No
 def test_a_duplicate_only_resend_does_not_reopen(factory: sessionmaker[Session]) -> None:
     """A PACS forwarding the same study again: every instance a re-send, the version stays."""
     scored_study(factory, "1.9.20", 3)
+    last_received = study(factory, "1.9.20").last_received_at
     for i in range(3):
         assert add(factory, received("1.9.20", f"1.9.20.{i}"), when_offset=5) is True
     s = study(factory, "1.9.20")
     assert (s.state, s.version, s.instance_count) == (StudyState.scored.value, 1, 3)
+    assert s.last_received_at == last_received, "nothing new arrived: 'last received' stays before 'scored'"
     assert queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=10)) == []
 
 

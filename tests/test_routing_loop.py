@@ -27,6 +27,7 @@ from app.dicom.listener import start_listener
 from app.dicom.push import push_datasets
 from app.settings import Settings
 from tests.conftest import store_study_files, write_phantom_study
+from tests.test_exports import DCIODVFY, dciodvfy_errors
 from worker.exports import run_export
 from worker.jobs import INSTANCES_SHA256, REUSED_RESULT_ID, run_job
 
@@ -48,10 +49,15 @@ def backend(request: pytest.FixtureRequest, sqlite_settings: Settings) -> Iterat
     url = sqlite_settings.sqlalchemy_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
     engine = make_engine(url)
     factory = sessionmaker(engine, expire_on_commit=False)
+
+    def empty() -> None:  # the PostgreSQL database holds other modules' rows: counts start from none
+        with factory.begin() as session:
+            for model in (Export, Result, Job, Instance, Series, Study):
+                session.execute(delete(model))
+
+    empty()
     yield Backend(sqlite_settings, factory)
-    with factory.begin() as session:
-        for model in (Export, Result, Job, Instance, Series, Study):
-            session.execute(delete(model))
+    empty()
     engine.dispose()
 
 
@@ -183,3 +189,46 @@ def test_same_instances_reuse_the_result_and_an_admin_rescore_recomputes(backend
     assert job3 is not None
     assert run_job(job3, backend.factory, settings, worker="test").status == "scored"
     assert count(backend.factory, Result) == 3 and count(backend.factory, Export) == 6
+
+
+def test_a_study_sent_in_two_parts_leaves_one_current_report_that_amends_the_first(backend: Backend,
+                                                                                  tmp_path: Path) -> None:
+    """The first part (half the chest, already enough to score) is scored and exported; the rest
+    arrives later, the study is scored again, and its report amends the first one in the same
+    series, as does its SEG and secondary capture: the PACS shows one current report and its history."""
+    pacs = Pacs()
+    settings = backend.settings.model_copy(update={
+        "export_enabled": True, "export_host": "127.0.0.1", "export_port": pacs.port,
+        "export_ae_title": PACS_AET, "export_timeout_seconds": 20, "dicom_host": "127.0.0.1"})
+    listener = start_listener(settings, backend.factory)
+    try:
+        write_phantom_study(tmp_path / "ct", severity_left=25.0, severity_right=5.0, seed=94, **SPEC)
+        ct = [pydicom.dcmread(p) for p in sorted((tmp_path / "ct").glob("*.dcm"))]
+        ct.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+        half = len(ct) // 2
+        for part in (ct[:half], ct[half:]):
+            assert set(push_datasets(part, host="127.0.0.1", port=settings.dicom_port,
+                                     called_aet=settings.ae_title, calling_aet=PACS_AET)) == {0}
+            assert settle_score_export(backend, settings) == ["scored"]
+    finally:
+        listener.shutdown()
+        pacs.server.shutdown()
+    by_modality: dict[str, list[Dataset]] = {}
+    for ds in pacs.received:
+        by_modality.setdefault(str(ds.Modality), []).append(ds)
+    assert sorted(by_modality) == ["OT", "SEG", "SR"] and all(len(v) == 2 for v in by_modality.values())
+    for objects in by_modality.values():
+        first, second = sorted(objects, key=lambda ds: int(ds.InstanceNumber))
+        assert first.SeriesInstanceUID == second.SeriesInstanceUID, "one series per kind"
+        assert int(second.InstanceNumber) > int(first.InstanceNumber)
+    first_sr, second_sr = sorted(by_modality["SR"], key=lambda ds: int(ds.InstanceNumber))
+    [study_ref] = second_sr.PredecessorDocumentsSequence
+    [series_ref] = study_ref.ReferencedSeriesSequence
+    [sop_ref] = series_ref.ReferencedSOPSequence
+    assert sop_ref.ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    assert series_ref.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    assert "PredecessorDocumentsSequence" not in first_sr
+    if DCIODVFY.exists():
+        for name, ds in (("first", first_sr), ("second", second_sr)):
+            ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+            assert dciodvfy_errors(tmp_path / f"{name}.dcm") == [], name

@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from app.errors import ModelOutputError, NoUsableSeriesError, PixelDecodeError
+from app.errors import ModelOutputError, PixelDecodeError
 from models.dicom_headers import SliceHeader
 from models.findings import LesionDescriptors, ScoreFlag, check_masks, describe_lesions, severity_is_lower_bound
 from models.lesions_threshold import segment_lesions
@@ -101,14 +101,6 @@ class StudyScore:
     def severity_lower_bound(self) -> bool:
         """The severity may under-read the disease: the worklist puts the study at least in CT-3."""
         return severity_is_lower_bound(self.flags)
-
-
-def choose_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria) -> SeriesSelection:
-    """Series selection that raises when nothing is usable, with every series' reason."""
-    selection = select_series(slices, criteria)
-    if selection.chosen is None:
-        raise NoUsableSeriesError(selection.reason_if_none())
-    return selection
 
 
 def read_datasets(paths: Sequence[Path]) -> list[Dataset]:
