@@ -79,6 +79,13 @@ class Pacs:
         return 0x0000
 
 
+def exporting_to(pacs: Pacs, settings: Settings) -> Settings:
+    """``settings`` with exports to the in-process PACS and a listener on the loopback address."""
+    return settings.model_copy(update={
+        "export_enabled": True, "export_host": "127.0.0.1", "export_port": pacs.port,
+        "export_ae_title": PACS_AET, "export_timeout_seconds": 20, "dicom_host": "127.0.0.1"})
+
+
 def settle_score_export(backend: Backend, settings: Settings) -> list[str]:
     """One round of the service: settle, score each queued job, send pending exports. Returns outcomes."""
     factory = backend.factory
@@ -102,9 +109,7 @@ def count(factory: sessionmaker[Session], model: Any) -> int:
 def test_forwarding_the_whole_study_back_three_times_scores_and_exports_once(backend: Backend,
                                                                              tmp_path: Path) -> None:
     pacs = Pacs()
-    settings = backend.settings.model_copy(update={
-        "export_enabled": True, "export_host": "127.0.0.1", "export_port": pacs.port,
-        "export_ae_title": PACS_AET, "export_timeout_seconds": 20, "dicom_host": "127.0.0.1"})
+    settings = exporting_to(pacs, backend.settings)
     listener = start_listener(settings, backend.factory)
     try:
         truth = write_phantom_study(tmp_path / "ct", severity_left=25.0, severity_right=5.0, seed=91, **SPEC)
@@ -197,9 +202,7 @@ def test_a_study_sent_in_two_parts_leaves_one_current_report_that_amends_the_fir
     arrives later, the study is scored again, and its report amends the first one in the same
     series, as does its SEG and secondary capture: the PACS shows one current report and its history."""
     pacs = Pacs()
-    settings = backend.settings.model_copy(update={
-        "export_enabled": True, "export_host": "127.0.0.1", "export_port": pacs.port,
-        "export_ae_title": PACS_AET, "export_timeout_seconds": 20, "dicom_host": "127.0.0.1"})
+    settings = exporting_to(pacs, backend.settings)
     listener = start_listener(settings, backend.factory)
     try:
         write_phantom_study(tmp_path / "ct", severity_left=25.0, severity_right=5.0, seed=94, **SPEC)
