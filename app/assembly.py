@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.models import Export, ExportState, Job, JobState, Study, StudyState, utcnow
 from app.dicom.storage import remove_abandoned_incoming
 from app.priority import queue_priority
-from app.retention import purge_expired_studies
+from app.retention import purge_expired_quarantine, purge_expired_studies
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,7 @@ def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, sett
                            enqueue_export)
             if time.monotonic() >= next_purge:
                 purge_expired_studies(session_factory, settings.storage_root, settings.retention_days)
+                purge_expired_quarantine(session_factory, settings.quarantine_retention_days)
                 remove_abandoned_incoming(settings.storage_root, ABANDONED_INCOMING_SECONDS)
                 next_purge = time.monotonic() + settings.retention_check_interval_seconds
         except Exception:

@@ -48,6 +48,15 @@ class StorageFullError(CtTriageError):
     transient = True
 
 
+class InstanceTooLargeError(CtTriageError):
+    """An instance or upload beyond the configured size limits: a limit of this node (0xA700, 413),
+    not a fault in the data, so the bytes are neither stored nor quarantined."""
+
+    dicom_status = STATUS_OUT_OF_RESOURCES
+    http_status = 413
+    title = "Too large"
+
+
 class StorageWriteError(CtTriageError):
     """Writing an instance durably failed for a reason other than space."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from sqlalchemy import Connection, Engine, bindparam, case, null, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, null, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
@@ -370,15 +370,22 @@ def quarantine_bytes(
     source: str,
     original_name: str | None = None,
     calling_aet: str | None = None,
+    max_total_bytes: int | None = None,
 ) -> int:
-    """Keep bytes we could not use, with the reason, so an admin can see what was refused."""
-    ensure_free_space(storage_root, len(data), min_free_bytes)
-    path = quarantine_path(storage_root)
-    write_atomic(path, data)
+    """Keep bytes we could not use, with the reason, so an admin can see what was refused. Beyond
+    ``max_total_bytes`` (None: no quota) only the row is kept: path "" and the reason says so."""
+    path: Path | None = None
+    if max_total_bytes is not None and _quarantine_held_bytes(session_factory) + len(data) > max_total_bytes:
+        reason = f"{reason} (bytes not kept: quarantine quota of {max_total_bytes} bytes reached)"
+        log.warning("quarantine quota reached: bytes not kept", extra={"size": len(data), "source": source})
+    else:
+        ensure_free_space(storage_root, len(data), min_free_bytes)
+        path = quarantine_path(storage_root)
+        write_atomic(path, data)
     try:
         with session_factory.begin() as session:
             row = QuarantinedFile(
-                path=str(path),
+                path=str(path) if path else "",
                 original_name=original_name,
                 size_bytes=len(data),
                 reason=reason,
@@ -390,5 +397,12 @@ def quarantine_bytes(
             session.flush()
             return row.id
     except BaseException:
-        path.unlink(missing_ok=True)  # without its row nothing would ever show or remove it
+        if path is not None:
+            path.unlink(missing_ok=True)  # without its row nothing would ever show or remove it
         raise
+
+
+def _quarantine_held_bytes(session_factory: sessionmaker[Session]) -> int:
+    with session_factory() as session:
+        return int(session.execute(select(func.coalesce(func.sum(QuarantinedFile.size_bytes), 0))
+                                   .where(QuarantinedFile.path != "")).scalar_one())

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.counters import ASSOCIATIONS_REFUSED, INSTANCES_TOO_LARGE, read_counts
 from app.db.models import Instance, Job, JobState, Result, Study, StudyState, utcnow
 
 #: Seconds; scoring stages on CPU take from tens of milliseconds to a minute.
@@ -48,6 +49,7 @@ class DatabaseCollector(Collector):
                 .group_by(Study.state, Study.reason_code)).all()
             timings = session.execute(
                 select(Result.timings).where(Result.created_at >= utcnow() - HISTOGRAM_WINDOW)).scalars().all()
+            counted = read_counts(session)
 
         instances = CounterMetricFamily("cttriage_instances_received",
                                         "DICOM instances received (unique SOP instances)")
@@ -74,6 +76,15 @@ class DatabaseCollector(Collector):
         for state, code, count in errors:
             failures.add_metric([state, code or "unknown"], float(count))
         yield failures
+
+        # Events with no row of their own, counted by whichever process saw them (app.counters).
+        for name, label, doc in (
+                (ASSOCIATIONS_REFUSED, "reason", "DICOM connections or associations refused, by reason"),
+                (INSTANCES_TOO_LARGE, "source", "Instances refused for their size, by source")):
+            family = CounterMetricFamily(f"cttriage_{name}", doc, labels=[label])
+            for value, count in sorted(counted.get(name, {}).items()):
+                family.add_metric([value], float(count))
+            yield family
 
         samples: dict[str, list[float]] = {}
         for timing in timings:

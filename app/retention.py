@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Instance, Series, Study, StudyState, utcnow
+from app.db.models import Instance, QuarantinedFile, Series, Study, StudyState, utcnow
 from app.dicom.storage import derived_study_dir, storage_name
 
 log = logging.getLogger(__name__)
@@ -59,3 +59,22 @@ def purge_expired_studies(session_factory: sessionmaker[Session], storage_root: 
     if purged:
         log.info("expired studies purged from storage", extra={"count": purged})
     return purged
+
+
+def purge_expired_quarantine(session_factory: sessionmaker[Session], retention_days: float,
+                             now: datetime | None = None, limit: int = 1000) -> int:
+    """Delete quarantined files, and their rows, received more than ``retention_days`` ago:
+    refused bytes are kept for an admin to look at, not for ever. Returns how many."""
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    with session_factory.begin() as session:
+        rows = session.execute(
+            select(QuarantinedFile.id, QuarantinedFile.path).where(QuarantinedFile.received_at <= cutoff).limit(limit)
+        ).all()
+        if rows:
+            session.execute(delete(QuarantinedFile).where(QuarantinedFile.id.in_([r[0] for r in rows])))
+    for _, path in rows:  # after the commit: a row never points at a file already gone
+        if path:
+            Path(path).unlink(missing_ok=True)
+    if rows:
+        log.info("expired quarantine purged", extra={"count": len(rows)})
+    return len(rows)

@@ -46,7 +46,22 @@ class Settings(BaseSettings):
     dicom_tls_key: Path | None = None
     dicom_tls_ca: Path | None = None
     max_pdu: int = 0  # unlimited
-    network_timeout: float = 60.0
+    #: Associations (and bare TCP connections) served at once; beyond it a connection is refused.
+    dicom_max_associations: int = Field(default=64, ge=1)
+    #: ... and from one peer IP, so one misbehaving sender cannot take every slot.
+    dicom_max_associations_per_peer: int = Field(default=16, ge=1)
+    #: Seconds a connection may stay silent before its A-ASSOCIATE-RQ (pynetdicom's ARTIM timer,
+    #: set from AE.acse_timeout on the acceptor side) and to wait for A-RELEASE/A-ABORT replies.
+    dicom_acse_timeout: float = Field(default=10.0, gt=0)
+    #: Seconds to wait for a DIMSE message that is expected.
+    dicom_dimse_timeout: float = Field(default=30.0, gt=0)
+    #: Seconds an established association may stay idle (no PDU at all) before it is aborted.
+    network_timeout: float = Field(default=30.0, gt=0)
+    #: Largest instance accepted, by C-STORE (0xA700, the rest of the data set is discarded while
+    #: it arrives) or upload (413).
+    max_instance_bytes: int = Field(default=2**30, gt=0)
+    #: Largest total unpacked size of one uploaded zip (413 before anything is unpacked).
+    max_zip_unpacked_bytes: int = Field(default=4 * 2**30, gt=0)
 
     # --- HTTP API ---
     api_host: str = "127.0.0.1"
@@ -78,6 +93,11 @@ class Settings(BaseSettings):
     retention_days: float = 30.0
     #: How often the assembler looks for expired studies.
     retention_check_interval_seconds: float = 600.0
+    #: Quarantined files (and their rows) are deleted this long after they were received.
+    quarantine_retention_days: float = Field(default=30.0, gt=0)
+    #: Bytes the quarantine may hold; beyond it a refused file's bytes are not kept, only its row
+    #: and reason (0: keep nothing).
+    quarantine_max_bytes: int = Field(default=10 * 2**30, ge=0)
 
     # --- network weights (none configured: the threshold method; nothing is ever downloaded) ---
     #: A model bundle directory (multitask.pt, optional lungs.pt); wins over model_dir.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections import Counter
 from datetime import date
 from typing import Annotated, Literal, TypeVar
 
@@ -29,9 +30,10 @@ from app.api.schemas import (
     WorklistItem,
 )
 from app.assembly import dispatch_pending_jobs, request_rescore
+from app.counters import INSTANCES_TOO_LARGE, add_counts
 from app.db.models import QuarantinedFile, Result, Series, Study, StudyState
 from app.dicom.storage import IncomingFile
-from app.errors import InvalidDicomError, NotFoundError
+from app.errors import InstanceTooLargeError, InvalidDicomError, NotFoundError
 from app.ingest import describe_instance, quarantine_bytes, store_instance
 from app.security import record_audit
 from app.settings import Settings
@@ -42,9 +44,6 @@ router = APIRouter(prefix="/api", tags=["studies"])
 #: Upload limits: a whole CT study zipped is a few hundred MB at most.
 MAX_ZIP_MEMBERS = 20000
 ItemT = TypeVar("ItemT", bound=WorklistItem)
-
-#: A single uploaded instance (a zip member unpacked) may not be larger: it is held in memory.
-MAX_UPLOADED_INSTANCE_BYTES = 2**30
 
 
 @router.get("/worklist", response_model=Worklist)
@@ -131,6 +130,9 @@ def _uploaded_instances(upload: UploadFile, settings: SettingsDep,
     source = upload.file
     source.seek(0)
     if not zipfile.is_zipfile(source):
+        size = source.seek(0, io.SEEK_END)
+        if size > settings.max_instance_bytes:
+            _too_large(factory, f"a file of {size} bytes, above the limit of {settings.max_instance_bytes}")
         source.seek(0)
         return [_store_uploaded(upload.filename, source.read(), settings, factory)]
     source.seek(0)
@@ -139,17 +141,28 @@ def _uploaded_instances(upload: UploadFile, settings: SettingsDep,
             members = [m for m in archive.infolist() if not m.is_dir()]
             if len(members) > MAX_ZIP_MEMBERS:
                 raise InvalidDicomError(f"zip holds {len(members)} files, more than {MAX_ZIP_MEMBERS}")
+            # Declared sizes bound what zipfile unpacks: checked before anything is unpacked.
+            unpacked = sum(m.file_size for m in members)
+            if unpacked > settings.max_zip_unpacked_bytes:
+                _too_large(factory, f"a zip of {unpacked} bytes unpacked, above the limit of "
+                                    f"{settings.max_zip_unpacked_bytes}")
             outcomes = []
             for member in members:
-                if member.file_size > MAX_UPLOADED_INSTANCE_BYTES:
+                if member.file_size > settings.max_instance_bytes:
                     outcomes.append(UploadedFile(
                         filename=member.filename, stored=False,
-                        error=f"{member.file_size} bytes unpacked, more than {MAX_UPLOADED_INSTANCE_BYTES}"))
+                        error=f"{member.file_size} bytes unpacked, more than {settings.max_instance_bytes}"))
                     continue
                 outcomes.append(_store_uploaded(member.filename, archive.read(member), settings, factory))
             return outcomes
     except (zipfile.BadZipFile, InvalidDicomError) as exc:
         return [UploadedFile(filename=upload.filename, stored=False, error=str(exc))]
+
+
+def _too_large(factory: SessionFactoryDep, detail: str) -> None:
+    """Refuse the whole upload with 413 (counted in /metrics); nothing of it is kept."""
+    add_counts(factory, Counter({(INSTANCES_TOO_LARGE, "upload"): 1}))
+    raise InstanceTooLargeError(detail)
 
 
 def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factory: SessionFactoryDep) -> UploadedFile:
@@ -164,14 +177,15 @@ def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factor
         # Our own refusal (UIDs missing, a header out of bounds) was read fine: say what is wrong with it.
         reason = str(exc) if isinstance(exc, InvalidDicomError) else f"not a readable DICOM Part 10 file: {exc}"
         quarantine_bytes(data, reason, original_name=name, min_free_bytes=settings.min_free_bytes,
-                         **common)  # type: ignore[arg-type]
+                         max_total_bytes=settings.quarantine_max_bytes, **common)  # type: ignore[arg-type]
         return UploadedFile(filename=name, stored=False, error=reason)
     return UploadedFile(filename=name, stored=True, study_uid=stored.study_uid,
                         sop_instance_uid=stored.sop_instance_uid, duplicate=stored.duplicate)
 
 
 @router.post("/studies", response_model=UploadReport, status_code=status.HTTP_202_ACCEPTED,
-             responses={400: {"description": "No file was a readable DICOM instance"}})
+             responses={400: {"description": "No file was a readable DICOM instance"},
+                        413: {"description": "A file or a zip's unpacked total above the size limits"}})
 async def upload_study(
     files: Annotated[list[UploadFile], File(description="DICOM Part 10 files, or zip archives of them")],
     settings: SettingsDep,

@@ -314,3 +314,15 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32))
     study_uid: Mapped[str | None] = mapped_column(UID, index=True)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class EventCount(Base):
+    """Counters of events that leave no other row (refused connections, oversize instances), kept
+    in the database so ``/metrics``, served by the API process, covers the listener process too."""
+
+    __tablename__ = "event_counts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -9,6 +9,13 @@ answers 0xC000 and the listener keeps serving.
 
 Logs are structured (``extra``) and carry no patient data: calling AE titles, statuses and
 counts at info, study/series UIDs at debug only.
+
+Bounded under abuse (issue 12): at most ``dicom_max_associations`` connections at once and
+``dicom_max_associations_per_peer`` from one IP, checked when the TCP connection is accepted
+(:class:`ConnectionGate`, so a bare connection that never speaks DICOM holds a slot only until the
+ACSE timeout drops it); idle associations are aborted after ``network_timeout``. A data set that
+grows past ``max_instance_bytes`` while it arrives is discarded from then on (:func:`guard_size`)
+and answered 0xA700. Refusals are logged without patient data and counted (``app.counters``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import ipaddress
 import logging
 import ssl
 import threading
+import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,15 +50,18 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.counters import ASSOCIATIONS_REFUSED, INSTANCES_TOO_LARGE, EventCounters
 from app.dicom.storage import IncomingFile
 from app.errors import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_SUCCESS,
     CtTriageError,
+    InstanceTooLargeError,
     InvalidDicomError,
 )
 from app.ingest import (
@@ -99,6 +110,66 @@ class _Tally:
             return self._counts.pop(id(assoc), Counter())
 
 
+class ConnectionGate:
+    """Open connections by peer address, so a connection is refused before any thread or DICOM
+    work when the listener or its peer IP already holds its share.
+
+    Counted from TCP accept to EVT_CONN_CLOSE; an entry whose connection ended without that event
+    (a handler thread that failed) is pruned once no live association has its address.
+    """
+
+    #: Seconds an entry may exist before its association thread must be visible.
+    STARTUP_GRACE = 5.0
+
+    def __init__(self, ae: AE, max_total: int, max_per_peer: int) -> None:
+        self.ae = ae
+        self.max_total = max_total
+        self.max_per_peer = max_per_peer
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, int], float] = {}
+
+    def admit(self, address: tuple[str, int]) -> str | None:
+        """Take a slot for this connection, or say why not (the reason refused)."""
+        with self._lock:
+            if len(self._open) >= self.max_total:
+                self._prune()
+            if len(self._open) >= self.max_total:
+                return "max_associations"
+            if sum(ip == address[0] for ip, _ in self._open) >= self.max_per_peer:
+                self._prune()
+                if sum(ip == address[0] for ip, _ in self._open) >= self.max_per_peer:
+                    return "max_associations_per_peer"
+            self._open[(address[0], int(address[1]))] = time.monotonic()
+            return None
+
+    def release(self, address: tuple[str, int]) -> None:
+        with self._lock:
+            self._open.pop((address[0], int(address[1])), None)
+
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _prune(self) -> None:
+        live = {(a.requestor.address, a.requestor.port) for a in self.ae.active_associations if a.is_acceptor}
+        cutoff = time.monotonic() - self.STARTUP_GRACE
+        for key, since in list(self._open.items()):
+            if since < cutoff and key not in live:
+                del self._open[key]
+
+
+class _Oversize(BytesIO):
+    """Stands in for a data set that passed the size limit: counts the rest of it, keeps none."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__()
+        self.received = received
+
+    def write(self, data: Any) -> int:
+        self.received += len(data)
+        return len(data)
+
+
 @dataclass(frozen=True)
 class ListenerContext:
     """What the C-STORE handler needs, bound once when the server starts."""
@@ -106,6 +177,12 @@ class ListenerContext:
     settings: Settings
     session_factory: sessionmaker[Session]
     tally: _Tally = field(default_factory=_Tally, compare=False)
+    counters: EventCounters | None = field(default=None, compare=False)
+    gate: ConnectionGate | None = field(default=None, compare=False)
+
+    def count(self, name: str, label: str) -> None:
+        if self.counters is not None:
+            self.counters.add(name, label)
 
     def receive(self, data: bytes) -> IncomingFile:
         """Start writing received bytes under the storage root (refused below the free-space floor)."""
@@ -133,6 +210,12 @@ def build_ae(settings: Settings) -> AE:
     ae.require_called_aet = True
     ae.require_calling_aet = list(settings.allowed_calling_aets)  # empty: any
     ae.maximum_pdu_size = settings.max_pdu
+    # Acceptor side: acse_timeout is also the ARTIM timer, which drops a connection that sends no
+    # A-ASSOCIATE-RQ; network_timeout aborts an association with no PDU for that long.
+    # (connection_timeout only applies when this AE connects out.)
+    ae.maximum_associations = settings.dicom_max_associations
+    ae.acse_timeout = settings.dicom_acse_timeout
+    ae.dimse_timeout = settings.dicom_dimse_timeout
     ae.network_timeout = settings.network_timeout
     return ae
 
@@ -142,6 +225,8 @@ def _handlers(context: ListenerContext) -> list[Any]:
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_CONN_CLOSE, handle_close, [context]),
+        (evt.EVT_PDU_RECV, guard_size, [context]),
+        (evt.EVT_REJECTED, handle_rejected, [context]),
     ]
 
 
@@ -169,26 +254,46 @@ def address_allowed(address: str, allowed: list[str]) -> bool:
 
 def start_listener(settings: Settings, session_factory: sessionmaker[Session]) -> ThreadedAssociationServer:
     """Serve in background threads; the caller stops it with ``.shutdown()``."""
-    context = ListenerContext(settings, session_factory)
+    ae = build_ae(settings)
+    counters = EventCounters(session_factory)
+    gate = ConnectionGate(ae, settings.dicom_max_associations, settings.dicom_max_associations_per_peer)
+    context = ListenerContext(settings, session_factory, counters=counters, gate=gate)
     settings.storage_root.mkdir(parents=True, exist_ok=True)
     log.info(
         "DICOM listener starting",
         extra={"ae_title": settings.ae_title, "host": settings.dicom_host, "port": settings.dicom_port,
-               "tls": bool(settings.dicom_tls_cert), "ip_allow_list": len(settings.allowed_calling_ips)},
+               "tls": bool(settings.dicom_tls_cert), "ip_allow_list": len(settings.allowed_calling_ips),
+               "max_associations": settings.dicom_max_associations,
+               "max_associations_per_peer": settings.dicom_max_associations_per_peer},
     )
-    server: ThreadedAssociationServer = build_ae(settings).start_server(
+    server: ThreadedAssociationServer = ae.start_server(
         (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=_handlers(context),
         ssl_context=tls_context(settings),
     )
     allowed = list(settings.allowed_calling_ips)
 
     def verify_request(_request: Any, client_address: tuple[str, int]) -> bool:
-        ok = address_allowed(client_address[0], allowed)
-        if not ok:
+        if not address_allowed(client_address[0], allowed):
             log.warning("connection refused: address not in the allow-list", extra={"peer": client_address[0]})
-        return ok
+            counters.add(ASSOCIATIONS_REFUSED, "address_not_allowed")
+            return False
+        refused = gate.admit(client_address)
+        if refused:
+            log.warning("connection refused: association limit reached",
+                        extra={"peer": client_address[0], "reason": refused, "open": gate.open_count()})
+            counters.add(ASSOCIATIONS_REFUSED, refused)
+            return False
+        return True
+
+    stop_server = server.shutdown
+
+    def shutdown() -> None:
+        stop_server()
+        counters.stop()
 
     server.verify_request = verify_request  # type: ignore[method-assign]  # socketserver's hook
+    server.shutdown = shutdown  # type: ignore[method-assign]  # and record the last counts
+    counters.start()
     return server
 
 
@@ -213,7 +318,33 @@ def handle_echo(event: Event) -> int:
     return STATUS_SUCCESS
 
 
+def handle_rejected(event: Event, context: ListenerContext) -> None:
+    """A-ASSOCIATE-RJ sent (called or calling AE title, pynetdicom's own association limit)."""
+    log.warning("association rejected", extra={"calling_aet": _calling_aet(event)})
+    context.count(ASSOCIATIONS_REFUSED, "association_rejected")
+
+
+def guard_size(event: Event, context: ListenerContext) -> None:
+    """Before a P-DATA PDU is added to the DIMSE message being received: once the message's data
+    set would pass ``max_instance_bytes``, swap its buffer for one that keeps nothing, so the
+    listener's memory stays bounded and the C-STORE can still be answered (0xA700)."""
+    pdu = event.pdu  # type: ignore[attr-defined]
+    message = event.assoc.dimse.message
+    if not isinstance(pdu, P_DATA_TF) or message is None:
+        return
+    data_set = message.data_set
+    if isinstance(data_set, _Oversize) or not isinstance(data_set, BytesIO):
+        return
+    incoming = sum(len(item.presentation_data_value or b"") - 1 for item in pdu.presentation_data_value_items
+                   if item.presentation_data_value and not item.presentation_data_value[0] & 1)
+    if data_set.tell() + incoming > context.settings.max_instance_bytes:
+        message.data_set = _Oversize(data_set.tell())
+
+
 def handle_close(event: Event, context: ListenerContext) -> None:
+    if context.gate is not None:
+        requestor = event.assoc.requestor
+        context.gate.release((requestor.address, requestor.port))
     counts = context.tally.pop(event.assoc)
     if counts:
         log.info(
@@ -231,6 +362,7 @@ def handle_store(event: Event, context: ListenerContext) -> int:
     """Store one instance durably and record it; the one place errors become C-STORE statuses."""
     calling_aet = _calling_aet(event)
     try:
+        _check_size(event, context)
         file_meta = event.file_meta
         with context.receive(_part10_bytes(event, file_meta)) as incoming:  # flushed while we read the header
             received = _describe(event, file_meta)
@@ -262,6 +394,14 @@ def handle_store(event: Event, context: ListenerContext) -> int:
         },
     )
     return STATUS_SUCCESS
+
+
+def _check_size(event: Event, context: ListenerContext) -> None:
+    data_set = event.request.DataSet  # type: ignore[union-attr]
+    if isinstance(data_set, _Oversize):
+        context.count(INSTANCES_TOO_LARGE, SOURCE)
+        raise InstanceTooLargeError(
+            f"data set of {data_set.received} bytes or more, above the limit of {context.settings.max_instance_bytes}")
 
 
 def _part10_bytes(event: Event, file_meta: FileMetaDataset) -> bytes:
@@ -299,6 +439,7 @@ def _quarantine(event: Event, context: ListenerContext, reason: str, calling_aet
             reason,
             original_name=str(event.request.AffectedSOPInstanceUID or "") or None,
             min_free_bytes=context.settings.min_free_bytes,
+            max_total_bytes=context.settings.quarantine_max_bytes,
             **context.ingest_kwargs(calling_aet),
         )
     except Exception as exc:  # noqa: BLE001 - the answer is 0xC000 either way
