@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.errors import CtTriageError
+from app.errors import ConfigurationError, CtTriageError
 from app.logging_setup import configure_logging
 from app.settings import Settings, get_settings
 
@@ -363,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ConfigurationError as exc:  # a setting the service must not start with: one line, status 2
+        print(f"cttriage {args.command}: {exc}", file=sys.stderr)
+        return 2
     except CtTriageError as exc:  # a refusal the user can act on (a duplicate key, an unknown name): one line
         print(f"cttriage {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ from app.assembly import Enqueue, EnqueueExport, release_running_jobs, run_assem
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
 from app.parent_watch import PARENT_PID_ENV, STOP_GRACE_SECONDS
-from app.security import ensure_bootstrap_admin
+from app.security import check_configured_key, ensure_bootstrap_admin
 from app.settings import Settings
 from worker.celery_app import create_celery, enqueue_export, enqueue_scoring, ping_broker
 
@@ -39,6 +39,12 @@ GRACEFUL_SHUTDOWN_SECONDS = 5
 WORKER_STOP_SECONDS = STOP_GRACE_SECONDS
 #: The signals that stop `cttriage serve`: Ctrl-C, and SIGTERM from Docker, systemd and Kubernetes.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def refuse_weak_settings(settings: Settings) -> None:
+    """Before anything starts or migrates: a weak bootstrap key stops the service (ConfigurationError)."""
+    if settings.bootstrap_admin_key is not None:
+        check_configured_key(settings.bootstrap_admin_key)
 
 
 def prepare(settings: Settings) -> None:
@@ -162,6 +168,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     """
     from app.dicom.listener import start_listener
 
+    refuse_weak_settings(settings)
     _set_stop_handlers(_request_stop)
     prepare(settings)
     session_factory = make_session_factory(settings)
@@ -204,6 +211,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
 
 
 def serve_api(settings: Settings) -> None:
+    refuse_weak_settings(settings)
     upgrade_to_head(settings.sqlalchemy_url)
     settings.storage_root.mkdir(parents=True, exist_ok=True)
     session_factory = make_session_factory(settings)

@@ -134,6 +134,15 @@ class ModelOutputError(CtTriageError):
     title = "Network output not finite"
 
 
+# --- start-up ------------------------------------------------------------------------------
+
+
+class ConfigurationError(CtTriageError):
+    """A setting the service must not run with (a weak bootstrap key): refused at start, in one line."""
+
+    title = "Configuration refused"
+
+
 # --- API -------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydicom import Dataset
 from sqlalchemy import Connection, Engine, bindparam, case, func, null, select, update
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,6 +33,7 @@ from app.dicom.storage import (
     quarantine_path,
     write_atomic,
 )
+from app.dicom.text_values import check_identifier, clean_json, clean_optional, clean_text
 from app.errors import DatabaseUnavailableError, InvalidDicomError
 from models.dicom_headers import MAX_FRAMES, declared_frames, slice_headers
 
@@ -81,10 +82,11 @@ class StoredInstance:
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    """The element as text the databases can store (``app.dicom.text_values``), cut to ``limit``."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    return str(value)[:limit]
+    return clean_optional(str(value)[:limit])
 
 
 def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance:
@@ -104,21 +106,26 @@ def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance
     too_long = [keyword for keyword, uid in uids.items() if len(uid) > MAX_UID_LENGTH]
     if too_long:  # not a UID (PS3.5 9.1); a retry would not change that, so it is no 'retry later'
         raise InvalidDicomError(f"{', '.join(too_long)} longer than {MAX_UID_LENGTH} characters")
+    # A NUL or an undecodable byte in a key or the date: no database stores it, and a retry would
+    # not change it. Refused as unreadable (quarantined, 0xC000), never "retry later".
+    study_date = ds.get("StudyDate")
+    for keyword, value in (*uids.items(), ("StudyDate", None if study_date is None else str(study_date))):
+        check_identifier(keyword, value)
     return ReceivedInstance(
         study_uid=first.study_uid,
         series_uid=first.series_uid,
         sop_instance_uid=first.sop_instance_uid,
         sop_class_uid=first.sop_class_uid,
         transfer_syntax_uid=str(transfer_syntax_uid),
-        modality=first.modality[:16] or None,
+        modality=clean_optional(first.modality[:16]),
         series_number=first.series_number,
-        series_description=first.series_description[:128] or None,
+        series_description=clean_optional(first.series_description[:128]),
         accession_number=_text(ds, "AccessionNumber", 64),
         study_date=_text(ds, "StudyDate", 8),
         study_description=_text(ds, "StudyDescription", 128),
         patient_age=_text(ds, "PatientAge", 8),
         patient_sex=_text(ds, "PatientSex", 4),
-        headers=[{**h.to_dict(), CREATED_BY: created_by} if created_by else h.to_dict() for h in headers],
+        headers=[clean_json({**h.to_dict(), CREATED_BY: created_by} if created_by else h.to_dict()) for h in headers],
         created_by=created_by,
         patient_name=_text(ds, "PatientName", 128),
         patient_id=_text(ds, "PatientID", 64),
@@ -352,6 +359,11 @@ def store_instance(
                 now=utcnow(),
             )
             incoming.place(path)
+    except (DataError, UnicodeEncodeError) as exc:
+        # A value the database cannot store that cleaning missed: the same bytes would fail on
+        # every retry, so they are refused as unreadable (quarantined), not "retry later".
+        log.warning("database refused a value of an instance", extra={"error": type(exc).__name__})
+        raise InvalidDicomError(f"the database cannot store a value of this instance ({type(exc).__name__})") from exc
     except (OperationalError, DBAPIError, PoolTimeoutError) as exc:  # pool timeout: all connections busy
         # Nothing is recorded and the placed file goes again with ``incoming``; the sender retries.
         log.warning("database unavailable while recording an instance", extra={"error": type(exc).__name__})
@@ -386,9 +398,9 @@ def quarantine_bytes(
         with session_factory.begin() as session:
             row = QuarantinedFile(
                 path=str(path) if path else "",
-                original_name=original_name,
+                original_name=clean_optional(original_name),  # a sender's name or UID: may hold a NUL
                 size_bytes=len(data),
-                reason=reason,
+                reason=clean_text(reason),
                 source=source,
                 calling_aet=calling_aet,
                 received_at=utcnow(),

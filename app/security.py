@@ -18,9 +18,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import ApiKey, AuditEvent, utcnow
-from app.errors import ConflictError, NotFoundError
+from app.errors import ConfigurationError, ConflictError, NotFoundError
 
 KEY_PREFIX = "ctt_"
+#: A key given from outside (``CTTRIAGE_BOOTSTRAP_ADMIN_KEY``) must be at least this long, hold
+#: this many different characters and mix two kinds (lower case, upper case, digits, others):
+#: only the SHA-256 of a key is stored, which is safe for random tokens, not for short words.
+MIN_KEY_LENGTH = 24
+MIN_DISTINCT_CHARACTERS = 10
+MIN_CHARACTER_KINDS = 2
 
 
 class Role(str, enum.Enum):
@@ -40,7 +46,29 @@ class Principal:
 
 
 def generate_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    """A new random key (256 bits), drawn again in the unlikely case it reads as weak."""
+    while key_weakness(key := KEY_PREFIX + secrets.token_urlsafe(32)):
+        pass
+    return key
+
+
+def key_weakness(key: str) -> str | None:
+    """Why ``key`` is too weak to be an API key (never quoting it), or None when it is strong enough."""
+    if len(key) < MIN_KEY_LENGTH:
+        return f"is {len(key)} characters long, fewer than {MIN_KEY_LENGTH}"
+    if len(set(key)) < MIN_DISTINCT_CHARACTERS:
+        return f"has {len(set(key))} different characters, fewer than {MIN_DISTINCT_CHARACTERS}"
+    kinds = {"lower" if c.islower() else "upper" if c.isupper() else "digit" if c.isdigit() else "other" for c in key}
+    if len(kinds) < MIN_CHARACTER_KINDS:
+        return f"uses only one kind of character ({kinds.pop()}); mix at least {MIN_CHARACTER_KINDS}"
+    return None
+
+
+def check_configured_key(key: str, setting: str = "CTTRIAGE_BOOTSTRAP_ADMIN_KEY") -> None:
+    """Refuse to start with a weak key from the configuration (ConfigurationError, one line)."""
+    if weakness := key_weakness(key):
+        raise ConfigurationError(f"{setting} {weakness}; use e.g. `python3 -c 'import secrets; "
+                                 "print(secrets.token_urlsafe(32))'`")
 
 
 def hash_key(key: str) -> str:
@@ -79,8 +107,11 @@ def ensure_bootstrap_admin(session_factory: sessionmaker[Session], configured_ke
     """On first start (no keys at all) create an admin key.
 
     Returns the new key when it was generated here, so the caller prints it once; a key given
-    in the configuration (``CTTRIAGE_BOOTSTRAP_ADMIN_KEY``) is registered and not echoed.
+    in the configuration (``CTTRIAGE_BOOTSTRAP_ADMIN_KEY``) is registered and not echoed, and is
+    checked on every start (ConfigurationError when weak), not only the first.
     """
+    if configured_key is not None:
+        check_configured_key(configured_key)
     with session_factory.begin() as session:
         if session.execute(select(func.count()).select_from(ApiKey)).scalar_one():
             return None

@@ -32,8 +32,15 @@ def get_session(factory: Annotated[sessionmaker[Session], Depends(get_session_fa
         yield session
 
 
+#: The largest page offset: both databases keep OFFSET in a signed 64-bit integer.
+MAX_OFFSET = 2**63 - 1
+#: How many rows to skip (paging); past the 64-bit range it is a 422, not a database error.
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+
+
 def get_day_zone(
-    tz: Annotated[str, Query(description="IANA time zone the received_from/received_to days are in, e.g. "
+    tz: Annotated[str, Query(max_length=64,
+                             description="IANA time zone the received_from/received_to days are in, e.g. "
                                          "Europe/Moscow (the pages send the browser's); default UTC.")] = "UTC",
 ) -> tzinfo:
     try:

@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import routes_admin, routes_exports, routes_health, routes_pages, routes_studies
-from app.api.problems import install_problem_handlers
+from app.api.problems import CatchUnexpected, RefuseNul, install_problem_handlers
 from app.assembly import Enqueue
 from app.settings import Settings
 
@@ -50,6 +50,8 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], enque
     app.state.broker_ping = broker_ping
     install_problem_handlers(app)
     app.add_middleware(NoStoreForApi)
+    app.add_middleware(RefuseNul)
+    app.add_middleware(CatchUnexpected)  # outermost of ours: a bug in any of them is answered too
 
     app.include_router(routes_studies.router)
     app.include_router(routes_health.router)

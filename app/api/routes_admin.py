@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from app import admin
 from app.api.auth import Admin
-from app.api.deps import DayZoneDep, EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.deps import DayZoneDep, EnqueueDep, Offset, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.routes_studies import rescore_study
 from app.api.schemas import RescoreAccepted
 from app.api.schemas_admin import AuditEventOut, AuditLog, CeleryPing, FailureOut, Failures, LastJob, Overview
@@ -71,7 +71,7 @@ def get_failures(
     session: SessionDep,
     _principal: Admin,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Failures:
     """Failed and rejected studies, most recently received first, with reason and last job error."""
     total, rows = admin.failures(session, limit, offset)
@@ -86,7 +86,7 @@ def get_failures(
     return Failures(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.post("/studies/{study_uid}/retry", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)
+@router.post("/studies/{study_uid:path}/retry", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)
 def retry_study(study_uid: str, factory: SessionFactoryDep, enqueue: EnqueueDep, principal: Admin) -> RescoreAccepted:
     """Score the study again (a new version, audited): the same as ``POST /api/studies/{uid}/rescore``."""
     return rescore_study(study_uid, factory, enqueue, principal)
@@ -125,7 +125,7 @@ def get_audit(
     actor: str | None = None,
     action: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> AuditLog:
     """Who read or changed what, newest first."""
     query = select(AuditEvent)

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from app.api.auth import Admin
-from app.api.deps import SessionDep, SessionFactoryDep, SettingsDep
+from app.api.deps import Offset, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.schemas import ExportOut
 from app.db.models import Export, ExportState, Study
 from app.errors import ConflictError, NotFoundError
@@ -48,7 +48,7 @@ def list_exports(
     _principal: Admin,
     state: Annotated[list[ExportState] | None, Query(description="Only these states (repeatable).")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[ExportListItem]:
     """Newest first, with each one's attempts and last error."""
     query = select(Export, Study.study_uid).join(Study, Study.id == Export.study_id)

@@ -61,7 +61,7 @@ def worklist_page() -> FileResponse:
     return _page("worklist.html")
 
 
-@router.get("/studies/{study_uid}", include_in_schema=False)
+@router.get("/studies/{study_uid:path}", include_in_schema=False)
 def study_page(study_uid: str) -> FileResponse:
     return _page("study.html")
 

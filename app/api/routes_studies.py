@@ -18,7 +18,7 @@ from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Admin, Radiologist
-from app.api.deps import DayZoneDep, EnqueueDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.deps import DayZoneDep, EnqueueDep, Offset, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.problems import problem
 from app.api.schemas import (
     QuarantinedOut,
@@ -59,7 +59,7 @@ def get_worklist(
                     Query(description="Only these severity bands, CT-0..CT-4 as 0..4 (repeatable).")] = None,
     patient_id: Annotated[str | None, Query(max_length=64, description="Only this patient ID (exact).")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Worklist:
     query = worklist_query([s.value for s in state] if state else None, received_from, received_to, band, zone,
                            patient_id=patient_id)
@@ -88,8 +88,9 @@ def shown(item: ItemT, settings: Settings, modalities: list[str]) -> ItemT:
                                    "viewer_url": settings.viewer_url(item.study_uid, item.accession_number)})
 
 
-@router.get("/studies/{study_uid}", response_model=StudyDetail)
 def get_study(study_uid: str, session: SessionDep, settings: SettingsDep, principal: Radiologist) -> StudyDetail:
+    """One study. A UID holding "/" is sent percent-encoded (``%2F``): the route takes the rest of
+    the path, so it is registered after the routes under a study (pictures)."""
     study = session.execute(
         select(Study)
         .where(Study.study_uid == study_uid)
@@ -104,7 +105,7 @@ def get_study(study_uid: str, session: SessionDep, settings: SettingsDep, princi
     return detail
 
 
-@router.get("/studies/{study_uid}/images/{kind}.png", response_class=FileResponse,
+@router.get("/studies/{study_uid:path}/images/{kind}.png", response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}}})
 def get_study_image(study_uid: str, kind: Literal["axial", "projection"], session: SessionDep,
                     settings: SettingsDep, _principal: Radiologist) -> FileResponse:
@@ -120,6 +121,9 @@ def get_study_image(study_uid: str, kind: Literal["axial", "projection"], sessio
     if settings.storage_root.resolve() not in path.parents or not path.is_file():
         raise NotFoundError(f"the {kind} picture of study {study_uid} is gone (retention)")
     return FileResponse(path, media_type="image/png")
+
+
+router.add_api_route("/studies/{study_uid:path}", get_study, methods=["GET"], response_model=StudyDetail)
 
 
 def _uploaded_instances(upload: UploadFile, settings: SettingsDep,
@@ -217,7 +221,7 @@ def _audit_upload(outcomes: list[UploadedFile], factory: SessionFactoryDep, prin
                 record_audit(session, principal, "upload", uid, f"{stored} instances stored")
 
 
-@router.post("/studies/{study_uid}/rescore", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)
+@router.post("/studies/{study_uid:path}/rescore", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)
 def rescore_study(study_uid: str, factory: SessionFactoryDep, enqueue: EnqueueDep,
                   principal: Admin) -> RescoreAccepted:
     job_id = request_rescore(factory, study_uid)
@@ -234,7 +238,7 @@ def list_quarantine(
     session: SessionDep,
     _principal: Admin,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[QuarantinedOut]:
     """Received bytes that could not be attached to a study, newest first, with the reason."""
     rows = session.execute(

@@ -19,10 +19,14 @@ def ensure_sqlite_folder(url: str) -> None:
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
-    """SQLite gets WAL and a busy timeout so the listener, API and worker can share one file."""
+    """SQLite gets WAL and a busy timeout so the listener, API and worker can share one file.
+
+    Statement parameters are hidden from every error message: they carry names, IDs and filenames,
+    and an error's text ends up in logs (issue 12, item 8).
+    """
     if url.startswith("sqlite"):
         ensure_sqlite_folder(url)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -34,7 +38,8 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+    return create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True, pool_recycle=1800,
+                         hide_parameters=True)
 
 
 def make_session_factory(settings: Settings) -> sessionmaker[Session]:
