@@ -96,6 +96,8 @@ def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance
     if missing:
         raise InvalidDicomError(f"instance lacks {', '.join(missing)}")
     frames = declared_frames(ds) or 1
+    if frames < 1:  # slice_headers would describe no frame at all
+        raise InvalidDicomError(f"NumberOfFrames {frames} is not a frame count")
     if frames > MAX_FRAMES:  # a header is stored per frame
         raise InvalidDicomError(f"NumberOfFrames {frames} is more than the {MAX_FRAMES} accepted")
     headers = slice_headers(ds)

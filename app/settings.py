@@ -79,6 +79,19 @@ class Settings(BaseSettings):
     max_slice_spacing_mm: float = Field(default=10.0, gt=0)
     #: In-plane spacing the pipeline resamples to before segmentation (the paper's 2x2 mm).
     inplane_spacing_mm: float = 2.0
+    #: Plausible geometry, checked from the headers before any pixel is loaded (a series outside
+    #: is passed over with its own reason): pixel spacing and slice step in mm, rows and columns
+    #: (12 mm: real chest CT is 0.5-1.5 mm, coarse test and demo phantoms up to 11.2 mm).
+    min_pixel_spacing_mm: float = Field(default=0.1, gt=0)
+    max_pixel_spacing_mm: float = Field(default=12.0, gt=0)
+    min_slice_spacing_mm: float = Field(default=0.1, gt=0)
+    min_matrix: int = Field(default=16, ge=1)
+    max_matrix: int = Field(default=2048, ge=1)
+    #: Voxels of the volume as stored (slices x rows x columns) and of its scoring grid (resampled
+    #: to ``inplane_spacing_mm``): beyond them a study is rejected as too large instead of running
+    #: a worker out of memory (scoring holds roughly 250 bytes per scoring-grid voxel at its peak).
+    max_volume_voxels: int = Field(default=600_000_000, gt=0)
+    max_scoring_voxels: int = Field(default=64_000_000, gt=0)
     #: A processing study older than this is assumed lost by its worker and re-queued.
     processing_timeout_seconds: float = 1800.0
     #: A job whose attempts keep ending without an outcome (worker killed, out of memory, timed

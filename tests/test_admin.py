@@ -379,7 +379,7 @@ def test_a_zip_is_stored_member_by_member_and_an_oversized_one_is_refused_unread
     write_phantom(tmp_path / "study", PhantomSpec(slices=4, rows=64, columns=64, pixel_spacing=6.0))
     instances = sorted((tmp_path / "study").glob("*.dcm"))
     limit = max(path.stat().st_size for path in instances) + 1000
-    monkeypatch.setattr("app.api.routes_studies.MAX_UPLOADED_INSTANCE_BYTES", limit)
+    monkeypatch.setattr(setup.settings, "max_instance_bytes", limit)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in instances:
@@ -394,11 +394,12 @@ def test_a_zip_is_stored_member_by_member_and_an_oversized_one_is_refused_unread
     quarantined, audited = counts()
     response = setup.client.post("/api/studies", headers=setup.admin,
                                  files=[("files", ("study.zip", archive.getvalue(), "application/zip"))])
-    assert response.status_code == 202, response.text
+    assert response.status_code == 207, response.text  # some stored, one not
     report = response.json()
     assert report["stored"] == len(instances) and report["rejected"] == 1
     [refused] = [f for f in report["files"] if not f["stored"]]
     assert refused["filename"] == "zeros.bin" and f"more than {limit}" in refused["error"]
+    assert refused["status"] == "refused"
     assert counts() == (quarantined, audited + 1)  # never unpacked, so nothing to quarantine
 
 

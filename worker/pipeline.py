@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from app.errors import ModelOutputError, PixelDecodeError
+from app.errors import ImplausiblePixelSpacingError, ModelOutputError, PixelDecodeError
 from models.dicom_headers import SliceHeader
 from models.findings import LesionDescriptors, ScoreFlag, check_masks, describe_lesions, severity_is_lower_bound
 from models.lesions_threshold import segment_lesions
@@ -25,7 +25,7 @@ from models.preprocessing import resample_inplane
 from models.severity import LungSeverity, lung_severity
 from models.threshold_method import ThresholdMasks, threshold_lungs
 from models.volume import CtVolume, hu_volume
-from worker.series_selection import SeriesCriteria, SeriesSelection, select_series
+from worker.series_selection import SeriesCriteria, SeriesSelection, select_series, too_many_voxels
 
 if TYPE_CHECKING:  # torch is imported only where networks are configured
     from models.inference import NetworkPrediction, TriageNetworks
@@ -162,13 +162,30 @@ def score_study(
     with timer.step("load"):
         volume = hu_volume(read_datasets([paths[uid] for uid in chosen_uids]))
     return score_ct_volume(str(selection.chosen), volume, inplane_spacing_mm=inplane_spacing_mm, networks=networks,
-                           timer=timer)
+                           timer=timer, criteria=criteria)
+
+
+def check_scoring_grid(volume: CtVolume, criteria: SeriesCriteria) -> None:
+    """Before resampling: refuse in-plane spacings and sizes no worker should try (a NIfTI file
+    has no headers to select on; a DICOM series was checked from its headers already)."""
+    slices, rows, columns = volume.hu.shape
+    in_plane = (float(volume.spacing[1]), float(volume.spacing[2]))
+    lo, hi = criteria.min_pixel_spacing_mm, criteria.max_pixel_spacing_mm
+    if not all(lo <= v <= hi for v in in_plane):
+        raise ImplausiblePixelSpacingError(f"in-plane spacing {in_plane[0]:g} x {in_plane[1]:g} mm, "
+                                           f"outside {lo:g}-{hi:g} mm")
+    too_large = too_many_voxels(slices, rows, columns, in_plane, criteria)
+    if too_large is not None:
+        raise too_large
 
 
 def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: float,
-                    networks: TriageNetworks | None = None, timer: StepTimer | None = None) -> StudyScore:
-    """Score an already loaded volume (a DICOM series, or a NIfTI file in batch scoring)."""
+                    networks: TriageNetworks | None = None, timer: StepTimer | None = None,
+                    criteria: SeriesCriteria | None = None) -> StudyScore:
+    """Score an already loaded volume (a DICOM series, or a NIfTI file in batch scoring).
+    ``criteria`` bound its spacing and size (default limits where not given)."""
     timer = timer or StepTimer()
+    check_scoring_grid(volume, criteria or SeriesCriteria(inplane_spacing_mm=inplane_spacing_mm))
     if networks is not None:
         return _network_score(series_uid, volume, networks, inplane_spacing_mm, timer)
     severity, masks, found = score_volume(volume, inplane_spacing_mm, timer)

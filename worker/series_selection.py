@@ -18,8 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.errors import NoUsableSeriesError, VolumeError
-from models.dicom_headers import SliceHeader, StackGeometry, series_label, slice_normal, stack_geometry
+from app.errors import (
+    ImplausibleFrameCountError,
+    ImplausibleMatrixError,
+    ImplausiblePixelSpacingError,
+    ImplausibleSliceSpacingError,
+    NoUsableSeriesError,
+    StudyRejectedError,
+    VolumeError,
+    VolumeTooLargeError,
+)
+from models.dicom_headers import MAX_FRAMES, SliceHeader, StackGeometry, series_label, slice_normal, stack_geometry
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -37,6 +46,21 @@ MIN_COVERAGE_MM = 150.0
 MAX_SLICE_SPACING_MM = 10.0
 #: Reasons print millimetres to 0.1 mm; a value that prints equal to its limit passes.
 PRINT_TOLERANCE_MM = 0.05
+#: Plausible geometry of a chest CT (defaults of the settings of the same names): pixels of
+#: 0.1-12 mm, slices at least 0.1 mm apart, matrices of 16-2048, at most MAX_FRAMES slices, and
+#: voxel counts a worker can hold. Checked from the headers, before any pixel is loaded. Real chest
+#: CT pixels are 0.5-1.5 mm; 12 mm leaves room for the coarse 32-64 pixel phantoms of the tests and
+#: demo, and rejects the 25 mm study that took a worker to 6.2 GB.
+MIN_PIXEL_SPACING_MM = 0.1
+MAX_PIXEL_SPACING_MM = 12.0
+MIN_SLICE_SPACING_MM = 0.1
+MIN_MATRIX = 16
+MAX_MATRIX = 2048
+MAX_VOLUME_VOXELS = 600_000_000
+MAX_SCORING_VOXELS = 64_000_000
+INPLANE_SPACING_MM = 2.0
+#: Peak bytes scoring holds per scoring-grid voxel (measured: 6.2 GB for 25.6 M voxels), for reasons.
+BYTES_PER_SCORING_VOXEL = 250
 
 
 @dataclass(frozen=True)
@@ -46,10 +70,24 @@ class SeriesCriteria:
 
     min_coverage_mm: float = MIN_COVERAGE_MM
     max_slice_spacing_mm: float = MAX_SLICE_SPACING_MM
+    inplane_spacing_mm: float = INPLANE_SPACING_MM
+    min_pixel_spacing_mm: float = MIN_PIXEL_SPACING_MM
+    max_pixel_spacing_mm: float = MAX_PIXEL_SPACING_MM
+    min_slice_spacing_mm: float = MIN_SLICE_SPACING_MM
+    min_matrix: int = MIN_MATRIX
+    max_matrix: int = MAX_MATRIX
+    max_volume_voxels: int = MAX_VOLUME_VOXELS
+    max_scoring_voxels: int = MAX_SCORING_VOXELS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SeriesCriteria:
-        return cls(min_coverage_mm=settings.min_coverage_mm, max_slice_spacing_mm=settings.max_slice_spacing_mm)
+        return cls(min_coverage_mm=settings.min_coverage_mm, max_slice_spacing_mm=settings.max_slice_spacing_mm,
+                   inplane_spacing_mm=settings.inplane_spacing_mm,
+                   min_pixel_spacing_mm=settings.min_pixel_spacing_mm,
+                   max_pixel_spacing_mm=settings.max_pixel_spacing_mm,
+                   min_slice_spacing_mm=settings.min_slice_spacing_mm, min_matrix=settings.min_matrix,
+                   max_matrix=settings.max_matrix, max_volume_voxels=settings.max_volume_voxels,
+                   max_scoring_voxels=settings.max_scoring_voxels)
 
 
 @dataclass(frozen=True)
@@ -79,6 +117,9 @@ class SeriesSelection:
 
     chosen: str | None
     decisions: list[SeriesDecision] = field(default_factory=list)
+    #: What :meth:`require` raises when nothing is chosen: the typed error of the first series
+    #: passed over for implausible geometry or size (its own reason code), else NoUsableSeriesError.
+    error: type[StudyRejectedError] = NoUsableSeriesError
 
     def reason_if_none(self) -> str | None:
         """One admin-readable line saying why no series was chosen (None when one was)."""
@@ -89,9 +130,10 @@ class SeriesSelection:
         return "no usable series: " + "; ".join(f"{d.label} ({d.reason})" for d in self.decisions)
 
     def require(self) -> str:
-        """The chosen series UID, or NoUsableSeriesError carrying :meth:`reason_if_none`."""
+        """The chosen series UID, or :attr:`error` (NoUsableSeriesError unless a series was passed over
+        for implausible geometry or size) carrying :meth:`reason_if_none`."""
         if self.chosen is None:
-            raise NoUsableSeriesError(self.reason_if_none() or "no usable series")
+            raise self.error(self.reason_if_none() or "no usable series")
         return self.chosen
 
 
@@ -115,6 +157,7 @@ def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = Seri
         first = headers[0]
         numbers = [h.series_number for h in headers if h.series_number is not None]
         thickness = _median_thickness(headers)
+        verdict = _rejection(headers, thickness, criteria)
         candidates.append(
             {
                 "series_uid": uid,
@@ -123,7 +166,8 @@ def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = Seri
                 "slice_count": len(headers),
                 "slice_spacing_mm": _spacing_estimate(headers),
                 "thickness": thickness,
-                "reason": _rejection(headers, thickness, criteria),
+                "reason": None if verdict is None else str(verdict),
+                "error": type(verdict) if isinstance(verdict, StudyRejectedError) else None,
             }
         )
     candidates.sort(key=lambda c: (c["series_number"] is None, c["series_number"] or 0, c["series_uid"]))
@@ -132,16 +176,22 @@ def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = Seri
     usable.sort(key=lambda c: (_effective_thickness(c), -c["slice_count"], c["slice_spacing_mm"] or math.inf))
     best = usable[0] if usable else None
     decisions = []
+    errors = [c.pop("error") for c in candidates]
     for c in candidates:
         reason = c.pop("reason")
         if best is not None and c is not best and reason is None:
             reason = _beaten_by(c, best)
         decisions.append(SeriesDecision(chosen=c is best, reason=reason, **c))
-    return SeriesSelection(chosen=best["series_uid"] if best else None, decisions=decisions)
+    typed = [e for e in errors if e is not None]
+    return SeriesSelection(chosen=best["series_uid"] if best else None, decisions=decisions,
+                           error=typed[0] if best is None and typed else NoUsableSeriesError)
 
 
-def _rejection(headers: list[SliceHeader], thickness: float | None, criteria: SeriesCriteria) -> str | None:
-    """Why this series cannot be scored, or None (``thickness``: its median SliceThickness)."""
+def _rejection(headers: list[SliceHeader], thickness: float | None,
+               criteria: SeriesCriteria) -> str | StudyRejectedError | None:
+    """Why this series cannot be scored, or None (``thickness``: its median SliceThickness).
+    Implausible geometry and sizes come as typed errors, so a study with nothing else to score
+    is rejected with their reason code."""
     modalities = sorted({h.modality for h in headers})
     if modalities != ["CT"]:
         others = [m or "missing" for m in modalities if m != "CT"]
@@ -151,6 +201,9 @@ def _rejection(headers: list[SliceHeader], thickness: float | None, criteria: Se
     without_pixels = len({h.sop_instance_uid for h in headers if not h.has_pixel_data})
     if without_pixels:
         return f"{without_pixels} instance{'s' if without_pixels > 1 else ''} without pixel data"
+    implausible = implausible_frames(headers, criteria)
+    if implausible is not None:
+        return implausible
     orientation = headers[0].orientation
     if orientation is None or any(h.orientation is None for h in headers):
         return "no ImageOrientationPatient: cannot tell whether it is axial"
@@ -170,10 +223,55 @@ def _rejection(headers: list[SliceHeader], thickness: float | None, criteria: Se
         return str(exc)
     covered = coverage_mm(geometry, thickness)
     step = geometry.slice_spacing_mm
+    if step < criteria.min_slice_spacing_mm:
+        return ImplausibleSliceSpacingError(f"slices {step:.3g} mm apart, less than the "
+                                            f"{criteria.min_slice_spacing_mm:g} mm of any CT")
+    too_large = too_many_voxels(len(headers), geometry.rows, geometry.columns, geometry.pixel_spacing, criteria)
+    if too_large is not None:
+        return too_large
     if covered < criteria.min_coverage_mm - PRINT_TOLERANCE_MM:
         return _too_short(covered, f"{len(headers)} slices {step:.1f} mm apart{_thick(thickness)}", criteria)
     if step > criteria.max_slice_spacing_mm + PRINT_TOLERANCE_MM:
         return f"slices {step:.1f} mm apart, more than {criteria.max_slice_spacing_mm:.1f} mm"
+    return None
+
+
+def implausible_frames(headers: Sequence[SliceHeader], criteria: SeriesCriteria) -> StudyRejectedError | None:
+    """The first header fact no chest CT has (slice count, matrix, pixel spacing), or None.
+
+    From the headers alone: the volume loader and the resampling to the scoring grid would
+    otherwise allocate what these numbers ask for (PixelSpacing 1e6 asks for petabytes).
+    """
+    if len(headers) > MAX_FRAMES:
+        return ImplausibleFrameCountError(f"{len(headers)} slices, more than the {MAX_FRAMES} accepted")
+    lo, hi = criteria.min_matrix, criteria.max_matrix
+    for h in headers:
+        if not (lo <= h.rows <= hi and lo <= h.columns <= hi):
+            return ImplausibleMatrixError(f"{h.rows}x{h.columns} pixels (Rows x Columns), outside {lo}-{hi}")
+    lo_mm, hi_mm = criteria.min_pixel_spacing_mm, criteria.max_pixel_spacing_mm
+    for h in headers:
+        if h.pixel_spacing is not None and not all(lo_mm <= v <= hi_mm for v in h.pixel_spacing):
+            values = "\\".join(f"{v:g}" for v in h.pixel_spacing)
+            return ImplausiblePixelSpacingError(f"PixelSpacing {values} mm, outside {lo_mm:g}-{hi_mm:g} mm")
+    return None
+
+
+def too_many_voxels(slices: int, rows: int, columns: int, pixel_spacing: Sequence[float],
+                    criteria: SeriesCriteria) -> VolumeTooLargeError | None:
+    """VolumeTooLargeError when the stored volume or its scoring grid (resampled in-plane to
+    ``criteria.inplane_spacing_mm``) has more voxels than the criteria allow; else None."""
+    stored = slices * rows * columns
+    if stored > criteria.max_volume_voxels:
+        return VolumeTooLargeError(f"{slices} x {rows} x {columns} = {stored:,} voxels, more than the "
+                                   f"{criteria.max_volume_voxels:,} allowed (CTTRIAGE_MAX_VOLUME_VOXELS)")
+    target = criteria.inplane_spacing_mm
+    grid = (slices * math.ceil(rows * abs(pixel_spacing[0]) / target)
+            * math.ceil(columns * abs(pixel_spacing[1]) / target))
+    if grid > criteria.max_scoring_voxels:
+        gib = grid * BYTES_PER_SCORING_VOXEL / 2**30
+        return VolumeTooLargeError(f"{grid:,} voxels on the {target:g} mm scoring grid (about {gib:.0f} GiB to "
+                                   f"score), more than the {criteria.max_scoring_voxels:,} allowed "
+                                   f"(CTTRIAGE_MAX_SCORING_VOXELS)")
     return None
 
 

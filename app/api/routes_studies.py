@@ -12,7 +12,6 @@ import pydicom
 from fastapi import APIRouter, File, Query, UploadFile, status
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import Field
-from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
@@ -33,7 +32,7 @@ from app.assembly import dispatch_pending_jobs, request_rescore
 from app.counters import INSTANCES_TOO_LARGE, add_counts
 from app.db.models import QuarantinedFile, Result, Series, Study, StudyState
 from app.dicom.storage import IncomingFile
-from app.errors import InstanceTooLargeError, InvalidDicomError, NotFoundError
+from app.errors import CtTriageError, InstanceTooLargeError, InvalidDicomError, NotFoundError
 from app.ingest import describe_instance, quarantine_bytes, store_instance
 from app.security import record_audit
 from app.settings import Settings
@@ -130,7 +129,8 @@ def _uploaded_instances(upload: UploadFile, settings: SettingsDep,
                         factory: SessionFactoryDep) -> list[UploadedFile]:
     """Store one uploaded file, or each file of an uploaded zip (folders ignored). A zip is read
     from its spooled file a member at a time, and a member is refused by its declared unpacked
-    size before it is unpacked: a small zip of zeros cannot fill memory."""
+    size before it is unpacked: a small zip of zeros cannot fill memory. A member that cannot be
+    unpacked is reported on its own: the members stored before and after it stay stored."""
     source = upload.file
     source.seek(0)
     if not zipfile.is_zipfile(source):
@@ -153,14 +153,23 @@ def _uploaded_instances(upload: UploadFile, settings: SettingsDep,
             outcomes = []
             for member in members:
                 if member.file_size > settings.max_instance_bytes:
-                    outcomes.append(UploadedFile(
-                        filename=member.filename, stored=False,
-                        error=f"{member.file_size} bytes unpacked, more than {settings.max_instance_bytes}"))
+                    outcomes.append(_refused(member.filename, f"{member.file_size} bytes unpacked, more than "
+                                                              f"{settings.max_instance_bytes}"))
                     continue
-                outcomes.append(_store_uploaded(member.filename, archive.read(member), settings, factory))
+                try:
+                    data = archive.read(member)
+                except Exception as exc:  # noqa: BLE001 - CRC error, encryption, unknown compression
+                    outcomes.append(_refused(member.filename, f"zip member cannot be unpacked ({type(exc).__name__})"))
+                    continue
+                outcomes.append(_store_uploaded(member.filename, data, settings, factory))
             return outcomes
     except (zipfile.BadZipFile, InvalidDicomError) as exc:
-        return [UploadedFile(filename=upload.filename, stored=False, error=str(exc))]
+        return [_refused(upload.filename, str(exc))]
+
+
+def _refused(name: str | None, reason: str) -> UploadedFile:
+    """A file that was neither stored nor quarantined (no bytes to keep), with the reason."""
+    return UploadedFile(filename=name, stored=False, status="refused", error=reason)
 
 
 def _too_large(factory: SessionFactoryDep, detail: str) -> None:
@@ -170,25 +179,35 @@ def _too_large(factory: SessionFactoryDep, detail: str) -> None:
 
 
 def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factory: SessionFactoryDep) -> UploadedFile:
+    """Store one instance as C-STORE would, or quarantine it with the reason. Only errors that a
+    retry can cure (storage full, database away) propagate; whatever a bad file makes pydicom
+    raise (zlib, recursion, index errors) is a quarantine with the exception's type, not its
+    message, which may quote element values."""
     common = {"storage_root": settings.storage_root, "session_factory": factory, "source": "upload"}
     try:
         with IncomingFile(settings.storage_root, data, min_free_bytes=settings.min_free_bytes) as incoming:
-            ds = pydicom.dcmread(io.BytesIO(data), force=False)
-            received = describe_instance(ds, str(ds.file_meta.TransferSyntaxUID))
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data), force=False)
+                received = describe_instance(ds, str(ds.file_meta.TransferSyntaxUID))
+            except CtTriageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on bad bytes
+                raise InvalidDicomError(f"not a readable DICOM Part 10 file ({type(exc).__name__})") from exc
             stored = store_instance(incoming, received, calling_aet=None, own_objects=settings.own_objects,
                                     **common)  # type: ignore[arg-type]
-    except (PydicomInvalidDicomError, InvalidDicomError, AttributeError, KeyError, ValueError, EOFError) as exc:
-        # Our own refusal (UIDs missing, a header out of bounds) was read fine: say what is wrong with it.
-        reason = str(exc) if isinstance(exc, InvalidDicomError) else f"not a readable DICOM Part 10 file: {exc}"
+    except InvalidDicomError as exc:  # read fine or not at all: say what is wrong with it, keep the bytes
+        reason = str(exc)
         quarantine_bytes(data, reason, original_name=name, min_free_bytes=settings.min_free_bytes,
                          max_total_bytes=settings.quarantine_max_bytes, **common)  # type: ignore[arg-type]
-        return UploadedFile(filename=name, stored=False, error=reason)
-    return UploadedFile(filename=name, stored=True, study_uid=stored.study_uid,
-                        sop_instance_uid=stored.sop_instance_uid, duplicate=stored.duplicate)
+        return UploadedFile(filename=name, stored=False, status="quarantined", error=reason)
+    return UploadedFile(filename=name, stored=True, status="duplicate" if stored.duplicate else "stored",
+                        study_uid=stored.study_uid, sop_instance_uid=stored.sop_instance_uid,
+                        duplicate=stored.duplicate)
 
 
 @router.post("/studies", response_model=UploadReport, status_code=status.HTTP_202_ACCEPTED,
-             responses={400: {"description": "No file was a readable DICOM instance"},
+             responses={207: {"model": UploadReport, "description": "Some files stored, others not: see `files`"},
+                        400: {"description": "No file was stored; `files` says why for each"},
                         413: {"description": "A file or a zip's unpacked total above the size limits"}})
 async def upload_study(
     files: Annotated[list[UploadFile], File(description="DICOM Part 10 files, or zip archives of them")],
@@ -197,28 +216,40 @@ async def upload_study(
     principal: Admin,
 ) -> UploadReport | JSONResponse:
     """Same path as C-STORE: each instance is written durably and recorded; the study is scored
-    once it settles. Files that are not DICOM are quarantined with the reason."""
+    once it settles. Every file gets a line in the report (stored, duplicate, quarantined or
+    refused, with the reason): 202 when all were stored, 207 when some were, 400 when none."""
     outcomes: list[UploadedFile] = []
     try:
         for upload in files:  # disk and database work: off the event loop, which serves the live streams
             outcomes.extend(await run_in_threadpool(_uploaded_instances, upload, settings, factory))
     finally:  # storage full or database away half-way: what was stored is still audited
         await run_in_threadpool(_audit_upload, outcomes, factory, principal)
-    stored = sum(o.stored for o in outcomes)
-    report = UploadReport(stored=stored, rejected=len(outcomes) - stored, files=outcomes)
-    if stored == 0:
-        return problem(400, "No DICOM instance stored", "no uploaded file was a readable DICOM instance",
-                       files=[o.model_dump() for o in outcomes])
+    report = upload_report(outcomes)
+    if report.stored == 0:
+        return problem(400, "No DICOM instance stored", "no uploaded file was stored; see files for each reason",
+                       **report.model_dump(exclude={"files"}), files=[o.model_dump() for o in outcomes])
+    if report.stored < len(outcomes):
+        return JSONResponse(report.model_dump(), status_code=status.HTTP_207_MULTI_STATUS)
     return report
 
 
-def _audit_upload(outcomes: list[UploadedFile], factory: SessionFactoryDep, principal: Admin) -> None:
+def upload_report(outcomes: list[UploadedFile]) -> UploadReport:
+    """Counts by outcome beside the per-file list."""
     stored = sum(o.stored for o in outcomes)
+    return UploadReport(stored=stored, rejected=len(outcomes) - stored,
+                        duplicates=sum(o.status == "duplicate" for o in outcomes),
+                        quarantined=sum(o.status == "quarantined" for o in outcomes), files=outcomes)
+
+
+def _audit_upload(outcomes: list[UploadedFile], factory: SessionFactoryDep, principal: Admin) -> None:
+    """One audit row per study touched, or one without a study when nothing was stored: an upload
+    is audited whatever came of it (counts only: file names may carry patient data)."""
+    report = upload_report(outcomes)
+    detail = f"{report.stored} instances stored, {report.quarantined} quarantined, {report.rejected} not stored"
     uids = sorted({o.study_uid for o in outcomes if o.study_uid})
-    if uids:
-        with factory.begin() as session:
-            for uid in uids:
-                record_audit(session, principal, "upload", uid, f"{stored} instances stored")
+    with factory.begin() as session:
+        for uid in uids or [None]:
+            record_audit(session, principal, "upload", uid, detail)
 
 
 @router.post("/studies/{study_uid:path}/rescore", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)

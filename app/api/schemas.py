@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
@@ -175,8 +175,11 @@ class StudyDetail(WorklistItem):
 
 
 class UploadedFile(BaseModel):
+    """One uploaded file (or zip member): ``status`` says what became of it, ``error`` why not stored."""
+
     filename: str | None
     stored: bool
+    status: Literal["stored", "duplicate", "quarantined", "refused"] = "stored"
     study_uid: str | None = None
     sop_instance_uid: str | None = None
     duplicate: bool = False
@@ -184,8 +187,10 @@ class UploadedFile(BaseModel):
 
 
 class UploadReport(BaseModel):
-    stored: int
-    rejected: int
+    stored: int  # duplicates included
+    rejected: int  # quarantined or refused
+    duplicates: int = 0
+    quarantined: int = 0
     files: list[UploadedFile]
 
 
