@@ -59,6 +59,7 @@ from app.ingest import (
     quarantine_bytes,
     store_instance,
 )
+from app.liveness import ListenerHeartbeat, listener_name
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,17 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session]) -
         return ok
 
     server.verify_request = verify_request  # type: ignore[method-assign]  # socketserver's hook
+    heartbeat = ListenerHeartbeat(session_factory, listener_name(settings.ae_title, settings.dicom_port),
+                                  settings.listener_heartbeat_interval_seconds,
+                                  settings.listener_heartbeat_timeout_seconds)
+    heartbeat.start()  # settling counts silence only while this beats (app.liveness)
+    shutdown = server.shutdown
+
+    def shutdown_with_heartbeat() -> None:
+        shutdown()
+        heartbeat.stop()
+
+    server.shutdown = shutdown_with_heartbeat  # type: ignore[method-assign]
     return server
 
 
