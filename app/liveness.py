@@ -53,17 +53,17 @@ class ListenerHeartbeat:
         self._first.wait(timeout=10)
 
     def _run(self) -> None:
-        restarted, last_ok = True, None
+        last_ok: datetime | None = None
+        # Two missed beats in a row (database down, process suspended) are an outage: the next
+        # good beat restarts the settle clock. One busy moment (SQLite locked) is not.
+        outage = timedelta(seconds=min(self.timeout, 3 * self.interval))
         while not self._stop.is_set():
-            # A beat later than the timeout (process suspended, host overloaded) is a restart too.
-            late = last_ok is not None and (utcnow() - last_ok) > timedelta(seconds=self.timeout)
+            restarted = last_ok is None or utcnow() - last_ok > outage
             try:
-                beat(self.session_factory, self.name, restarted=restarted or late)
-                restarted, last_ok = False, utcnow()
+                beat(self.session_factory, self.name, restarted=restarted)
+                last_ok = utcnow()
             except Exception as exc:  # database down: C-STORE answers 0xA700 meanwhile
-                if not restarted:
-                    log.warning("listener heartbeat failed", extra={"error": type(exc).__name__})
-                restarted = True
+                log.warning("listener heartbeat failed", extra={"error": type(exc).__name__})
             self._first.set()
             self._stop.wait(self.interval)
 

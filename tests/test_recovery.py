@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -167,3 +168,38 @@ def test_the_listener_heartbeat_thread_writes_its_row_and_removes_it_on_stop(
         heartbeat.stop()
     with factory() as session:
         assert session.execute(select(Listener)).scalars().all() == []
+
+
+def test_the_listener_heartbeat_restarts_the_clock_after_missed_beats(
+        factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Beats failing for longer than two intervals (the database was down) move ``up_since`` to
+    the first good one; a single failed beat does not."""
+    import app.liveness as liveness
+
+    failing = {"n": 0}
+    real_beat = liveness.beat
+
+    def flaky_beat(*args: object, **kwargs: object) -> None:
+        if failing["n"] > 0:
+            failing["n"] -= 1
+            raise RuntimeError("database down")
+        real_beat(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(liveness, "beat", flaky_beat)
+
+    def up_since() -> object:
+        with factory() as session:
+            return session.execute(select(Listener.up_since)).scalar_one()
+
+    heartbeat = ListenerHeartbeat(factory, "host:CTTRIAGE:2", interval=0.3, timeout=20)
+    heartbeat.start()
+    try:
+        first = up_since()
+        failing["n"] = 1
+        time.sleep(1.0)
+        assert up_since() == first, "one failed beat is not an outage"
+        failing["n"] = 5
+        time.sleep(2.5)
+        assert up_since() > first  # type: ignore[operator]
+    finally:
+        heartbeat.stop()
