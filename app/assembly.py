@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Export, ExportState, Job, JobState, Study, StudyState, utcnow
+from app.db.models import Export, ExportState, Job, JobState, Listener, Study, StudyState, utcnow
 from app.dicom.storage import remove_abandoned_incoming
 from app.priority import queue_priority
 from app.retention import purge_expired_quarantine, purge_expired_studies
@@ -52,12 +52,36 @@ def create_job(session: Session, study: Study, *, trigger: str, now: datetime) -
     return job
 
 
+def settle_clock_start(session_factory: sessionmaker[Session], listener_timeout_seconds: float,
+                       now: datetime | None = None) -> tuple[bool, datetime | None]:
+    """(paused, since): silence counts only while a listener could receive. Paused while no
+    listener row is alive; ``since`` is the latest ``up_since`` of the live ones (a listener that
+    came back after being down, or after a database outage). No rows (uploads only): (False, None).
+    """
+    now = now or utcnow()
+    with session_factory() as session:
+        rows = session.execute(select(Listener.up_since, Listener.heartbeat_at)).all()
+    if not rows:
+        return False, None
+    alive = [up for up, beat in rows if beat >= now - timedelta(seconds=listener_timeout_seconds)]
+    if not alive:
+        return True, None
+    return False, max(alive)
+
+
 def queue_settled_studies(session_factory: sessionmaker[Session], settle_seconds: float,
-                          now: datetime | None = None) -> list[int]:
-    """Move every study quiet for ``settle_seconds`` from receiving to queued. Returns job ids."""
+                          now: datetime | None = None, receiving_since: datetime | None = None) -> list[int]:
+    """Move every study quiet for ``settle_seconds`` from receiving to queued. Returns job ids.
+
+    ``receiving_since``: since when instances could arrive (a listener's or the database's return
+    after an outage); the silence before it is not counted, so nothing settles until
+    ``settle_seconds`` after it.
+    """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settle_seconds)
     job_ids: list[int] = []
+    if receiving_since is not None and receiving_since > cutoff:
+        return job_ids
     with session_factory() as session:
         candidates = session.execute(
             select(Study.id, Study.version)
@@ -107,7 +131,8 @@ def dispatch_pending_jobs(session_factory: sessionmaker[Session], enqueue: Enque
             # A fast worker may have claimed the job already: record the hand-over anyway, and
             # move the state on only from pending.
             session.execute(
-                update(Job).where(Job.id == job_id).values(celery_task_id=task_id, enqueued_at=utcnow())
+                update(Job).where(Job.id == job_id)
+                .values(celery_task_id=task_id, enqueued_at=utcnow(), sends=Job.sends + 1)
             )
             session.execute(
                 update(Job)
@@ -147,26 +172,47 @@ def release_running_jobs(session_factory: sessionmaker[Session]) -> int:
 
 
 def requeue_stale_jobs(session_factory: sessionmaker[Session], timeout_seconds: float,
-                       now: datetime | None = None) -> int:
-    """Put back jobs whose worker vanished (enqueued or running past the timeout).
+                       now: datetime | None = None, *, heartbeat_timeout_seconds: float | None = None,
+                       resend_seconds: float | None = None) -> int:
+    """Put back jobs whose worker vanished or whose broker message was lost. Returns how many.
 
-    Scoring is idempotent per job (one result per job id), so a job that was merely slow and is
-    delivered twice still yields one result.
+    A running job goes back when its worker's heartbeat (its start, before the first beat) is
+    older than ``heartbeat_timeout_seconds``: the worker died (a live one beats every few seconds,
+    and stops beating after the processing timeout, so a hung scoring goes back too). An enqueued
+    job no worker claimed goes back after ``resend_seconds``, doubling with each send (the message
+    may be lost, or only waiting in a long queue: the backoff bounds the duplicates). The claim
+    (:func:`worker.jobs.claim_job`) makes a second delivery harmless: it stops while the holder
+    beats. Either timeout defaults to ``timeout_seconds``.
     """
     now = now or utcnow()
-    cutoff = now - timedelta(seconds=timeout_seconds)
+    heartbeat_cutoff = now - timedelta(seconds=heartbeat_timeout_seconds or timeout_seconds)
+    resend = resend_seconds or timeout_seconds
+    with session_factory() as session:
+        enqueued = session.execute(
+            select(Job.id, Job.enqueued_at, Job.sends)
+            .where(Job.state == JobState.enqueued.value, Job.enqueued_at <= now - timedelta(seconds=resend))
+        ).all()
+    # The n-th send waited resend x 2^(n-1); at most the processing timeout between sends.
+    lost = [job_id for job_id, enqueued_at, sends in enqueued
+            if enqueued_at <= now - timedelta(seconds=min(resend * 2 ** max(sends - 1, 0),
+                                                          max(resend, timeout_seconds)))]
     with session_factory.begin() as session:
-        stale = session.execute(
+        dead = session.execute(
             update(Job)
-            .where(
-                ((Job.state == JobState.enqueued.value) & (Job.enqueued_at <= cutoff))
-                | ((Job.state == JobState.running.value) & (Job.started_at <= cutoff))
-            )
-            .values(state=JobState.pending.value, error="re-queued: no worker finished it in time")
+            .where(Job.state == JobState.running.value,
+                   func.coalesce(Job.heartbeat_at, Job.started_at) <= heartbeat_cutoff)
+            .values(state=JobState.pending.value,
+                    error="re-queued: no worker finished it in time (its worker stopped beating)")
         ).rowcount
-    if stale:
-        log.warning("stale jobs re-queued", extra={"count": stale})
-    return stale
+        resent = session.execute(
+            update(Job).where(Job.id.in_(lost), Job.state == JobState.enqueued.value)
+            .values(state=JobState.pending.value, error="re-queued: no worker claimed it (broker message lost?)")
+        ).rowcount if lost else 0
+    if dead:
+        log.warning("jobs of lost workers re-queued", extra={"count": dead})
+    if resent:
+        log.warning("unclaimed enqueued jobs handed to the broker again", extra={"count": resent})
+    return dead + resent
 
 
 def dispatch_overdue_exports(session_factory: sessionmaker[Session], enqueue_export: EnqueueExport,
@@ -205,14 +251,24 @@ def dispatch_overdue_exports(session_factory: sessionmaker[Session], enqueue_exp
     return sent
 
 
-def assembler_pass(session_factory: sessionmaker[Session], enqueue: Enqueue, settle_seconds: float,
-                   processing_timeout_seconds: float, enqueue_export: EnqueueExport | None = None) -> None:
-    """One round of the assembler: settle, recover lost jobs, relay the outboxes (jobs, exports)."""
-    queue_settled_studies(session_factory, settle_seconds)
-    requeue_stale_jobs(session_factory, processing_timeout_seconds)
+def assembler_pass(session_factory: sessionmaker[Session], enqueue: Enqueue, settings: Settings,
+                   enqueue_export: EnqueueExport | None = None, resumed_at: datetime | None = None) -> None:
+    """One round of the assembler: settle, recover lost jobs, relay the outboxes (jobs, exports).
+
+    ``resumed_at``: when the assembler's own passes started succeeding again after the database
+    was unreachable; like a listener's return, settling counts silence only from then.
+    """
+    paused, since = settle_clock_start(session_factory, settings.listener_heartbeat_timeout_seconds)
+    if not paused:
+        if resumed_at is not None:
+            since = max(since, resumed_at) if since is not None else resumed_at
+        queue_settled_studies(session_factory, settings.settle_seconds, receiving_since=since)
+    requeue_stale_jobs(session_factory, settings.processing_timeout_seconds,
+                       heartbeat_timeout_seconds=settings.job_heartbeat_timeout_seconds,
+                       resend_seconds=settings.enqueued_resend_seconds)
     dispatch_pending_jobs(session_factory, enqueue)
     if enqueue_export is not None:
-        dispatch_overdue_exports(session_factory, enqueue_export, processing_timeout_seconds)
+        dispatch_overdue_exports(session_factory, enqueue_export, settings.processing_timeout_seconds)
 
 
 def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, settings: Settings,
@@ -222,15 +278,19 @@ def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, sett
     Housekeeping (purging expired files) runs in the same loop, less often.
     """
     next_purge = 0.0
+    failing, resumed_at = False, None
     while not stop.is_set():
         try:
-            assembler_pass(session_factory, enqueue, settings.settle_seconds, settings.processing_timeout_seconds,
-                           enqueue_export)
+            if failing:  # the first pass since the database came back (may fail again)
+                resumed_at = utcnow()
+            assembler_pass(session_factory, enqueue, settings, enqueue_export, resumed_at)
+            failing = False
             if time.monotonic() >= next_purge:
                 purge_expired_studies(session_factory, settings.storage_root, settings.retention_days)
                 purge_expired_quarantine(session_factory, settings.quarantine_retention_days)
                 remove_abandoned_incoming(settings.storage_root, ABANDONED_INCOMING_SECONDS)
                 next_purge = time.monotonic() + settings.retention_check_interval_seconds
         except Exception:
+            failing = True
             log.exception("assembler pass failed; retrying")
         stop.wait(settings.assembler_interval_seconds)

@@ -97,6 +97,19 @@ class Settings(BaseSettings):
     #: A job whose attempts keep ending without an outcome (worker killed, out of memory, timed
     #: out) fails its study with that reason after this many, instead of coming back forever.
     job_max_attempts: int = Field(default=5, ge=1)
+    #: A worker writes a heartbeat on the job it runs this often; a running job whose heartbeat is
+    #: older than the timeout lost its worker: it goes back to the outbox (within about a minute,
+    #: not the processing timeout), and a second delivery of a job whose heartbeat is fresh stops.
+    job_heartbeat_interval_seconds: float = Field(default=5.0, gt=0)
+    job_heartbeat_timeout_seconds: float = Field(default=45.0, gt=0)
+    #: An enqueued job no worker claimed for this long is handed to the broker again, with the
+    #: wait doubling on each re-send (a Redis restart without AOF loses queued messages; the claim
+    #: makes a duplicate harmless, the backoff keeps a long queue from filling with them).
+    enqueued_resend_seconds: float = Field(default=60.0, gt=0)
+    #: The DICOM listener's liveness heartbeat; settling pauses while no listener is alive and
+    #: restarts its clock when one comes back (an outage is not silence).
+    listener_heartbeat_interval_seconds: float = Field(default=5.0, gt=0)
+    listener_heartbeat_timeout_seconds: float = Field(default=20.0, gt=0)
     #: Celery queue of the scoring task (GPU workers in production).
     scoring_queue: str = "gpu"
     #: Worker processes in the embedded mode.

@@ -5,6 +5,7 @@ and one study sent twice at once. Nothing acknowledged may be lost; every study 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -29,13 +30,15 @@ from tests.service_process import API, wait_for_state, wait_until
 SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
 #: Big enough that scoring takes seconds on 2 cores, so a worker can be killed in the middle.
 SLOW = {"slices": 120, "rows": 448, "columns": 448, "pixel_spacing": 0.8, "slice_spacing": 2.6}
-PROCESSING_TIMEOUT = 12
+#: Recovery must not wait for the processing timeout (left at its default, 30 min): a worker's
+#: heartbeat and an unclaimed message's re-send bring a job back (shortened here to fit a test).
+HEARTBEAT = {"job_heartbeat_interval_seconds": "2", "job_heartbeat_timeout_seconds": "15",
+             "enqueued_resend_seconds": "20"}
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, pg_url: str, redis_url: str) -> Iterator[Deployment]:
-    deployment = start_deployment(tmp_path_factory.mktemp("faults"), pg_url, redis_url, workers=2,
-                                  processing_timeout_seconds=str(PROCESSING_TIMEOUT))
+    deployment = start_deployment(tmp_path_factory.mktemp("faults"), pg_url, redis_url, workers=2, **HEARTBEAT)
     yield deployment
     deployment.stop()
 
@@ -98,7 +101,22 @@ def test_same_study_from_two_associations_at_once(deployment: Deployment, tmp_pa
     assert abs(study["severity_left"] - truth["severity_left"]) <= 3.0
 
 
+def job_log_lines(deployment: Deployment, job_id: int, message: str) -> list[dict]:  # type: ignore[type-arg]
+    """The workers' JSON log lines with ``message`` about ``job_id`` (their whole logs)."""
+    lines = []
+    for name, process in deployment.processes.items():
+        for line in process.log().splitlines():
+            if message in line and line.startswith("{"):
+                record = json.loads(line)
+                if record.get("message") == message and record.get("job_id") == job_id:
+                    lines.append({**record, "process": name})
+    return lines
+
+
 def test_worker_killed_mid_scoring_is_scored_once_by_another(deployment: Deployment, tmp_path: Path) -> None:
+    """The survivor takes the job over once the victim's heartbeat is silent (15 s here; about a
+    minute by default), not after the processing timeout; exactly one scoring runs after the
+    kill, even when Celery later hands the victim's unacknowledged message out again."""
     truth = write_phantom_study(tmp_path, severity_left=30.0, severity_right=10.0, seed=42, **SLOW)
     uid = truth["study_instance_uid"]
     assert set(push_files(files_of(tmp_path), host="127.0.0.1", port=deployment.dicom_port)) == {0}
@@ -111,10 +129,17 @@ def test_worker_killed_mid_scoring_is_scored_once_by_another(deployment: Deploym
     pid = int(re.match(r"cttriage-cpu-(\d+)@", job["worker"]).group(1))  # type: ignore[union-attr]
     [victim] = [p for p in deployment.processes.values() if p.proc and p.proc.pid == pid]
     victim.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
 
     study = one_result(deployment, uid)
+    recovery_s = time.monotonic() - killed_at
+    assert recovery_s < 90, f"scored {recovery_s:.0f} s after the kill"
+    print(f"worker kill recovered in {recovery_s:.1f} s")
     [final_job] = [j for j in study["jobs"] if j["id"] == job["id"]]
-    assert final_job["state"] == "done" and final_job["attempts"] >= 2
+    assert final_job["state"] == "done" and final_job["attempts"] == 2, final_job  # killed one + one run
+    claims = job_log_lines(deployment, job["id"], "job claimed")
+    assert sorted(c["attempt"] for c in claims) == [1, 2], claims
+    assert len(job_log_lines(deployment, job["id"], "study scored")) == 1
     assert final_job["worker"] != job["worker"]  # the survivor scored it
     assert abs(study["severity_left"] - truth["severity_left"]) <= 3.0
     engine = create_engine(deployment.env["CTTRIAGE_DATABASE_URL"])

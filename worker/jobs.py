@@ -17,9 +17,11 @@ import hashlib
 import logging
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,16 +74,27 @@ def study_of(job: Job) -> Any:
             .execution_options(synchronize_session=False))
 
 
-def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, *, max_attempts: int) -> Job | None:
+def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, *, max_attempts: int,
+              heartbeat_timeout_seconds: float | None = None, now: datetime | None = None) -> Job | None:
     """Mark the job running and its study processing; None when there is nothing to do.
 
-    A job already tried ``max_attempts`` times fails its study instead: each attempt ended without
-    an outcome (the worker was killed, ran out of memory or timed out), and one more would only
-    hold a worker up again.
+    The claim is the lock: a job ``running`` whose holder's heartbeat is younger than
+    ``heartbeat_timeout_seconds`` is left alone (a second delivery, say Celery's restored
+    unacknowledged task next to the assembler's re-send, stops here); one whose heartbeat is older,
+    or was let go (none), is taken over as a new attempt. A job already tried ``max_attempts``
+    times fails its study instead: each attempt ended without an outcome (the worker was killed,
+    ran out of memory or timed out), and one more would only hold a worker up again.
     """
+    now = now or utcnow()
     with session_factory.begin() as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
         if job is None or job.state in FINISHED:
+            return None
+        if (job.state == JobState.running.value and job.heartbeat_at is not None
+                and heartbeat_timeout_seconds is not None
+                and job.heartbeat_at > now - timedelta(seconds=heartbeat_timeout_seconds)):
+            log.info("job held by a live worker: this delivery stops",
+                     extra={"job_id": job_id, "holder": job.worker, "attempt": job.attempts})
             return None
         if job.attempts >= max_attempts:
             reason = (f"gave up after {job.attempts} attempts that ended without a result (worker lost, out of "
@@ -102,11 +115,60 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, 
             return None
         job.state = JobState.running.value
         job.attempts += 1
-        job.started_at = utcnow()
+        job.started_at = job.heartbeat_at = now
         job.worker = worker
         session.flush()
         session.expunge(job)
-        return job
+    log.info("job claimed", extra={"job_id": job_id, "worker": worker, "attempt": job.attempts})
+    return job
+
+
+def beat_job(session_factory: sessionmaker[Session], job: Job, *, alive: bool = True) -> bool:
+    """Renew the claim of ``job`` (this attempt of it, while running); ``alive=False`` lets it go
+    (a transient error: the task's retry may take it over at once). False: the claim was lost."""
+    with session_factory.begin() as session:
+        return bool(session.execute(
+            update(Job).where(Job.id == job.id, Job.state == JobState.running.value, Job.attempts == job.attempts)
+            .values(heartbeat_at=utcnow() if alive else None)
+        ).rowcount)
+
+
+class JobHeartbeat:
+    """Beats on the job every ``interval`` seconds while it runs, in a daemon thread; it stops
+    beating after ``max_seconds`` (the processing timeout), so a hung scoring is handed back."""
+
+    def __init__(self, session_factory: sessionmaker[Session], job: Job, interval: float, max_seconds: float) -> None:
+        self.session_factory, self.job, self.interval, self.max_seconds = session_factory, job, interval, max_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"job-{job.id}-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.wait(self.interval) and time.monotonic() < deadline:
+            try:
+                if not beat_job(self.session_factory, self.job):
+                    log.warning("job claim lost (handed back while running)", extra={"job_id": self.job.id})
+                    return
+            except Exception as exc:  # database down: the next beat tries again
+                log.warning("job heartbeat failed", extra={"job_id": self.job.id, "error": type(exc).__name__})
+
+    def __enter__(self) -> JobHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+
+def let_go(session_factory: sessionmaker[Session], job: Job) -> None:
+    """Before a transient error's retry: clear the heartbeat so the retry takes the job over at
+    once. If the database is still down the heartbeat just ages, and the retry or the assembler
+    takes it over after the heartbeat timeout."""
+    try:
+        beat_job(session_factory, job, alive=False)
+    except Exception:  # noqa: BLE001 - see above
+        pass
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -268,9 +330,23 @@ def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Setti
     called inside the job, so unusable configured weights fail the job with their reason.
     ``export`` hands a result to the export queue (results back to the PACS, when enabled).
     """
-    job = claim_job(session_factory, job_id, worker or socket.gethostname(), max_attempts=settings.job_max_attempts)
+    job = claim_job(session_factory, job_id, worker or socket.gethostname(), max_attempts=settings.job_max_attempts,
+                    heartbeat_timeout_seconds=settings.job_heartbeat_timeout_seconds)
     if job is None:
         return JobOutcome(job_id, "skipped")
+    try:
+        with JobHeartbeat(session_factory, job, settings.job_heartbeat_interval_seconds,
+                          settings.processing_timeout_seconds):
+            return _run_claimed(job, session_factory, settings, networks, export)
+    except DBAPIError:
+        let_go(session_factory, job)
+        raise
+
+
+def _run_claimed(job: Job, session_factory: sessionmaker[Session], settings: Settings,
+                 networks: Callable[[], TriageNetworks | None] | None, export: EnqueueExport | None) -> JobOutcome:
+    """The body of :func:`run_job` once the job is claimed (its heartbeat runs meanwhile)."""
+    job_id = job.id
     try:
         slices, paths = study_slices(session_factory, job.study_id)
         criteria = SeriesCriteria.from_settings(settings)

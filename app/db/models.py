@@ -196,6 +196,10 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    #: Written every few seconds by the worker holding the job while it runs: the claim is alive.
+    heartbeat_at: Mapped[datetime | None]
+    #: How many times the job was handed to the broker (a lost message is re-sent with backoff).
+    sends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
@@ -272,6 +276,17 @@ class Export(Base):
         UniqueConstraint("result_id", "kind", name="uq_exports_result_kind"),
         Index("ix_exports_state", "state"),
     )
+
+
+class Listener(Base):
+    """A DICOM listener's liveness: since when it can receive, and its last heartbeat. Settling
+    counts silence only from ``up_since`` of the listeners that are alive."""
+
+    __tablename__ = "listeners"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    up_since: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
 
 
 class QuarantinedFile(Base):

@@ -70,6 +70,7 @@ from app.ingest import (
     quarantine_bytes,
     store_instance,
 )
+from app.liveness import ListenerHeartbeat, listener_name
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -290,8 +291,13 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session]) -
     def shutdown() -> None:
         stop_server()
         counters.stop()
+        heartbeat.stop()
 
     server.verify_request = verify_request  # type: ignore[method-assign]  # socketserver's hook
+    heartbeat = ListenerHeartbeat(session_factory, listener_name(settings.ae_title, settings.dicom_port),
+                                  settings.listener_heartbeat_interval_seconds,
+                                  settings.listener_heartbeat_timeout_seconds)
+    heartbeat.start()  # settling counts silence only while this beats (app.liveness)
     server.shutdown = shutdown  # type: ignore[method-assign]  # and record the last counts
     counters.start()
     return server
