@@ -48,10 +48,15 @@ def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionm
         url = request.getfixturevalue("pg_url")
     engine = make_engine(url)
     maker = sessionmaker(engine, expire_on_commit=False)
+
+    def empty() -> None:  # the PostgreSQL database is shared by the run: start and end with none
+        with maker.begin() as session:
+            for model in (Export, Result, Job, Instance, Series, Study):
+                session.execute(delete(model))
+
+    empty()
     yield maker
-    with maker.begin() as session:  # the PostgreSQL database is shared by the run
-        for model in (Result, Job, Instance, Series, Study):
-            session.execute(delete(model))
+    empty()
     engine.dispose()
 
 
