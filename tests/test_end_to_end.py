@@ -110,8 +110,11 @@ def test_http_upload_of_a_zip_takes_the_same_path(service: Service, tmp_path: Pa
     with open(archive, "rb") as fh:
         response = API.post(f"{service.api}/api/studies", files=[("files", ("study.zip", fh, "application/zip"))],
                               timeout=60)
-    assert response.status_code == 202, response.text
-    assert response.json()["stored"] == truth["files"]
+    # The folder holds truth.json beside the instances: some files stored, one quarantined.
+    assert response.status_code == 207, response.text[:500]
+    report = response.json()
+    assert report["stored"] == truth["files"] and report["quarantined"] == 1
+    assert [f["filename"] for f in report["files"] if f["status"] == "quarantined"] == ["truth.json"]
     study = wait_for_state(service.api, truth["study_instance_uid"], logs=service.process.log)
     assert_matches_truth(study, truth)
 
