@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.lungs_threshold import IN_PLANE_STRUCTURE, distance_to_mediastinum
+from models.preprocessing import NOISE_SIGMA_MM, smooth_inplane
 from models.vesselness import CENTRAL_ZONE_MM, bronchovascular_tree, vessel_mask
 
 
@@ -46,9 +47,8 @@ VERSION_1_PARAMS = LesionThresholdParams(hu_min=-750.0, hu_max=100.0, sigma_mm=3
 class LesionParams:
     """Parameters of :func:`segment_lesions` (defaults: ``DEFAULT_LESION_PARAMS``)."""
 
-    #: In-plane Gaussian smoothing before any density is judged: a sharp lung kernel has about
-    #: twice the noise of a standard one, and unsmoothed noise crosses thresholds.
-    noise_sigma_mm: float = 1.5
+    #: In-plane Gaussian smoothing before any density is judged (``models.preprocessing``).
+    noise_sigma_mm: float = NOISE_SIGMA_MM
     #: A lesion is at least this much denser than the lung's own baseline at that height.
     rise_min_hu: float = 185.0
     #: ... and at least this dense in absolute terms (aerated lung is never a lesion).
@@ -109,8 +109,7 @@ def segment_lesions(
     lungs = lung_labels > 0
     if not lungs.any():
         return np.zeros(hu.shape, dtype=bool)
-    smooth = ndimage.gaussian_filter(hu.astype(np.float32, copy=False),
-                                     (0.0, params.noise_sigma_mm / spacing[1], params.noise_sigma_mm / spacing[2]))
+    smooth = smooth_inplane(hu, spacing, params.noise_sigma_mm)
     to_mediastinum = distance_to_mediastinum(lung_labels, spacing)
     thin = vessel_mask(hu, lungs, spacing, central=to_mediastinum <= CENTRAL_ZONE_MM)
     central = bronchovascular_tree(smooth, lung_labels, thin, to_mediastinum, spacing) & ~thin

@@ -26,6 +26,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from models.lungs_threshold import IN_PLANE_STRUCTURE, LEFT_LUNG, RIGHT_LUNG, distance_to_mediastinum, mediastinum
+from models.preprocessing import smooth_inplane
 from models.vesselness import HILAR_ZONE_MM
 
 #: Widest mouth of a dent given back (subpleural consolidation, plate atelectasis, a dense
@@ -41,8 +42,6 @@ FLUID_HU = (-10.0, 30.0)
 FLUID_MAX_SPREAD_HU = 30.0
 FLUID_MAX_AERATED_SHARE = 0.02
 AERATED_HU = -500.0
-#: In-plane smoothing before densities are judged (noise of sharp kernels).
-NOISE_SIGMA_MM = 1.5
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,7 @@ class EnvelopeResult:
 def pleural_envelope(hu: np.ndarray, lung_labels: np.ndarray, spacing: tuple[float, float, float]) -> EnvelopeResult:
     """Add to each lung the dense dents along its pleura (see the module docstring)."""
     labels = lung_labels.copy()
-    sigma = (0.0, NOISE_SIGMA_MM / spacing[1], NOISE_SIGMA_MM / spacing[2])
-    smooth = ndimage.gaussian_filter(hu.astype(np.float32, copy=False), sigma)
+    smooth = smooth_inplane(hu, spacing)
     blocked = (mediastinum(lung_labels) | (distance_to_mediastinum(lung_labels, spacing) < HILAR_ZONE_MM)
                | (smooth > ADDED_MAX_HU) | (lung_labels > 0))
     voxel_ml = float(np.prod(spacing)) / 1000.0
