@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Instance, Job, JobState, QuarantinedFile, Result, Study, StudyState, utcnow
+from app.db.models import Instance, Job, JobState, JobTrigger, QuarantinedFile, Result, Study, StudyState, utcnow
 from app.priority import effective_band
 from app.score_details import DESCRIPTOR_COLUMNS, descriptor_columns, flags_of, lower_bound_of
 from app.worklist import worklist_query
@@ -102,7 +102,7 @@ def throughput(session: Session, now: datetime, window: timedelta) -> dict[str, 
                Job.state.in_([JobState.failed.value, JobState.done.value]))
         .group_by(Job.state)).all())
     latency = [(r.created_at - r.last_received_at).total_seconds() for r in scored
-               if r.trigger != "rescore" and r.last_received_at <= r.created_at]
+               if r.trigger != JobTrigger.rescore.value and r.last_received_at <= r.created_at]
     waits = [(r.started_at - r.enqueued_at).total_seconds() for r in scored if r.started_at and r.enqueued_at]
     processing = [(r.finished_at - r.started_at).total_seconds() for r in scored if r.finished_at and r.started_at]
     hours = window.total_seconds() / 3600.0

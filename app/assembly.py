@@ -1,9 +1,18 @@
 """Study assembly: decide when a study is complete, queue it once, and hand jobs to the broker.
 
-A study is complete when no instance arrived for ``settle_seconds``. Queueing writes a job row
-(the outbox) in the same transaction that moves the study to ``queued``; a separate step hands
-pending jobs to the broker and marks them enqueued. If the broker is down the job stays pending
-and the next pass retries, so nothing that settled is ever forgotten.
+A study is complete by one of two rules, the job's ``trigger`` says which:
+
+* ``released``: an association that delivered a complete series (one the series rules would score:
+  axial, uniform spacing, no gap, the chest coverage; ``app.series_selection``) was released and
+  nothing arrived for ``settle_after_release_seconds`` since (:func:`mark_released`). A PACS
+  sends a study and releases; waiting out the settle time then only delays the triage.
+* ``settled``: no instance arrived for ``settle_seconds``. Everything else waits for this: a
+  series with a missing slice, one cut short by an abort, a sender that keeps associations open.
+
+Instances that arrive later reopen the study (``app.ingest``) and it is scored again. Queueing
+writes a job row (the outbox) in the same transaction that moves the study to ``queued``; a
+separate step hands pending jobs to the broker and marks them enqueued. If the broker is down the
+job stays pending and the next pass retries, so nothing that settled is ever forgotten.
 """
 
 from __future__ import annotations
@@ -14,14 +23,28 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, false, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Export, ExportState, Job, JobState, Listener, Study, StudyState, utcnow
+from app.db.models import (
+    Export,
+    ExportState,
+    Instance,
+    Job,
+    JobState,
+    JobTrigger,
+    Listener,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
 from app.dicom.storage import remove_abandoned_incoming
 from app.priority import queue_priority
 from app.retention import purge_expired_quarantine, purge_expired_studies
+from app.series_selection import SeriesCriteria, select_series
 from app.settings import Settings
+from models.dicom_headers import SliceHeader
 
 log = logging.getLogger(__name__)
 
@@ -69,33 +92,73 @@ def settle_clock_start(session_factory: sessionmaker[Session], listener_timeout_
     return False, max(alive)
 
 
+def mark_released(session_factory: sessionmaker[Session], delivered: dict[str, set[str]],
+                  criteria: SeriesCriteria, quiet_seconds: float, now: datetime | None = None) -> list[str]:
+    """An association was released after delivering ``delivered`` (study UID -> its series UIDs):
+    each study with one of those series complete settles ``quiet_seconds`` from now, unless an
+    instance arrives meanwhile (``app.ingest`` clears the mark). Returns the study UIDs marked.
+
+    Complete means the series rules would score the series as it stands; a series with a gap, a
+    slab or a localizer is not, and its study waits for the full settle time. ``now`` is taken
+    before the headers are read: an instance recorded after it fails the update's condition.
+    """
+    now = now or utcnow()
+    marked: list[str] = []
+    for study_uid, series_uids in delivered.items():
+        with session_factory() as session:
+            rows = session.execute(
+                select(Instance.headers)
+                .join(Series, Series.id == Instance.series_id)
+                .join(Study, Study.id == Instance.study_id)
+                .where(Study.study_uid == study_uid, Study.state == StudyState.receiving.value,
+                       Series.series_uid.in_(series_uids))
+            ).scalars().all()
+        headers = [SliceHeader.from_dict(h) for frames in rows for h in frames]
+        if not headers or select_series(headers, criteria).chosen is None:
+            continue
+        with session_factory.begin() as session:
+            updated = session.execute(
+                update(Study)
+                .where(Study.study_uid == study_uid, Study.state == StudyState.receiving.value,
+                       Study.last_received_at <= now)
+                .values(settle_due_at=now + timedelta(seconds=quiet_seconds))
+            ).rowcount
+        if updated:
+            marked.append(study_uid)
+    if marked:
+        log.info("complete series delivered, settling soon",
+                 extra={"studies": len(marked), "quiet_seconds": quiet_seconds})
+    return marked
+
+
 def queue_settled_studies(session_factory: sessionmaker[Session], settle_seconds: float,
                           now: datetime | None = None, receiving_since: datetime | None = None) -> list[int]:
-    """Move every study quiet for ``settle_seconds`` from receiving to queued. Returns job ids.
+    """Queue every study that settled by either rule (the module's docstring). Returns job ids.
 
     ``receiving_since``: since when instances could arrive (a listener's or the database's return
-    after an outage); the silence before it is not counted, so nothing settles until
-    ``settle_seconds`` after it.
+    after an outage); the silence before it is not counted, so nothing settles by silence until
+    ``settle_seconds`` after it. A released complete series is news of its own and is not held.
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settle_seconds)
+    counting = receiving_since is None or receiving_since <= cutoff
+    quiet = (Study.last_received_at <= cutoff) if counting else false()
+    released = Study.settle_due_at <= now
+    settled = (Study.state == StudyState.receiving.value) & or_(quiet, released)
     job_ids: list[int] = []
-    if receiving_since is not None and receiving_since > cutoff:
-        return job_ids
     with session_factory() as session:
         candidates = session.execute(
-            select(Study.id, Study.version)
-            .where(Study.state == StudyState.receiving.value, Study.last_received_at <= cutoff)
+            select(Study.id, Study.version, case((quiet, JobTrigger.settled.value), else_=JobTrigger.released.value))
+            .where(settled)
             .order_by(Study.last_received_at)
         ).all()
-    for study_id, version in candidates:
+    for study_id, version, trigger in candidates:
         with session_factory.begin() as session:
             # Claim the study only if nothing changed since we looked (another assembler, new data).
             claimed = session.execute(
                 update(Study)
-                .where(Study.id == study_id, Study.version == version,
-                       Study.state == StudyState.receiving.value, Study.last_received_at <= cutoff)
-                .values(state=StudyState.queued.value)
+                .where(Study.id == study_id, Study.version == version, settled)
+                .values(state=StudyState.queued.value, settle_due_at=None)
             ).rowcount
             if not claimed:
                 continue
@@ -104,7 +167,7 @@ def queue_settled_studies(session_factory: sessionmaker[Session], settle_seconds
             # A study reopened after a job already exists for this version (unusual) bumps it.
             if session.execute(select(Job.id).where(Job.study_id == study_id, Job.study_version == version)).first():
                 study.version = version + 1
-            job_ids.append(create_job(session, study, trigger="settled", now=now).id)
+            job_ids.append(create_job(session, study, trigger=trigger, now=now).id)
     if job_ids:
         log.info("studies settled and queued", extra={"count": len(job_ids)})
     return job_ids
@@ -153,7 +216,7 @@ def request_rescore(session_factory: sessionmaker[Session], study_uid: str) -> i
         if study is None:
             return None
         study.version += 1
-        return create_job(session, study, trigger="rescore", now=now).id
+        return create_job(session, study, trigger=JobTrigger.rescore.value, now=now).id
 
 
 def release_running_jobs(session_factory: sessionmaker[Session]) -> int:

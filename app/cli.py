@@ -56,14 +56,17 @@ def _schema_refusal(command: str, settings: Settings) -> int | None:
     return EXIT_NOT_MIGRATED
 
 
-def cmd_dicom(_args: argparse.Namespace) -> int:
-    from app.embedded import serve_dicom
+def cmd_dicom(args: argparse.Namespace) -> int:
+    from app.embedded import serve_dicom, serve_listener_child
 
     settings = _settings()
+    if args.listen_fd is not None:  # one of the listener processes of `dicom` or `serve`
+        serve_listener_child(settings, args.listen_fd)
+        return 0
     refused = _schema_refusal("dicom", settings)
     if refused is not None:
         return refused
-    serve_dicom(settings)
+    serve_dicom(settings, args.processes)
     return 0
 
 
@@ -230,9 +233,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score DICOM folders or NIfTI files offline, with the pipeline the workers run."""
+    from app.series_selection import SeriesCriteria
     from worker.batch_scoring import batch_items, format_table, score_all, write_csv
     from worker.networks import load_networks
-    from worker.series_selection import SeriesCriteria
 
     settings = get_settings()
     configure_logging("WARNING", False)
@@ -291,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="push a generated phantom study and print its score")
     serve.set_defaults(func=cmd_serve)
     sub.add_parser("api", help="run the HTTP API only").set_defaults(func=cmd_api)
-    sub.add_parser("dicom", help="run the DICOM listener and study assembler").set_defaults(func=cmd_dicom)
+    dicom = sub.add_parser("dicom", help="run the DICOM listener processes and the study assembler")
+    dicom.add_argument("--processes", type=positive_int, default=None,
+                       help="listener processes sharing the port (default CTTRIAGE_DICOM_PROCESSES; 0 there: "
+                            "one per core, at most 4)")
+    dicom.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # a listener child
+    dicom.set_defaults(func=cmd_dicom)
 
     worker = sub.add_parser("worker", help="run a Celery scoring worker")
     worker.add_argument("--device", default="cpu", help="cpu or cuda:N")

@@ -1,8 +1,9 @@
 """The service's processes, each started from settings: API, DICOM listener, assembler, worker.
 
-``cttriage serve`` (the embedded default) runs the API, the listener and the assembler in this
-process and one Celery worker as a supervised child process, all on SQLite (database and broker),
-so it needs no external server. Production runs the same pieces as separate processes.
+``cttriage serve`` (the embedded default) runs the API and the assembler in this process, and the
+DICOM listener processes (sharing one port, ``app.dicom.listener_processes``) and one Celery worker
+as supervised child processes, all on SQLite (database and broker), so it needs no external server.
+Production runs the same pieces as separate processes.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,9 +23,10 @@ from app.api.main import create_app
 from app.assembly import Enqueue, EnqueueExport, release_running_jobs, run_assembler
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
-from app.parent_watch import PARENT_PID_ENV, STOP_GRACE_SECONDS
+from app.parent_watch import exit_with_parent, parent_pid_from_env
 from app.security import check_configured_key, ensure_bootstrap_admin
 from app.settings import Settings
+from app.supervision import SupervisedProcess, child_environment
 from worker.celery_app import create_celery, enqueue_export, enqueue_scoring, ping_broker
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,6 @@ log = logging.getLogger(__name__)
 #: On stop, open requests get this long before they are cancelled: the worklist's live event
 #: streams never finish by themselves, and must not hold a restart up.
 GRACEFUL_SHUTDOWN_SECONDS = 5
-#: The worker child's warm shutdown (finishing its job) gets this long before it is killed; an
-#: unfinished job goes back to the queue (acks_late).
-WORKER_STOP_SECONDS = STOP_GRACE_SECONDS
 #: The signals that stop `cttriage serve`: Ctrl-C, and SIGTERM from Docker, systemd and Kubernetes.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -77,20 +74,6 @@ def make_export_hook(settings: Settings) -> EnqueueExport | None:
     return lambda result_id: enqueue_export(celery_app, result_id)
 
 
-def worker_environment(settings: Settings) -> dict[str, str]:
-    """Environment for a worker child: the parent's resolved URLs, so both see the same state."""
-    env = dict(os.environ)
-    env.update({
-        "CTTRIAGE_DATABASE_URL": settings.sqlalchemy_url,
-        "CTTRIAGE_BROKER_URL": settings.celery_broker_url,
-        "CTTRIAGE_STORAGE_DIR": str(settings.storage_root.resolve()),
-        "CTTRIAGE_DATA_DIR": str(settings.data_dir.resolve()),
-        # The child stops when this process is gone, however it went (app.parent_watch).
-        PARENT_PID_ENV: str(os.getpid()),
-    })
-    return env
-
-
 def worker_command(settings: Settings, concurrency: int, queues: list[str], device: str = "cpu") -> list[str]:
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=prefork", f"--concurrency={concurrency}"]
     # --quiet: no banner (plain text in a log of JSON lines; the settings are logged by us).
@@ -99,49 +82,6 @@ def worker_command(settings: Settings, concurrency: int, queues: list[str], devi
             # The node name carries the pid (kept by `cttriage worker`'s exec), so a job's
             # `worker` column names the very process that ran it.
             "-n", f"cttriage-{device.replace(':', '')}-{os.getpid()}@%h"]
-
-
-@dataclass
-class SupervisedProcess:
-    """A child process restarted when it dies, until stopped."""
-
-    command: list[str]
-    env: dict[str, str]
-    restart_delay: float = 2.0
-    #: True once the service is shutting down: a child that exits then (Ctrl-C reaches the whole
-    #: process group, the child first) is not restarted while the API drains its streams.
-    stopping: Callable[[], bool] = lambda: False
-    _proc: subprocess.Popen[bytes] | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:  # stop() between the check and the start would leave a child running
-                if self._stop.is_set() or self.stopping():
-                    return
-                # The same process group as the service: whatever stops the group stops the child.
-                self._proc = subprocess.Popen(self.command, env=self.env)
-            code = self._proc.wait()
-            if not self._stop.is_set() and not self.stopping():
-                log.warning("worker process exited; restarting", extra={"exit_code": code})
-                self._stop.wait(self.restart_delay)
-
-    def stop(self, timeout: float = WORKER_STOP_SECONDS) -> None:
-        with self._lock:
-            self._stop.set()
-            proc = self._proc
-        if proc and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 class StopRequested(SystemExit):
@@ -166,7 +106,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     SIGTERM disposition that killed the process before the ``finally`` below, leaving the worker
     child running. Our handler turns either into :class:`StopRequested`, so cleanup always runs.
     """
-    from app.dicom.listener import start_listener
+    from app.dicom.listener_processes import ListenerProcesses
 
     refuse_weak_settings(settings)
     _set_stop_handlers(_request_stop)
@@ -178,9 +118,10 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     stop = threading.Event()
     worker = SupervisedProcess(
         worker_command(settings, settings.embedded_worker_concurrency, [settings.scoring_queue, "default"]),
-        worker_environment(settings),
+        child_environment(settings),
     )
-    listener = start_listener(settings, session_factory)  # first: a port in use fails before any child starts
+    # First: a DICOM port in use fails before any child starts.
+    listeners = ListenerProcesses(settings, settings.listener_processes)
     assembler = threading.Thread(
         target=run_assembler, name="assembler", daemon=True,
         kwargs={"session_factory": session_factory, "enqueue": enqueue, "settings": settings, "stop": stop,
@@ -192,6 +133,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     worker.stopping = lambda: api.should_exit
     try:  # whatever ends the service (Ctrl-C, the API port in use), the worker child goes with it
         worker.start()
+        listeners.start()
         assembler.start()
         log.info("cttriage embedded service started", extra={
             "dicom": f"{settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}",
@@ -204,7 +146,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
     finally:
         _set_stop_handlers(signal.SIG_IGN)  # a second signal must not cut the cleanup short
         stop.set()
-        listener.shutdown()
+        listeners.shutdown()
         worker.stop()
         if assembler.is_alive():
             assembler.join(timeout=5)
@@ -221,20 +163,41 @@ def serve_api(settings: Settings) -> None:
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
 
 
-def serve_dicom(settings: Settings) -> None:
-    """The listener and the assembler (settling studies, relaying the outbox) in one process."""
-    from app.dicom.listener import start_listener
+def serve_dicom(settings: Settings, processes: int | None = None) -> None:
+    """The DICOM listener processes (``processes``, default ``settings.listener_processes``) on
+    one port, and the assembler (settling studies, relaying the outbox) in this process, until
+    SIGINT or SIGTERM."""
+    from app.dicom.listener_processes import ListenerProcesses
 
     settings.storage_root.mkdir(parents=True, exist_ok=True)
     session_factory = make_session_factory(settings)
-    listener = start_listener(settings, session_factory)
+    listeners = ListenerProcesses(settings, processes or settings.listener_processes)
+    _set_stop_handlers(_request_stop)
     stop = threading.Event()
     try:
+        listeners.start()
         run_assembler(session_factory, make_broker_hooks(settings)[0], settings, stop, make_export_hook(settings))
     except KeyboardInterrupt:
         pass
     finally:
-        listener.shutdown()
+        _set_stop_handlers(signal.SIG_IGN)
+        listeners.shutdown()
+
+
+def serve_listener_child(settings: Settings, listen_fd: int) -> None:
+    """One listener process of :func:`serve_dicom` or :func:`serve_embedded`: serves the socket
+    it inherited until SIGTERM (its supervisor's stop) or its supervisor is gone."""
+    import socket
+
+    from app.dicom.listener import serve_listener
+
+    exit_with_parent(parent_pid_from_env())
+    _set_stop_handlers(_request_stop)
+    listening = socket.socket(fileno=listen_fd)
+    try:
+        serve_listener(settings, make_session_factory(settings), listening)
+    except KeyboardInterrupt:
+        pass
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:

@@ -35,6 +35,7 @@ from app.dicom.storage import (
 )
 from app.dicom.text_values import check_identifier, clean_json, clean_optional, clean_text
 from app.errors import DatabaseUnavailableError, InvalidDicomError
+from app.liveness import process_name
 from models.dicom_headers import MAX_FRAMES, declared_frames, slice_headers
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ _STUDIES, _SERIES, _INSTANCES = Study.__table__, Series.__table__, Instance.__ta
 _STUDY_ID = select(_STUDIES.c.id).where(_STUDIES.c.study_uid == bindparam("uid"))
 _SERIES_ID = select(_SERIES.c.id).where(_SERIES.c.series_uid == bindparam("uid"))
 _INSTANCE_VALUES = ("sop_instance_uid", "sop_class_uid", "transfer_syntax_uid", "path", "size_bytes", "received_at",
-                    "receive_count", "source", "calling_aet", "headers")
+                    "receive_count", "source", "calling_aet", "headers", "received_by")
 
 
 @cache
@@ -176,7 +177,7 @@ _RESENT = (
     .values(receive_count=_INSTANCES.c.receive_count + 1, received_at=bindparam("now"),
             study_id=bindparam("sid"), series_id=bindparam("seid"), path=bindparam("path"),
             size_bytes=bindparam("size_bytes"), transfer_syntax_uid=bindparam("transfer_syntax_uid"),
-            headers=bindparam("headers", type_=_INSTANCES.c.headers.type))
+            headers=bindparam("headers", type_=_INSTANCES.c.headers.type), received_by=bindparam("received_by"))
 )
 _SERIES_SHRANK = (
     update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count - 1)
@@ -186,7 +187,7 @@ _SERIES_SHRANK = (
 _STUDY_TOUCHED = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("sid"), _STUDIES.c.state == StudyState.receiving.value)
-    .values(last_received_at=bindparam("now"))
+    .values(last_received_at=bindparam("now"), settle_due_at=null())
 )
 _SERIES_GREW = (
     update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count + 1)
@@ -201,6 +202,7 @@ _STUDY_GREW = (
     .values(
         instance_count=_STUDIES.c.instance_count + bindparam("by"),
         last_received_at=bindparam("now"),
+        settle_due_at=null(),  # more is arriving: a release settles it again (app.assembly)
         version=case((_LEFT_RECEIVING, _STUDIES.c.version + 1), else_=_STUDIES.c.version),
         reason=case((_LEFT_RECEIVING, null()), else_=_STUDIES.c.reason),
         reason_code=case((_LEFT_RECEIVING, null()), else_=_STUDIES.c.reason_code),
@@ -212,7 +214,8 @@ _STUDY_GREW = (
 _STUDY_ADDED_TO = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("sid"))
-    .values(instance_count=_STUDIES.c.instance_count + bindparam("by"), last_received_at=bindparam("now"))
+    .values(instance_count=_STUDIES.c.instance_count + bindparam("by"), last_received_at=bindparam("now"),
+            settle_due_at=null())
 )
 
 
@@ -252,6 +255,7 @@ def record_instance(
         "source": source,
         "calling_aet": calling_aet,
         "headers": received.headers,
+        "received_by": process_name(),
     }
     statement = _insert_into_known_series(dialect_name(session))
     known = session.execute(
@@ -314,7 +318,7 @@ def _record_resend(session: Connection | Session, instance: dict[str, Any], stud
     session.execute(_RESENT, {
         "uid": instance["sop_instance_uid"], "now": now, "sid": study_id, "seid": series_id, "path": instance["path"],
         "size_bytes": instance["size_bytes"], "transfer_syntax_uid": instance["transfer_syntax_uid"],
-        "headers": instance["headers"],
+        "headers": instance["headers"], "received_by": instance["received_by"],
     })
     if (old_study_id, old_series_id) == (study_id, series_id):
         session.execute(_STUDY_TOUCHED, {"sid": study_id, "now": now})

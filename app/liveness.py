@@ -10,6 +10,7 @@ and counts silence from the latest ``up_since``.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from datetime import datetime, timedelta
@@ -21,10 +22,19 @@ from app.db.models import Listener, utcnow
 
 log = logging.getLogger(__name__)
 
+#: A listener row silent for this many heartbeat timeouts belongs to a process that is gone.
+STALE_ROW_TIMEOUTS = 10
+
+
+def process_name() -> str:
+    """This process as records name it: "host:pid" (at most 64 characters, the host cut first)."""
+    pid = f":{os.getpid()}"
+    return socket.gethostname()[:64 - len(pid)] + pid
+
 
 def listener_name(ae_title: str, port: int) -> str:
-    """One row per listener process: host, AE title and port."""
-    return f"{socket.gethostname()}:{ae_title}:{port}"[:200]
+    """One row per listener process: host, AE title, port and pid (several share a port)."""
+    return f"{socket.gethostname()}:{ae_title}:{port}:{os.getpid()}"[:200]
 
 
 def beat(session_factory: sessionmaker[Session], name: str, *, restarted: bool, now: datetime | None = None) -> None:
@@ -48,7 +58,14 @@ class ListenerHeartbeat:
 
     def start(self) -> None:
         """The first beat before returning (the assembler's first pass must see this listener's
-        start, or it would count the time it was down as silence), then the thread."""
+        start, or it would count the time it was down as silence), then the thread. Rows of
+        listeners long dead (killed, so they never removed theirs) go first."""
+        try:
+            with self.session_factory.begin() as session:
+                session.execute(delete(Listener).where(
+                    Listener.heartbeat_at < utcnow() - timedelta(seconds=STALE_ROW_TIMEOUTS * self.timeout)))
+        except Exception as exc:  # noqa: BLE001 - only tidiness; the first beat reports the database
+            log.warning("stale listener rows not removed", extra={"error": type(exc).__name__})
         self._thread.start()
         self._first.wait(timeout=10)
 

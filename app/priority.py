@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from app.db.models import JobTrigger
+
 UNKNOWN_IDENTIFICATION = 0.5
 #: The least band of a study whose severity is a lower bound (the severity may under-read it).
 LOWER_BOUND_MIN_BAND = 3
@@ -80,7 +82,7 @@ URGENT_BAND = 3
 
 
 def queue_priority(trigger: str, previous_band: int | None) -> int:
-    if trigger == "rescore":
+    if trigger == JobTrigger.rescore.value:
         return MANUAL_RESCORE if previous_band is not None else NORMAL
     if previous_band is not None and previous_band >= URGENT_BAND:
         return URGENT_RESCAN

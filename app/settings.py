@@ -7,6 +7,7 @@ so one command runs the whole service on a laptop. Production sets ``CTTRIAGE_DA
 
 from __future__ import annotations
 
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -16,6 +17,10 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.dicom.own_objects import OwnObjectsPolicy
+
+#: ``dicom_processes`` 0 takes a process per core up to this: beyond it the database's commits,
+#: not the CPU, bound the rate.
+MAX_AUTO_DICOM_PROCESSES = 4
 
 
 class Settings(BaseSettings):
@@ -50,6 +55,10 @@ class Settings(BaseSettings):
     dicom_max_associations: int = Field(default=64, ge=1)
     #: ... and from one peer IP, so one misbehaving sender cannot take every slot.
     dicom_max_associations_per_peer: int = Field(default=16, ge=1)
+    #: Listener processes sharing the DICOM port (``cttriage dicom`` and ``serve``): C-STORE
+    #: ingest is CPU-bound in Python, so associations in parallel need processes. 0: one per
+    #: core, at most 4. The association limits above hold per process.
+    dicom_processes: int = Field(default=0, ge=0)
     #: Seconds a connection may stay silent before its A-ASSOCIATE-RQ (pynetdicom's ARTIM timer,
     #: set from AE.acse_timeout on the acceptor side) and to wait for A-RELEASE/A-ABORT replies.
     dicom_acse_timeout: float = Field(default=10.0, gt=0)
@@ -70,6 +79,10 @@ class Settings(BaseSettings):
     # --- study assembly and scoring ---
     #: A study is complete when no instance arrived for this long.
     settle_seconds: float = 30.0
+    #: ... or this long after the release of an association that delivered a complete series
+    #: (one the series rules would score: axial, uniform spacing, no gap, the chest coverage),
+    #: with no instance since (``app.assembly.mark_released``).
+    settle_after_release_seconds: float = Field(default=3.0, ge=0)
     #: How often the assembler looks for settled studies.
     assembler_interval_seconds: float = 1.0
     #: A series is scored only if it covers this much along the head-foot axis ((n - 1) x slice
@@ -196,6 +209,13 @@ class Settings(BaseSettings):
             return None
         values = {"study_uid": quote(study_uid, safe=""), "accession": quote(accession or "", safe="")}
         return re.sub(r"\{(study_uid|accession)\}", lambda m: values[m.group(1)], self.viewer_url_template)
+
+    @property
+    def listener_processes(self) -> int:
+        """``dicom_processes``, with 0 resolved to the cores this process may use (at most 4)."""
+        if self.dicom_processes:
+            return self.dicom_processes
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_DICOM_PROCESSES))
 
     @property
     def export_calling_aet(self) -> str:

@@ -41,12 +41,12 @@ sys.path.insert(0, str(ROOT))
 
 from app.errors import CtTriageError  # noqa: E402
 from app.implant_io import implant_series, read_series  # noqa: E402
+from app.series_selection import SeriesCriteria  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 from models.rendering import axial_overlay, projection_overlay  # noqa: E402
 from models.volume import hu_volume  # noqa: E402
 from worker.batch_scoring import dicom_items, nifti_volume  # noqa: E402
 from worker.pipeline import StudyScore, score_ct_volume, score_study  # noqa: E402
-from worker.series_selection import SeriesCriteria  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 REAL = DATA / "real-dicom"

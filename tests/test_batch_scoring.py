@@ -15,10 +15,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from app.series_selection import SeriesCriteria
 from models.phantom import PhantomSpec, phantom_volume
 from tests.conftest import SHARED_DATA, write_phantom_study
 from worker.batch_scoring import batch_items, score_all
-from worker.series_selection import SeriesCriteria
 
 SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
 

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -74,6 +74,28 @@ def push_like_a_pacs(files: list[Path], port: int, deadline_s: float = 180.0) ->
         if pending:
             time.sleep(0.5)
     assert not pending, f"{len(pending)} instances never stored"
+    return acknowledged
+
+
+def push_at_once(folders: list[Path], port: int, during: Callable[[], None]) -> dict[str, int]:
+    """One sender per folder (``push_like_a_pacs``) at once, ``during`` called while they run.
+    Returns every SOP Instance UID acknowledged with success; a sender's error fails the test."""
+    acknowledged: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def send(folder: Path) -> None:
+        try:
+            acknowledged.update(push_like_a_pacs(files_of(folder), port))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    senders = [threading.Thread(target=send, args=(folder,)) for folder in folders]
+    for t in senders:
+        t.start()
+    during()
+    for t in senders:
+        t.join()
+    assert not errors, errors
     return acknowledged
 
 
@@ -194,23 +216,12 @@ def postgres_restart() -> None:
 def test_postgres_restart_under_load_loses_nothing_acknowledged(deployment: Deployment, tmp_path: Path) -> None:
     truths = [write_phantom_study(tmp_path / str(i), severity_left=10.0, severity_right=15.0 + 10 * i, seed=60 + i,
                                   **SMALL) for i in range(3)]
-    acknowledged: dict[str, int] = {}
-    errors: list[BaseException] = []
 
-    def send(i: int) -> None:
-        try:
-            acknowledged.update(push_like_a_pacs(files_of(tmp_path / str(i)), deployment.dicom_port))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+    def restart() -> None:
+        time.sleep(0.5)
+        postgres_restart()
 
-    senders = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-    for t in senders:
-        t.start()
-    time.sleep(0.5)
-    postgres_restart()
-    for t in senders:
-        t.join()
-    assert not errors, errors
+    acknowledged = push_at_once([tmp_path / str(i) for i in range(3)], deployment.dicom_port, restart)
     assert len(acknowledged) == sum(t["files"] for t in truths)
     engine = create_engine(deployment.env["CTTRIAGE_DATABASE_URL"], pool_pre_ping=True)
     with engine.connect() as conn:

@@ -23,6 +23,7 @@ from app.errors import (
     NoUsableSeriesError,
     VolumeTooLargeError,
 )
+from app.series_selection import SeriesCriteria, select_series
 from app.settings import Settings
 from models.phantom import PhantomSpec, write_phantom
 from models.volume import CtVolume
@@ -30,7 +31,6 @@ from tests.conftest import store_study_files
 from tests.test_series_selection import decision, series
 from worker.jobs import run_job
 from worker.pipeline import check_scoring_grid
-from worker.series_selection import SeriesCriteria, select_series
 
 #: Generous bounds: the 25 mm study once took 6.2 GB and 116 s.
 MAX_SECONDS = 1.0

@@ -15,6 +15,7 @@ import pytest
 
 from app.implant_io import implant_series, read_series
 from app.priority import LOWER_BOUND_MIN_BAND, effective_band
+from app.series_selection import SeriesCriteria
 from models.findings import (
     BILATERAL_MIN_PERCENT,
     LUNG_MASK_IMPLAUSIBLE,
@@ -31,7 +32,6 @@ from models.volume import CtVolume, hu_volume
 from tests.conftest import SHARED_DATA, stacked_real_slice
 from worker.batch_scoring import dicom_items
 from worker.pipeline import StudyScore, score_ct_volume, score_study
-from worker.series_selection import SeriesCriteria
 
 A0001 = SHARED_DATA / "real-dicom" / "lung-pet-ct-dx-A0001"
 AXES = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))

@@ -15,6 +15,7 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from app.errors import NoUsableSeriesError
+from app.series_selection import SeriesCriteria, select_series
 from models.dicom_headers import SliceHeader, slice_headers
 from models.phantom import (
     PhantomSpec,
@@ -25,7 +26,6 @@ from models.phantom import (
     scout_dataset,
     thick_datasets,
 )
-from worker.series_selection import SeriesCriteria, select_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)

@@ -22,11 +22,11 @@ from app.db.session import make_engine
 from app.errors import NoUsableSeriesError
 from app.ingest import describe_instance
 from app.security import Role, create_api_key
+from app.series_selection import SeriesCriteria, SeriesSelection
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from models.phantom import PhantomSpec, write_phantom
 from worker.pipeline import score_study
-from worker.series_selection import SeriesCriteria, SeriesSelection
 
 VIEWER = "https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}&accession={accession}"
 

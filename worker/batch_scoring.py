@@ -17,10 +17,10 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from app.errors import CtTriageError
+from app.series_selection import SeriesCriteria
 from models.dicom_headers import SliceHeader, slice_headers
 from models.volume import CtVolume
 from worker.pipeline import score_ct_volume, score_study
-from worker.series_selection import SeriesCriteria
 
 if TYPE_CHECKING:
     from models.inference import TriageNetworks

@@ -29,19 +29,19 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
+from app.db.models import Instance, Job, JobState, JobTrigger, Result, Series, Study, StudyState, utcnow
 from app.db.upsert import insert_ignore
 from app.errors import StudyRejectedError
 from app.ingest import CREATED_BY
 from app.priority import effective_band, priority_score
 from app.score_details import flags_of, lower_bound_of
+from app.series_selection import SeriesCriteria, SeriesSelection, select_series
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from models.severity import LungSeverity
 from worker.derived import save_derived
 from worker.exports import EnqueueExport, add_exports, queue_exports
 from worker.pipeline import StudyScore, score_study
-from worker.series_selection import SeriesCriteria, SeriesSelection, select_series
 
 if TYPE_CHECKING:
     from models.inference import TriageNetworks
@@ -49,8 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINISHED = (JobState.done.value, JobState.superseded.value, JobState.failed.value)
-#: The trigger of an admin's rescore: it recomputes even when the instances are the same.
-RESCORE_TRIGGER = "rescore"
 #: ``Result.details`` key: SHA-256 of the scored series' sorted SOP instance UIDs.
 INSTANCES_SHA256 = "instances_sha256"
 #: ``Result.details`` key of a reused result: the id of the result it copies.
@@ -279,7 +277,7 @@ def reusable_result(session_factory: sessionmaker[Session], job: Job, slices: li
                     criteria: SeriesCriteria) -> tuple[Result, SeriesSelection] | None:
     """The study's latest result when this job would score exactly its instances again; None
     otherwise, and always for an admin's rescore."""
-    if job.trigger == RESCORE_TRIGGER:
+    if job.trigger == JobTrigger.rescore.value:
         return None
     with session_factory() as session:
         latest = session.execute(

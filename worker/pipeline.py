@@ -18,6 +18,7 @@ import pydicom
 from pydicom import Dataset
 
 from app.errors import ImplausiblePixelSpacingError, ModelOutputError, PixelDecodeError
+from app.series_selection import SeriesCriteria, SeriesSelection, select_series, too_many_voxels
 from models.dicom_headers import SliceHeader
 from models.findings import LesionDescriptors, ScoreFlag, check_masks, describe_lesions, severity_is_lower_bound
 from models.lesions_threshold import segment_lesions
@@ -25,7 +26,6 @@ from models.preprocessing import resample_inplane
 from models.severity import LungSeverity, lung_severity
 from models.threshold_method import ThresholdMasks, threshold_lungs
 from models.volume import CtVolume, hu_volume
-from worker.series_selection import SeriesCriteria, SeriesSelection, select_series, too_many_voxels
 
 if TYPE_CHECKING:  # torch is imported only where networks are configured
     from models.inference import NetworkPrediction, TriageNetworks

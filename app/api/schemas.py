@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
+from app.db.models import JobTrigger
 from app.score_details import descriptors_of, flags_of, lower_bound_of
 
 
@@ -104,6 +105,15 @@ class JobOut(Orm):
     started_at: datetime | None
     finished_at: datetime | None
     timings: dict[str, Any]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def trigger_description(self) -> str:
+        """Which rule queued the job, in words (the study page shows it)."""
+        try:
+            return JobTrigger(self.trigger).description
+        except ValueError:  # a trigger this version does not know
+            return self.trigger
 
 
 class ResultOut(Orm):

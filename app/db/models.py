@@ -72,6 +72,27 @@ class JobState(str, enum.Enum):
     superseded = "superseded"  # a newer version of the study was queued
 
 
+class JobTrigger(str, enum.Enum):
+    """What queued a job: one of the two settle rules (``app.assembly``) or an admin's rescore."""
+
+    settled = "settled"  # no instance arrived for settle_seconds
+    released = "released"  # a complete series was delivered and its association released
+    rescore = "rescore"  # asked for (always recomputes: worker.jobs)
+
+    @property
+    def description(self) -> str:
+        return TRIGGER_DESCRIPTIONS[self]
+
+
+#: How the study page and the admin API say why a job was queued.
+TRIGGER_DESCRIPTIONS = {
+    JobTrigger.settled: "no instance arrived for the settle time (CTTRIAGE_SETTLE_SECONDS)",
+    JobTrigger.released: "a complete series was delivered and its association released "
+                         "(CTTRIAGE_SETTLE_AFTER_RELEASE_SECONDS of quiet)",
+    JobTrigger.rescore: "a rescore was asked for",
+}
+
+
 UID = String(64)
 
 
@@ -100,6 +121,10 @@ class Study(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Set when an association that delivered a complete series was released
+    #: (``app.assembly.mark_released``): the study settles then, not ``settle_seconds`` after the last
+    #: instance. Any instance that arrives clears it.
+    settle_due_at: Mapped[datetime | None]
     queued_at: Mapped[datetime | None]
     scored_at: Mapped[datetime | None]
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -174,6 +199,9 @@ class Instance(Base):
     receive_count: Mapped[int] = mapped_column(Integer, default=1)
     source: Mapped[str] = mapped_column(String(16))  # "dicom" or "upload"
     calling_aet: Mapped[str | None] = mapped_column(String(16))
+    #: The process that received it ("host:pid", ``app.liveness.process_name``; None for uploads
+    #: recorded before it existed): several listener processes share one port.
+    received_by: Mapped[str | None] = mapped_column(String(64))
     #: One SliceHeader dict per frame (models.dicom_headers), read once at receipt.
     headers: Mapped[list[Any]] = mapped_column(JSON, default=list)
 
@@ -187,7 +215,8 @@ class Job(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     study_version: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), default=JobState.pending.value)
-    trigger: Mapped[str] = mapped_column(String(16))  # "settled", "rescore", "sweep"
+    #: What queued it: a JobTrigger value.
+    trigger: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     celery_task_id: Mapped[str | None] = mapped_column(String(64))

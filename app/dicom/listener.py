@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -55,6 +56,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.assembly import mark_released
 from app.counters import ASSOCIATIONS_REFUSED, INSTANCES_TOO_LARGE, EventCounters
 from app.dicom.storage import IncomingFile
 from app.errors import (
@@ -71,6 +73,7 @@ from app.ingest import (
     store_instance,
 )
 from app.liveness import ListenerHeartbeat, listener_name
+from app.series_selection import SeriesCriteria
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,18 +99,27 @@ SOURCE = "dicom"
 
 
 class _Tally:
-    """What each open association has delivered so far, reported at info when it closes."""
+    """What each open association has delivered so far: outcome counts, reported at info when it
+    closes, and the series stored (study UID -> series UIDs), judged when it is released."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[int, Counter[str]] = {}
+        self._series: dict[int, dict[str, set[str]]] = {}
 
-    def add(self, assoc: Any, outcome: str) -> None:
+    def add(self, assoc: Any, outcome: str, study_uid: str | None = None, series_uid: str | None = None) -> None:
         with self._lock:
             self._counts.setdefault(id(assoc), Counter())[outcome] += 1
+            if study_uid is not None and series_uid is not None:
+                self._series.setdefault(id(assoc), {}).setdefault(study_uid, set()).add(series_uid)
+
+    def pop_series(self, assoc: Any) -> dict[str, set[str]]:
+        with self._lock:
+            return self._series.pop(id(assoc), {})
 
     def pop(self, assoc: Any) -> Counter[str]:
         with self._lock:
+            self._series.pop(id(assoc), None)
             return self._counts.pop(id(assoc), Counter())
 
 
@@ -199,6 +211,25 @@ class ListenerContext:
         }
 
 
+class SharedSocketServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a socket bound and listening already, shared by several
+    listener processes (``app.dicom.listener_processes``): each accepts the connections it takes
+    from the one backlog. The socket is non-blocking, so a process that loses the race for a
+    connection goes back to waiting instead of blocking in ``accept``."""
+
+    def __init__(self, *args: Any, listening_socket: socket.socket, **kwargs: Any) -> None:
+        self._listening_socket = listening_socket
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the one socketserver made: this server uses the shared one
+        self.socket = self._listening_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Listening already (the parent called ``listen``)."""
+
+
 # --- the application entity ------------------------------------------------------------------
 
 
@@ -225,6 +256,7 @@ def _handlers(context: ListenerContext) -> list[Any]:
     return [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
+        (evt.EVT_RELEASED, handle_released, [context]),
         (evt.EVT_CONN_CLOSE, handle_close, [context]),
         (evt.EVT_PDU_RECV, guard_size, [context]),
         (evt.EVT_REJECTED, handle_rejected, [context]),
@@ -253,8 +285,11 @@ def address_allowed(address: str, allowed: list[str]) -> bool:
     return any(ip in ipaddress.ip_network(network, strict=False) for network in allowed)
 
 
-def start_listener(settings: Settings, session_factory: sessionmaker[Session]) -> ThreadedAssociationServer:
-    """Serve in background threads; the caller stops it with ``.shutdown()``."""
+def start_listener(settings: Settings, session_factory: sessionmaker[Session],
+                   listening_socket: socket.socket | None = None) -> ThreadedAssociationServer:
+    """Serve in background threads; the caller stops it with ``.shutdown()``. With
+    ``listening_socket`` (one of several listener processes) it accepts on that socket instead
+    of binding ``dicom_host:dicom_port`` itself."""
     ae = build_ae(settings)
     counters = EventCounters(session_factory)
     gate = ConnectionGate(ae, settings.dicom_max_associations, settings.dicom_max_associations_per_peer)
@@ -267,10 +302,17 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session]) -
                "max_associations": settings.dicom_max_associations,
                "max_associations_per_peer": settings.dicom_max_associations_per_peer},
     )
-    server: ThreadedAssociationServer = ae.start_server(
-        (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=_handlers(context),
-        ssl_context=tls_context(settings),
-    )
+    if listening_socket is None:
+        server: ThreadedAssociationServer = ae.start_server(
+            (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=_handlers(context),
+            ssl_context=tls_context(settings),
+        )
+    else:
+        server = ae.make_server(
+            listening_socket.getsockname()[:2], evt_handlers=_handlers(context), ssl_context=tls_context(settings),
+            server_class=SharedSocketServer, listening_socket=listening_socket,
+        )
+        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
     allowed = list(settings.allowed_calling_ips)
 
     def verify_request(_request: Any, client_address: tuple[str, int]) -> bool:
@@ -303,9 +345,10 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session]) -
     return server
 
 
-def serve_listener(settings: Settings, session_factory: sessionmaker[Session]) -> None:
-    """Serve until interrupted (the ``cttriage dicom`` process)."""
-    server = start_listener(settings, session_factory)
+def serve_listener(settings: Settings, session_factory: sessionmaker[Session],
+                   listening_socket: socket.socket | None = None) -> None:
+    """Serve until interrupted (one listener process of ``cttriage dicom``)."""
+    server = start_listener(settings, session_factory, listening_socket)
     try:
         threading.Event().wait()
     finally:
@@ -364,6 +407,21 @@ def handle_close(event: Event, context: ListenerContext) -> None:
         )
 
 
+def handle_released(event: Event, context: ListenerContext) -> None:
+    """The peer released the association (a PACS does once a study is sent; an abort is no such
+    sign): a study it delivered a complete series of settles after a short quiet period
+    (``app.assembly.mark_released``). A failure here only leaves the full settle time."""
+    delivered = context.tally.pop_series(event.assoc)
+    if not delivered:
+        return
+    settings = context.settings
+    try:
+        mark_released(context.session_factory, delivered, SeriesCriteria.from_settings(settings),
+                      settings.settle_after_release_seconds)
+    except Exception as exc:  # noqa: BLE001 - the studies settle by silence instead
+        log.warning("release not recorded; studies settle by silence", extra={"error": type(exc).__name__})
+
+
 def handle_store(event: Event, context: ListenerContext) -> int:
     """Store one instance durably and record it; the one place errors become C-STORE statuses."""
     calling_aet = _calling_aet(event)
@@ -389,7 +447,8 @@ def handle_store(event: Event, context: ListenerContext) -> int:
             },
         )
         return _failed(context, event, STATUS_CANNOT_UNDERSTAND, type(exc).__name__, None, calling_aet)
-    context.tally.add(event.assoc, "duplicate" if stored.duplicate else "stored")
+    context.tally.add(event.assoc, "duplicate" if stored.duplicate else "stored", received.study_uid,
+                      received.series_uid)
     log.debug(
         "stored instance",
         extra={

@@ -25,7 +25,7 @@ OWN_SOP_CLASSES = {Comprehensive3DSRStorage: "SR", SegmentationStorage: "SEG", S
 #: What to do with our own objects when a PACS sends them back (``CTTRIAGE_OWN_OBJECTS``).
 OwnObjectsPolicy = Literal["store", "drop"]
 
-#: Series selection scores CT only (``worker.series_selection``).
+#: Series selection scores CT only (``app.series_selection``).
 SCORED_MODALITY = "CT"
 
 

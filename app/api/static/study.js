@@ -111,7 +111,10 @@
     };
     const lifecycle = [];
     if (job) {
-      if (job.trigger !== "rescore") lifecycle.push(["settling", CT.between(s.last_received_at, job.created_at)]);
+      if (job.trigger !== "rescore") {
+        lifecycle.push([job.trigger === "released" ? "settling (series complete)" : "settling (quiet)",
+          CT.between(s.last_received_at, job.created_at)]);
+      }
       lifecycle.push(["to broker", CT.between(job.created_at, job.enqueued_at)]);
       lifecycle.push(["worker wait", CT.between(job.enqueued_at, job.started_at)]);
       lifecycle.push(["processing", CT.between(job.started_at, job.finished_at)]);
@@ -123,6 +126,7 @@
       el("div", { class: "stagebar" }, el("strong", { text: "total" }), el("span"),
         el("strong", { class: "num", text: CT.duration(t.total) })),
       el("p", { class: "hint", text: "From the last instance to the score:" }),
+      ...(job ? [el("p", { id: "settle-rule", text: `Queued because ${job.trigger_description}.` })] : []),
       ...lifecycle.map(([k, v]) => bar(k, v, longestStep)),
     );
   }
@@ -192,7 +196,7 @@
     const rows = [...s.jobs].reverse().map((j) => el("tr", {},
       el("td", { class: "num", text: j.id }),
       el("td", { class: "num", text: j.study_version }),
-      el("td", { text: j.trigger }),
+      el("td", { title: j.trigger_description, text: j.trigger }),
       el("td", {}, CT.state(j.state)),
       el("td", { text: CT.dateTime(j.created_at, { seconds: true }) }),
       el("td", { class: "num", text: CT.duration(CT.between(j.enqueued_at, j.started_at)) }),

@@ -1,0 +1,284 @@
+"""Time to triage (issue 13): last instance to scored row, and ingest by listener processes.
+
+A hand-run benchmark, not a test::
+
+    python bench/latency.py                      # both parts, about 6 minutes on 2 cores
+    python bench/latency.py --part latency --slices 80
+    python bench/latency.py --part ingest --slices 300 --repeat 3
+
+**latency**: ``cttriage serve`` (the embedded default: SQLite, a supervised worker) is started
+twice, once with the default rules and once with the release rule switched off
+(``CTTRIAGE_SETTLE_AFTER_RELEASE_SECONDS`` huge, so only ``settle_seconds`` settles). Each time
+one study of ``--slices`` 512 x 512 slices is sent over one association by dcmtk's ``storescu``;
+the clock runs from its exit (the last instance answered) to the study's scored row, polled on the
+API every 50 ms. The job's timestamps split it into settling, hand-over to the broker, waiting for
+a worker and processing, as the study page does.
+
+**ingest**: the same ``--slices`` in total, split into 1 or 4 studies sent at once by as many
+``storescu`` processes (one association each; dcmtk's compiled sender, so the sending side costs
+little CPU), against dcmtk's ``storescp --fork``, pynetdicom's ``storescp`` and ``cttriage dicom
+--processes 1`` and ``2`` (SQLite unless ``--database-url``; every instance fsynced and committed
+before its answer, which the storescps do not do). Instances per second over the wall time from
+the first sender's start to the last one's exit; the page cache is written back before each
+timing. Ratios are within this run only: on the project's 2-core VMs absolute rates move by tens
+of percent between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.service_process import API, ServiceProcess, cttriage, embedded_service  # noqa: E402
+
+CALLED_AET = "CTTRIAGE"
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_studies(out: Path, count: int, slices: int) -> list[list[Path]]:
+    """``count`` phantom studies of ``slices`` 512 x 512 slices each (5 mm apart: a whole chest)."""
+    from models.phantom import PhantomSpec, write_phantom
+
+    studies = []
+    for i in range(count):
+        folder = out / f"study{i}"
+        write_phantom(folder, PhantomSpec(slices=slices, rows=512, columns=512, pixel_spacing=0.7,
+                                          slice_spacing=max(5.0, 300.0 / slices), seed=i,
+                                          severity_left=10.0 + i, severity_right=5.0))
+        studies.append(sorted(folder.glob("*.dcm")))
+    return studies
+
+
+def storescu(files: list[Path], port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([STORESCU, "-aec", CALLED_AET, "127.0.0.1", str(port), *map(str, files)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_echo(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run([ECHOSCU, "-aec", CALLED_AET, "127.0.0.1", str(port)], capture_output=True)
+        if done.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing answers C-ECHO on port {port}")
+
+
+def seconds(a: str | None, b: str | None) -> float | None:
+    if a is None or b is None:
+        return None
+    when = [datetime.fromisoformat(v.replace("Z", "+00:00")) for v in (a, b)]
+    return (when[1] - when[0]).total_seconds()
+
+
+# --- latency ---------------------------------------------------------------------------------
+
+
+def latency_once(work: Path, files: list[Path], study_uid: str, rule: str) -> dict[str, Any]:
+    settings = {"CTTRIAGE_LOG_JSON": "true"}
+    if rule == "settle only":
+        settings["CTTRIAGE_SETTLE_AFTER_RELEASE_SECONDS"] = "1000000"
+    with embedded_service(work, **settings) as service:
+        wait_echo(service.dicom_port)
+        sender = storescu(files, service.dicom_port)
+        _, err = sender.communicate(timeout=600)
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+        sent = time.monotonic()
+        while True:
+            study = API.get(f"{service.api}/api/studies/{study_uid}", timeout=10).json()
+            if study.get("state") in ("scored", "failed", "rejected"):
+                break
+            if time.monotonic() - sent > 300:
+                raise RuntimeError(f"not scored after 300 s: {study.get('state')}")
+            time.sleep(0.05)
+        total = time.monotonic() - sent
+    job = study["jobs"][-1]
+    return {
+        "rule": rule, "state": study["state"], "trigger": job["trigger"], "total": total,
+        "settling": seconds(study["last_received_at"], job["created_at"]),
+        "to broker": seconds(job["created_at"], job["enqueued_at"]),
+        "worker wait": seconds(job["enqueued_at"], job["started_at"]),
+        "processing": seconds(job["started_at"], job["finished_at"]),
+    }
+
+
+def run_latency(work: Path, slices: int, repeat: int) -> list[dict[str, Any]]:
+    import pydicom
+
+    (files,) = write_studies(work / "latency-study", 1, slices)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    rows = []
+    for i in range(repeat):
+        for rule in ("settle only", "after release"):
+            print(f"  latency: {rule}, run {i + 1}", file=sys.stderr, flush=True)
+            rows.append(latency_once(work / f"latency-{rule.replace(' ', '-')}-{i}", files, study_uid, rule))
+    return rows
+
+
+def print_latency(rows: list[dict[str, Any]], slices: int) -> None:
+    keys = ("total", "settling", "to broker", "worker wait", "processing")
+    print(f"\nlast instance -> scored row: `cttriage serve`, {slices} x 512x512 slices, one storescu association")
+    print(f"{'rule':<14} {'trigger':<9} " + " ".join(f"{k:>12}" for k in keys))
+    for r in rows:
+        print(f"{r['rule']:<14} {r['trigger']:<9} " + " ".join(
+            f"{r[k]:>11.2f}s" if r[k] is not None else f"{'-':>12}" for k in keys))
+    medians = {rule: statistics.median(r["total"] for r in rows if r["rule"] == rule)
+               for rule in ("settle only", "after release")}
+    print(f"median: settle only {medians['settle only']:.2f} s, after release {medians['after release']:.2f} s "
+          f"({medians['settle only'] / medians['after release']:.1f}x faster)")
+
+
+# --- ingest ----------------------------------------------------------------------------------
+
+
+Launch = Callable[[Path, int], Iterator[None]]
+
+
+@contextmanager
+def _process(command: list[str], env: dict[str, str], log: Path, port: int) -> Iterator[None]:
+    process = ServiceProcess(command, env, log).start()
+    try:
+        wait_echo(port)
+        time.sleep(2.0)  # every child of a multi-process listener up, not only the first
+        yield
+    finally:
+        process.stop()
+
+
+def dcmtk_storescp(work: Path, port: int) -> Any:
+    out = work / "out"
+    out.mkdir(parents=True)
+    return _process([STORESCP, "--fork", "-aet", CALLED_AET, "-od", str(out), str(port)], {}, work / "scp.log", port)
+
+
+def pynetdicom_storescp(work: Path, port: int) -> Any:
+    out = work / "out"
+    return _process([sys.executable, "-m", "pynetdicom", "storescp", str(port), "-aet", CALLED_AET, "-od",
+                     str(out), "-q"], {}, work / "scp.log", port)
+
+
+def cttriage_dicom(processes: int, database_url: str | None) -> Callable[[Path, int], Any]:
+    def launch(work: Path, port: int) -> Any:
+        env = {"CTTRIAGE_DATA_DIR": str(work), "CTTRIAGE_DICOM_PORT": str(port), "CTTRIAGE_MIN_FREE_BYTES": "0",
+               "CTTRIAGE_DICOM_HOST": "127.0.0.1", "CTTRIAGE_SETTLE_SECONDS": "3600"}
+        if database_url:
+            env["CTTRIAGE_DATABASE_URL"] = database_url
+        migrate = subprocess.run(cttriage("migrate"), env={**os.environ, **env}, capture_output=True)
+        if migrate.returncode != 0:
+            raise RuntimeError(migrate.stderr.decode(errors="replace")[-500:])
+        return _process(cttriage("dicom", "--processes", str(processes)), env, work / "dicom.log", port)
+
+    return launch
+
+
+def truncate(database_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE instances, series, studies, jobs, listeners, event_counts CASCADE"))
+    engine.dispose()
+
+
+def ingest_once(launch: Callable[[Path, int], Any], work: Path, studies: list[list[Path]]) -> float:
+    """Instances per second of ``studies`` sent at once, one storescu each."""
+    port = free_port()
+    with launch(work, port):
+        os.sync()
+        start = time.monotonic()
+        senders = [storescu(files, port) for files in studies]
+        for sender in senders:
+            _, err = sender.communicate(timeout=900)
+            if sender.returncode != 0:
+                raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+        elapsed = time.monotonic() - start
+    return sum(len(files) for files in studies) / elapsed
+
+
+def run_ingest(work: Path, slices: int, repeat: int, database_url: str | None) -> dict[tuple[str, int], list[float]]:
+    one = write_studies(work / "ingest-1", 1, slices)
+    four = write_studies(work / "ingest-4", 4, slices // 4)
+    servers: dict[str, Callable[[Path, int], Any]] = {
+        "dcmtk storescp --fork": dcmtk_storescp,
+        "pynetdicom storescp": pynetdicom_storescp,
+        "cttriage --processes 1": cttriage_dicom(1, database_url),
+        "cttriage --processes 2": cttriage_dicom(2, database_url),
+    }
+    rates: dict[tuple[str, int], list[float]] = {}
+    for i in range(repeat):
+        for name, launch in servers.items():
+            for associations, studies in ((1, one), (4, four)):
+                print(f"  ingest: {name}, {associations} association(s), run {i + 1}", file=sys.stderr, flush=True)
+                if database_url and name.startswith("cttriage"):
+                    truncate(database_url)
+                run_dir = work / f"run-{i}-{name.replace(' ', '_')}-{associations}"
+                rates.setdefault((name, associations), []).append(ingest_once(launch, run_dir, studies))
+                shutil.rmtree(run_dir, ignore_errors=True)
+    return rates
+
+
+def print_ingest(rates: dict[tuple[str, int], list[float]], slices: int, database: str) -> None:
+    print(f"\ningest: {slices} x 512x512 slices in total ({slices * 512 * 512 * 2 / 1e6:.0f} MB of pixels), "
+          f"storescu senders, cttriage on {database}; instances/s, median of {len(next(iter(rates.values())))}")
+    names = sorted({name for name, _ in rates}, key=lambda n: list(dict.fromkeys(k for k, _ in rates)).index(n))
+    print(f"{'server':<24} {'1 association':>14} {'4 associations':>15}")
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    for name in names:
+        print(f"{name:<24} {median[(name, 1)]:>14.1f} {median[(name, 4)]:>15.1f}")
+    p1, p2 = median[("cttriage --processes 1", 4)], median[("cttriage --processes 2", 4)]
+    print(f"--processes 2 / --processes 1 at 4 associations: {p2 / p1:.2f}x (target >= 1.5x)")
+    ours, theirs = median[("cttriage --processes 1", 1)], median[("pynetdicom storescp", 1)]
+    print(f"cttriage --processes 1 / pynetdicom storescp at 1 association: {ours / theirs:.2f}x (target >= 1.0x)")
+    ours2 = median[("cttriage --processes 2", 1)]
+    print(f"cttriage --processes 2 / pynetdicom storescp at 1 association: {ours2 / theirs:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["all", "latency", "ingest"], default="all")
+    parser.add_argument("--slices", type=int, default=0, help="latency: 80; ingest: 300 (in total)")
+    parser.add_argument("--repeat", type=int, default=0, help="latency: 1; ingest: 3")
+    parser.add_argument("--database-url", help="ingest: cttriage on this database (default: SQLite)")
+    parser.add_argument("--workdir", help="where studies and servers' files go (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    for tool in (STORESCU, STORESCP, ECHOSCU):
+        if not Path(tool).exists():
+            parser.error(f"{tool} is missing: apt-get install dcmtk")
+    with tempfile.TemporaryDirectory(prefix="cttriage-latency-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        if args.part in ("all", "latency"):
+            slices = args.slices or 80
+            print_latency(run_latency(work, slices, args.repeat or 1), slices)
+        if args.part in ("all", "ingest"):
+            slices = args.slices or 300
+            rates = run_ingest(work, slices, args.repeat or 3, args.database_url)
+            print_ingest(rates, slices, "PostgreSQL" if args.database_url else "SQLite")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Several listener processes on one DICOM port (issue 13), on the production path (`cttriage dicom
+--processes 2`, PostgreSQL, Redis, a Celery worker process): both receive, and a kill -9 of one
+loses no acknowledged instance while its supervisor starts it again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from sqlalchemy import create_engine, func, select
+
+from app.db.models import Instance
+from tests.conftest import write_phantom_study
+from tests.deployment import Deployment, start_deployment
+from tests.service_process import wait_for_state, wait_until
+from tests.test_faults import SMALL, files_of, push_at_once, push_like_a_pacs
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+
+#: Associations opened at once for the "both receive" check: all going to one of two idle
+#: processes has a chance of 2^-11.
+CONCURRENT_ASSOCIATIONS = 12
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, pg_url: str, redis_url: str) -> Iterator[Deployment]:
+    deployment = start_deployment(tmp_path_factory.mktemp("listeners"), pg_url, redis_url, workers=1,
+                                  dicom_processes="2")
+    yield deployment
+    deployment.stop()
+
+
+def listener_children(deployment: Deployment) -> set[int]:
+    """The pids of the `cttriage dicom` process's listener children."""
+    proc = deployment.processes["dicom"].proc
+    assert proc is not None
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == proc.pid and b"--listen-fd" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+def receivers(deployment: Deployment, sop_uids: set[str]) -> dict[str, int]:
+    """SOP Instance UID -> the pid of the process that recorded it."""
+    engine = create_engine(deployment.env["CTTRIAGE_DATABASE_URL"])
+    with engine.connect() as conn:
+        rows = conn.execute(select(Instance.sop_instance_uid, Instance.received_by)
+                            .where(Instance.sop_instance_uid.in_(sop_uids))).all()
+    engine.dispose()
+    return {uid: int(by.rsplit(":", 1)[1]) for uid, by in rows}
+
+
+def test_both_listener_processes_receive(deployment: Deployment, tmp_path: Path) -> None:
+    truth = write_phantom_study(tmp_path, seed=70, **SMALL)
+    files = files_of(tmp_path)
+    children = listener_children(deployment)
+    assert len(children) == 2, children
+    established = threading.Barrier(CONCURRENT_ASSOCIATIONS, timeout=60)
+    statuses: list[int] = []
+
+    def one_association(path: Path) -> None:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", deployment.dicom_port, ae_title="CTTRIAGE")
+        assert assoc.is_established
+        established.wait()  # every association is open before any sends: both processes were idle
+        status = assoc.send_c_store(pydicom.dcmread(path))
+        statuses.append(int(status.Status))
+        assoc.release()
+
+    threads = [threading.Thread(target=one_association, args=(p,)) for p in files[:CONCURRENT_ASSOCIATIONS]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [0] * CONCURRENT_ASSOCIATIONS
+    sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:CONCURRENT_ASSOCIATIONS]}
+    by = receivers(deployment, sent)
+    assert set(by) == sent
+    assert set(by.values()) == children, "each listener process received some of the associations"
+    # The rest of the study over one association: it is scored as usual.
+    push_like_a_pacs(files[CONCURRENT_ASSOCIATIONS:], deployment.dicom_port)
+    study = wait_for_state(deployment.api, truth["study_instance_uid"], logs=deployment.logs, timeout=120)
+    assert study["state"] == "scored" and study["instance_count"] == len(files), study
+
+
+def test_a_listener_killed_mid_transfer_loses_nothing_acknowledged(deployment: Deployment, tmp_path: Path) -> None:
+    truths = [write_phantom_study(tmp_path / str(i), seed=80 + i, severity_left=10.0 + 10 * i, **SMALL)
+              for i in range(3)]
+    children = listener_children(deployment)
+    assert len(children) == 2, children
+    engine = create_engine(deployment.env["CTTRIAGE_DATABASE_URL"])
+
+    def recorded() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(Instance)).scalar_one())
+
+    before = recorded()
+    victim = min(children)
+
+    def kill_one_listener() -> None:
+        wait_until(lambda: recorded() >= before + 15, 60, "instances to arrive", interval=0.05)
+        os.kill(victim, signal.SIGKILL)
+
+    acknowledged = push_at_once([tmp_path / str(i) for i in range(3)], deployment.dicom_port, kill_one_listener)
+    assert len(acknowledged) == sum(t["files"] for t in truths)
+    with engine.connect() as conn:
+        rows = dict(conn.execute(select(Instance.sop_instance_uid, Instance.path)
+                                 .where(Instance.sop_instance_uid.in_(set(acknowledged)))).all())
+    engine.dispose()
+    assert set(rows) == set(acknowledged), "every success answer is in the database"
+    assert all(Path(path).is_file() for path in rows.values()), "and its file on disk"
+    # The supervisor started a new listener in the killed one's place.
+    def replaced() -> set[int] | None:
+        now = listener_children(deployment)
+        return now if len(now) == 2 and victim not in now else None
+
+    wait_until(replaced, 30, "the killed listener to be replaced")
+    for truth in truths:
+        study = wait_for_state(deployment.api, truth["study_instance_uid"], logs=deployment.logs, timeout=300)
+        assert study["state"] == "scored" and study["instance_count"] == truth["files"], study
