@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 from datetime import datetime, timedelta
+from functools import cache
 
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,8 +29,14 @@ STALE_ROW_TIMEOUTS = 10
 
 def process_name() -> str:
     """This process as records name it: "host:pid" (at most 64 characters, the host cut first)."""
-    pid = f":{os.getpid()}"
-    return socket.gethostname()[:64 - len(pid)] + pid
+    return _process_name(os.getpid())
+
+
+@cache
+def _process_name(pid: int) -> str:
+    """Per pid: a forked child (a Celery prefork worker) gets its own name, not its parent's."""
+    suffix = f":{pid}"
+    return socket.gethostname()[:64 - len(suffix)] + suffix
 
 
 def listener_name(ae_title: str, port: int) -> str:

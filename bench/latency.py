@@ -160,6 +160,7 @@ Launch = Callable[[Path, int], Iterator[None]]
 
 @contextmanager
 def _process(command: list[str], env: dict[str, str], log: Path, port: int) -> Iterator[None]:
+    log.parent.mkdir(parents=True, exist_ok=True)
     process = ServiceProcess(command, env, log).start()
     try:
         wait_echo(port)

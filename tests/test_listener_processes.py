@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,3 +135,34 @@ def test_a_listener_killed_mid_transfer_loses_nothing_acknowledged(deployment: D
     for truth in truths:
         study = wait_for_state(deployment.api, truth["study_instance_uid"], logs=deployment.logs, timeout=300)
         assert study["state"] == "scored" and study["instance_count"] == truth["files"], study
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_listener_stopped_cleanly_leaves_the_others_serving(deployment: Deployment) -> None:
+    """A child's clean stop closes its own descriptor of the shared socket, nothing more: the
+    others keep accepting, and idle (no accept loop spinning on a socket shut down under it)."""
+    children = listener_children(deployment)
+    victim = min(children)
+    os.kill(victim, signal.SIGTERM)
+
+    def replaced() -> set[int] | None:
+        now = listener_children(deployment)
+        return now if len(now) == 2 and victim not in now else None
+
+    survivors = wait_until(replaced, 30, "the stopped listener to be replaced")
+    time.sleep(1.0)  # the new child's imports
+    before = {pid: cpu_seconds(pid) for pid in survivors}
+    time.sleep(3.0)
+    spent = {pid: cpu_seconds(pid) - before[pid] for pid in survivors}
+    assert all(seconds < 0.5 for seconds in spent.values()), f"idle listeners busy: {spent}"
+    for _ in range(4):
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", deployment.dicom_port, ae_title="CTTRIAGE")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()

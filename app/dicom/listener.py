@@ -229,6 +229,12 @@ class SharedSocketServer(ThreadedAssociationServer):
     def server_activate(self) -> None:
         """Listening already (the parent called ``listen``)."""
 
+    def server_close(self) -> None:
+        """Close this process's descriptor only. pynetdicom's ``shutdown(SHUT_RDWR)`` would act on
+        the socket every listener process shares: the others' ``accept`` would fail at once,
+        forever, and their accept loops would spin."""
+        self.socket.close()
+
 
 # --- the application entity ------------------------------------------------------------------
 

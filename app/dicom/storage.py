@@ -123,15 +123,20 @@ class IncomingFile:
         try:
             fd, self._fd = self._fd, None
             try:
-                os.fsync(fd)
+                _make_dirs_durable(path.parent)
                 inode = os.fstat(fd).st_ino
+                # A new name first, then one fsync: on a journalling file system it commits the
+                # link with the data, and the folder's fsync after it finds little left to do.
+                # Nothing points at the new name before the record commits, so a crash before the
+                # fsync leaves only an unrecorded file that a re-send replaces.
+                if _link_if_absent(self._tmp, path):
+                    self._placed = (path, inode)
+                    os.fsync(fd)
+                else:  # a re-send: a committed row may point here already; the bytes must be
+                    os.fsync(fd)  # durable before they replace the ones it points at
+                    os.replace(self._tmp, path)
             finally:
                 os.close(fd)
-            _make_dirs_durable(path.parent)
-            if _link_if_absent(self._tmp, path):
-                self._placed = (path, inode)
-            else:  # a re-send: a committed row may point here already; replace the bytes
-                os.replace(self._tmp, path)
             _fsync_dir(path.parent)
         except OSError as exc:
             raise _storage_error(exc) from exc
