@@ -48,6 +48,8 @@ from models.dicom_headers import SliceHeader
 
 log = logging.getLogger(__name__)
 
+#: The shortest wait between two passes (a mark already due is queued by the next one).
+MIN_PASS_SECONDS = 0.05
 #: An incoming file this old belongs to no running write (a C-STORE answers within minutes).
 ABANDONED_INCOMING_SECONDS = 3600.0
 
@@ -314,6 +316,23 @@ def dispatch_overdue_exports(session_factory: sessionmaker[Session], enqueue_exp
     return sent
 
 
+def next_settle_due(session_factory: sessionmaker[Session]) -> datetime | None:
+    """The earliest release mark of a study still receiving (None: no study is marked)."""
+    with session_factory() as session:
+        return session.execute(
+            select(func.min(Study.settle_due_at)).where(Study.state == StudyState.receiving.value)
+        ).scalar_one_or_none()
+
+
+def seconds_to_next_pass(session_factory: sessionmaker[Session], interval: float) -> float:
+    """``interval``, or less when a marked study is due sooner: a released series is queued at
+    its due time, not up to a pass later."""
+    due = next_settle_due(session_factory)
+    if due is None:
+        return interval
+    return min(interval, max(MIN_PASS_SECONDS, (due - utcnow()).total_seconds()))
+
+
 def assembler_pass(session_factory: sessionmaker[Session], enqueue: Enqueue, settings: Settings,
                    enqueue_export: EnqueueExport | None = None, resumed_at: datetime | None = None) -> None:
     """One round of the assembler: settle, recover lost jobs, relay the outboxes (jobs, exports).
@@ -322,10 +341,11 @@ def assembler_pass(session_factory: sessionmaker[Session], enqueue: Enqueue, set
     was unreachable; like a listener's return, settling counts silence only from then.
     """
     paused, since = settle_clock_start(session_factory, settings.listener_heartbeat_timeout_seconds)
-    if not paused:
-        if resumed_at is not None:
-            since = max(since, resumed_at) if since is not None else resumed_at
-        queue_settled_studies(session_factory, settings.settle_seconds, receiving_since=since)
+    if paused:  # no listener alive: silence means nothing, a released complete series still does
+        since = utcnow()
+    if resumed_at is not None:
+        since = max(since, resumed_at) if since is not None else resumed_at
+    queue_settled_studies(session_factory, settings.settle_seconds, receiving_since=since)
     requeue_stale_jobs(session_factory, settings.processing_timeout_seconds,
                        heartbeat_timeout_seconds=settings.job_heartbeat_timeout_seconds,
                        resend_seconds=settings.enqueued_resend_seconds)
@@ -353,7 +373,9 @@ def run_assembler(session_factory: sessionmaker[Session], enqueue: Enqueue, sett
                 purge_expired_quarantine(session_factory, settings.quarantine_retention_days)
                 remove_abandoned_incoming(settings.storage_root, ABANDONED_INCOMING_SECONDS)
                 next_purge = time.monotonic() + settings.retention_check_interval_seconds
+            wait = seconds_to_next_pass(session_factory, settings.assembler_interval_seconds)
         except Exception:
             failing = True
+            wait = settings.assembler_interval_seconds
             log.exception("assembler pass failed; retrying")
-        stop.wait(settings.assembler_interval_seconds)
+        stop.wait(wait)

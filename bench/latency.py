@@ -135,7 +135,9 @@ def run_latency(work: Path, slices: int, repeat: int) -> list[dict[str, Any]]:
     for i in range(repeat):
         for rule in ("settle only", "after release"):
             print(f"  latency: {rule}, run {i + 1}", file=sys.stderr, flush=True)
-            rows.append(latency_once(work / f"latency-{rule.replace(' ', '-')}-{i}", files, study_uid, rule))
+            run_dir = work / f"latency-{rule.replace(' ', '-')}-{i}"
+            run_dir.mkdir()
+            rows.append(latency_once(run_dir, files, study_uid, rule))
     return rows
 
 

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import mark_released, queue_settled_studies
+from app.assembly import mark_released, queue_settled_studies, seconds_to_next_pass
 from app.db.models import Instance, Job, JobTrigger, Study, StudyState, utcnow
 from app.dicom.push import push_files
 from app.series_selection import SeriesCriteria
@@ -56,12 +56,16 @@ def test_a_complete_series_settles_after_the_quiet_period(sqlite_settings: Setti
     marked = mark_released(sqlite_factory, {uid: {_series_uid(tmp_path / "s")}}, SeriesCriteria(), 3.0, now=now)
     assert marked == [uid]
     assert _study(sqlite_factory, uid).settle_due_at == now + timedelta(seconds=3)
+    # The assembler wakes when the mark is due, not up to a pass later.
+    assert 2.0 < seconds_to_next_pass(sqlite_factory, 5.0) <= 3.0
+    assert seconds_to_next_pass(sqlite_factory, 1.0) == 1.0
     # Not before the quiet period is over, though settle_seconds (1 s here) would not wait that long
     # from 'now': the release rule alone is judged by giving a long settle time.
     assert queue_settled_studies(sqlite_factory, 3600.0, now=now + timedelta(seconds=2.9)) == []
     assert len(queue_settled_studies(sqlite_factory, 3600.0, now=now + timedelta(seconds=3.1))) == 1
     study = _study(sqlite_factory, uid)
     assert study.state == StudyState.queued.value and study.settle_due_at is None
+    assert seconds_to_next_pass(sqlite_factory, 1.0) == 1.0
     assert [j.trigger for j in _jobs(sqlite_factory, uid)] == [JobTrigger.released.value]
 
 
