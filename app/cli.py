@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.errors import ConfigurationError, CtTriageError
+from app.errors import TYPED_ERRORS, ConfigurationError, CtTriageError
 from app.logging_setup import configure_logging
 from app.settings import Settings, get_settings
 
@@ -113,7 +113,7 @@ def cmd_implant(args: argparse.Namespace) -> int:
         datasets = read_series(source)
         result = implant_series(datasets, lung=args.lung, fraction=args.fraction, seed=args.seed,
                                 hu_range=(args.hu_min, args.hu_max))
-    except (CtTriageError, ValueError) as exc:  # unreadable input, not one series, no lungs, too big a fraction
+    except (*TYPED_ERRORS, ValueError) as exc:  # unreadable input, not one series, no lungs, too big a fraction
         print(f"cttriage implant: {source}: {exc}", file=sys.stderr)
         return 2
     truth = write_implanted(result, Path(args.out), source)

@@ -39,7 +39,7 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.errors import CtTriageError  # noqa: E402
+from app.errors import TYPED_ERRORS, CtTriageError  # noqa: E402
 from app.implant_io import implant_series, read_series  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 from models.rendering import axial_overlay, projection_overlay  # noqa: E402
@@ -73,7 +73,7 @@ def run_case(name: str, scorer: Callable[[], StudyScore]) -> Case:
     start = time.perf_counter()
     try:
         score = scorer()
-    except CtTriageError as exc:
+    except TYPED_ERRORS as exc:
         return Case(name, reason=f"rejected: {exc}", seconds=time.perf_counter() - start)
     return Case(name, score=score, seconds=time.perf_counter() - start)
 

@@ -11,7 +11,7 @@ series' masks (severity: lesion/lung per lung, max) or from labels.csv. Then, pe
 * Dice of lesions (positives with masks) and of lungs (series with lung masks);
 * average precision of identification against all negatives;
 * triage: mean position, on a worklist ordered by the service's priority
-  (``app.priority.priority_score``), of the positives and of the severe positives.
+  (``models.priority.priority_score``), of the positives and of the severe positives.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from app.priority import priority_score
 from models.datasets import SeriesData, SeriesRecord
 from models.lungs_threshold import split_lungs
 from models.metrics import average_precision, dice, ideal_mean_position, mean_worklist_position, roc_auc, spearman_rho
 from models.phantom_cohorts import NEGATIVE_COHORTS
 from models.preprocessing import resample_inplane
+from models.priority import priority_score
 from models.severity import LungSeverity, lung_severity
 from models.threshold_method import threshold_masks
 from models.training_samples import resample_mask

@@ -28,16 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.errors import SegmentationError
 from models.checkpoint import (
     KIND_LUNGS,
     KIND_MULTITASK,
     LESION_PROBABILITY_THRESHOLD,
-    CheckpointError,
     LoadedCheckpoint,
     load_checkpoint,
     paper_preprocessing,
 )
+from models.errors import CheckpointError, SegmentationError
 from models.lung_network import LungSegmentationNet, lung_bounding_box, lung_labels_from_probabilities
 from models.lungs_threshold import MIN_TOTAL_LUNG_ML
 from models.model_store import BundlePaths

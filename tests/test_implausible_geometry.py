@@ -16,14 +16,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import queue_settled_studies
 from app.db.models import Study, StudyState, utcnow
-from app.errors import (
+from app.settings import Settings
+from models.errors import (
     ImplausibleMatrixError,
     ImplausiblePixelSpacingError,
     ImplausibleSliceSpacingError,
     NoUsableSeriesError,
     VolumeTooLargeError,
 )
-from app.settings import Settings
 from models.phantom import PhantomSpec, write_phantom
 from models.volume import CtVolume
 from tests.conftest import store_study_files

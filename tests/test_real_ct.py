@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from app.implant_io import implant_series, read_series
-from app.priority import LOWER_BOUND_MIN_BAND, effective_band
 from models.findings import (
     BILATERAL_MIN_PERCENT,
     LUNG_MASK_IMPLAUSIBLE,
@@ -25,6 +24,7 @@ from models.findings import (
 from models.lesions_threshold import VERSION_1_PARAMS, segment_lesions, segment_lesions_paper
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
 from models.preprocessing import resample_inplane
+from models.priority import LOWER_BOUND_MIN_BAND, effective_band
 from models.severity import lung_severity
 from models.threshold_method import threshold_lungs
 from models.volume import CtVolume, hu_volume

@@ -14,8 +14,8 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from app.errors import NoUsableSeriesError
 from models.dicom_headers import SliceHeader, slice_headers
+from models.errors import NoUsableSeriesError
 from models.phantom import (
     PhantomSpec,
     PhantomStudy,

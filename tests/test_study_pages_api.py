@@ -19,11 +19,11 @@ from app.api.main import create_app
 from app.db.migrate import upgrade_to_head
 from app.db.models import Series, Study, StudyState
 from app.db.session import make_engine
-from app.errors import NoUsableSeriesError
 from app.ingest import describe_instance
 from app.security import Role, create_api_key
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
+from models.errors import NoUsableSeriesError
 from models.phantom import PhantomSpec, write_phantom
 from worker.pipeline import score_study
 from worker.series_selection import SeriesCriteria, SeriesSelection

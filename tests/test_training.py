@@ -19,9 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.assembly import queue_settled_studies
 from app.db.models import Result, Study, utcnow
 from app.settings import Settings
-from models.checkpoint import SYNTHETIC_TRAINING_DATA, CheckpointError, load_checkpoint
+from models.checkpoint import SYNTHETIC_TRAINING_DATA, load_checkpoint
 from models.commands import DataSource, train_command
 from models.datasets import PhantomGeometry, phantom_records
+from models.errors import CheckpointError
 from models.inference import SYNTHETIC_NOTE
 from models.lung_network import LungNetConfig
 from models.metrics import dice

@@ -22,7 +22,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from app.errors import (
+from models.dicom_headers import SliceHeader, slice_headers
+from models.errors import (
     DuplicatePositionError,
     GantryTiltError,
     MissingPixelDataError,
@@ -31,7 +32,6 @@ from app.errors import (
     SliceGapError,
     VolumeError,
 )
-from models.dicom_headers import SliceHeader, slice_headers
 from models.phantom import PhantomSpec, enhanced_dataset, phantom_datasets, phantom_volume, write_phantom
 from models.volume import AIR_HU, hu_volume
 

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from app.errors import CtTriageError
+from app.errors import TYPED_ERRORS
 from models.dicom_headers import SliceHeader, slice_headers
 from models.volume import CtVolume
 from worker.pipeline import score_ct_volume, score_study
@@ -113,7 +113,7 @@ def score_item(item: BatchItem, *, criteria: SeriesCriteria, inplane_spacing_mm:
             assert item.slices is not None and item.paths is not None
             score = score_study(item.slices, item.paths, criteria=criteria, inplane_spacing_mm=inplane_spacing_mm,
                                 networks=networks)
-    except CtTriageError as exc:
+    except TYPED_ERRORS as exc:
         return BatchRow(item.source, item.study_uid, None, "rejected", reason=str(exc),
                         seconds=round(time.perf_counter() - start, 2))
     except Exception as exc:  # noqa: BLE001 - one unreadable file must not end a run over thousands

@@ -17,8 +17,8 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from app.errors import ImplausiblePixelSpacingError, ModelOutputError, PixelDecodeError
 from models.dicom_headers import SliceHeader
+from models.errors import ImplausiblePixelSpacingError, ModelOutputError, PixelDecodeError
 from models.findings import LesionDescriptors, ScoreFlag, check_masks, describe_lesions, severity_is_lower_bound
 from models.lesions_threshold import segment_lesions
 from models.preprocessing import resample_inplane
