@@ -45,7 +45,8 @@ from models.inference import InferenceOptions, TriageNetworks, default_threads  
 from models.lung_network import LungSegmentationNet, lung_bounding_box, lung_labels_from_probabilities  # noqa: E402
 from models.model_store import bundle_paths  # noqa: E402
 from models.multitask import MultitaskNet  # noqa: E402
-from models.phantom import PhantomSpec, phantom_datasets, phantom_volume  # noqa: E402
+from models.phantom import PhantomSpec, phantom_volume  # noqa: E402
+from models.phantom_dicom import phantom_datasets  # noqa: E402
 from models.severity import lung_severity  # noqa: E402
 from models.training_samples import resample_mask  # noqa: E402
 from models.volume import hu_volume  # noqa: E402

@@ -102,7 +102,8 @@ def store_study_files(settings: Settings, factory: sessionmaker[Session], folder
 
 
 def write_phantom_study(out: Path, **spec_kwargs: object) -> dict:  # type: ignore[type-arg]
-    from models.phantom import PhantomSpec, write_phantom
+    from models.phantom import PhantomSpec
+    from models.phantom_dicom import write_phantom
 
     return write_phantom(out, PhantomSpec(**spec_kwargs))  # type: ignore[arg-type]
 

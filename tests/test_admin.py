@@ -48,7 +48,8 @@ from app.live import WorklistWatcher, worklist_signature
 from app.security import Role, create_api_key
 from app.settings import Settings
 from models.findings import LUNG_MASK_IMPLAUSIBLE, ScoreFlag
-from models.phantom import PhantomSpec, write_phantom
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
 from tests.conftest import scored
 from worker.jobs import write_result
 from worker.pipeline import THRESHOLD_MODEL_VERSION

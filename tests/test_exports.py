@@ -38,7 +38,8 @@ from app.db.models import Export, ExportKind, ExportState, Result, Study, utcnow
 from app.dicom.push import push_files
 from models.findings import LUNG_MASK_IMPLAUSIBLE, ScoreFlag, describe_lesions
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
-from models.phantom import PhantomSpec, PhantomVolume, phantom_datasets, phantom_volume
+from models.phantom import PhantomSpec, PhantomVolume, phantom_volume
+from models.phantom_dicom import phantom_datasets
 from models.rendering import projection_overlay
 from models.severity import lung_severity
 from models.volume import hu_volume

@@ -24,7 +24,8 @@ from models.errors import (
     NoUsableSeriesError,
     VolumeTooLargeError,
 )
-from models.phantom import PhantomSpec, write_phantom
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
 from models.volume import CtVolume
 from tests.conftest import store_study_files
 from tests.test_series_selection import decision, series

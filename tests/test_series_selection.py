@@ -16,15 +16,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from models.dicom_headers import SliceHeader, slice_headers
 from models.errors import NoUsableSeriesError
-from models.phantom import (
-    PhantomSpec,
-    PhantomStudy,
-    enhanced_dataset,
-    phantom_datasets,
-    phantom_volume,
-    scout_dataset,
-    thick_datasets,
-)
+from models.phantom import PhantomSpec, phantom_volume
+from models.phantom_dicom import PhantomStudy, enhanced_dataset, phantom_datasets, scout_dataset, thick_datasets
 from worker.series_selection import SeriesCriteria, select_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

@@ -24,7 +24,8 @@ from app.security import Role, create_api_key
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from models.errors import NoUsableSeriesError
-from models.phantom import PhantomSpec, write_phantom
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
 from worker.pipeline import score_study
 from worker.series_selection import SeriesCriteria, SeriesSelection
 

@@ -27,7 +27,8 @@ from models.inference import SYNTHETIC_NOTE
 from models.lung_network import LungNetConfig
 from models.metrics import dice
 from models.multitask import MultitaskConfig, MultitaskNet
-from models.phantom import PhantomSpec, write_phantom
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
 from models.training import (
     PAPER_LUNGS,
     PAPER_MULTITASK,
