@@ -231,6 +231,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score DICOM folders or NIfTI files offline, with the pipeline the workers run."""
+    from models.predictor import predictor_for
     from worker.batch_scoring import batch_items, format_table, score_all, write_csv
     from worker.networks import load_networks
     from worker.series_selection import SeriesCriteria
@@ -241,14 +242,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not items:
         print("no DICOM study or NIfTI file found", file=sys.stderr)
         return 2
-    networks = load_networks(settings)
+    predictor = predictor_for(load_networks(settings), settings.inplane_spacing_mm)
 
     def progress(done: int, total: int, item: object) -> None:
         bar = "#" * int(30 * done / total)
         print(f"\r[{bar:<30}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    rows = score_all(items, criteria=SeriesCriteria.from_settings(settings),
-                     inplane_spacing_mm=settings.inplane_spacing_mm, networks=networks, progress=progress)
+    rows = score_all(items, predictor, criteria=SeriesCriteria.from_settings(settings), progress=progress)
     if args.csv == "-":
         write_csv(rows, sys.stdout)
     else:

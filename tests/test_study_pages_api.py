@@ -26,6 +26,7 @@ from models.dicom_headers import SliceHeader
 from models.errors import NoUsableSeriesError
 from models.phantom import PhantomSpec
 from models.phantom_dicom import write_phantom
+from models.predictor import ThresholdPredictor
 from worker.pipeline import score_study
 from worker.series_selection import SeriesCriteria, SeriesSelection
 
@@ -127,7 +128,7 @@ def test_series_decisions_are_recorded_before_a_rejection(tmp_path: Path) -> Non
     slices = [SliceHeader.from_dict(h) for h in describe_instance(ds, str(ds.file_meta.TransferSyntaxUID)).headers]
     seen: list[SeriesSelection] = []
     with pytest.raises(NoUsableSeriesError) as raised:
-        score_study(slices, {}, criteria=SeriesCriteria(), inplane_spacing_mm=2.0, on_selection=seen.append)
+        score_study(slices, {}, ThresholdPredictor(2.0), criteria=SeriesCriteria(), on_selection=seen.append)
     assert len(seen) == 1 and seen[0].chosen is None
     [decision] = seen[0].decisions
     assert not decision.chosen and decision.reason and decision.reason in str(raised.value)

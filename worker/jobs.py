@@ -36,6 +36,7 @@ from app.ingest import CREATED_BY
 from app.score_details import flags_of, lower_bound_of
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
+from models.predictor import predictor_for
 from models.priority import effective_band, priority_score
 from models.severity import LungSeverity
 from worker.derived import save_derived
@@ -355,12 +356,9 @@ def _run_claimed(job: Job, session_factory: sessionmaker[Session], settings: Set
             reuse_result(session_factory, job, *reusable, settings)
             log.info("same instances as the latest result: reused", extra={"job_id": job_id})
             return JobOutcome(job_id, "reused")
-        score = score_study(
-            slices, paths, criteria=criteria,
-            inplane_spacing_mm=settings.inplane_spacing_mm,
-            on_selection=lambda selection: record_selection(session_factory, job, selection),
-            networks=networks() if networks is not None else None,
-        )
+        predictor = predictor_for(networks() if networks is not None else None, settings.inplane_spacing_mm)
+        score = score_study(slices, paths, predictor, criteria=criteria,
+                            on_selection=lambda selection: record_selection(session_factory, job, selection))
     except DBAPIError:
         raise  # transient: the task retries, the study stays processing
     except Exception as exc:
