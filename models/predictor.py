@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class Prediction:
     details: dict[str, Any]
 
 
+@runtime_checkable
 class Predictor(Protocol):
     """A scoring method: a canonical HU volume and its spacing (mm) in, one Prediction out."""
 
