@@ -20,9 +20,9 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, Job, JobState, JobTrigger, QuarantinedFile, Result, Study, StudyState, utcnow
-from app.priority import effective_band
 from app.score_details import DESCRIPTOR_COLUMNS, descriptor_columns, flags_of, lower_bound_of
 from app.worklist import worklist_query
+from models.priority import effective_band
 
 WINDOWS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 NOT_SCORED = (StudyState.failed.value, StudyState.rejected.value)

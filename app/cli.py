@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.errors import ConfigurationError, CtTriageError
+from app.errors import TYPED_ERRORS, ConfigurationError, CtTriageError
 from app.logging_setup import configure_logging
 from app.settings import Settings, get_settings
 
@@ -93,7 +93,8 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from models.phantom import PhantomSpec, write_phantom
+    from models.phantom import PhantomSpec
+    from models.phantom_dicom import write_phantom
 
     slice_spacing = args.slice_spacing or CHEST_COVERAGE_MM / args.slices
     spec = PhantomSpec(slices=args.slices, rows=args.size, columns=args.size, pixel_spacing=args.pixel_spacing,
@@ -116,7 +117,7 @@ def cmd_implant(args: argparse.Namespace) -> int:
         datasets = read_series(source)
         result = implant_series(datasets, lung=args.lung, fraction=args.fraction, seed=args.seed,
                                 hu_range=(args.hu_min, args.hu_max))
-    except (CtTriageError, ValueError) as exc:  # unreadable input, not one series, no lungs, too big a fraction
+    except (*TYPED_ERRORS, ValueError) as exc:  # unreadable input, not one series, no lungs, too big a fraction
         print(f"cttriage implant: {source}: {exc}", file=sys.stderr)
         return 2
     truth = write_implanted(result, Path(args.out), source)
@@ -234,6 +235,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
 def cmd_score(args: argparse.Namespace) -> int:
     """Score DICOM folders or NIfTI files offline, with the pipeline the workers run."""
     from app.series_selection import SeriesCriteria
+    from models.predictor import predictor_for
     from worker.batch_scoring import batch_items, format_table, score_all, write_csv
     from worker.networks import load_networks
 
@@ -243,14 +245,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not items:
         print("no DICOM study or NIfTI file found", file=sys.stderr)
         return 2
-    networks = load_networks(settings)
+    predictor = predictor_for(load_networks(settings), settings.inplane_spacing_mm)
 
     def progress(done: int, total: int, item: object) -> None:
         bar = "#" * int(30 * done / total)
         print(f"\r[{bar:<30}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    rows = score_all(items, criteria=SeriesCriteria.from_settings(settings),
-                     inplane_spacing_mm=settings.inplane_spacing_mm, networks=networks, progress=progress)
+    rows = score_all(items, predictor, criteria=SeriesCriteria.from_settings(settings), progress=progress)
     if args.csv == "-":
         write_csv(rows, sys.stdout)
     else:

@@ -28,7 +28,8 @@ def demo_key(settings: Settings) -> str:
 
 
 def run_demo(settings: Settings, timeout_seconds: float = 600.0) -> dict | None:  # type: ignore[type-arg]
-    from models.phantom import PhantomSpec, write_phantom
+    from models.phantom import PhantomSpec
+    from models.phantom_dicom import write_phantom
 
     base = f"http://{'127.0.0.1' if settings.api_host in ('0.0.0.0', '') else settings.api_host}:{settings.api_port}"
     host = "127.0.0.1" if settings.dicom_host in ("0.0.0.0", "") else settings.dicom_host

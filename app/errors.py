@@ -1,14 +1,41 @@
-"""Typed errors of cttriage, and the one place where they map to DICOM statuses and HTTP problems.
+"""Typed errors of cttriage, and the one place where they map to study states, DICOM statuses and
+HTTP problems.
 
-Every failure the service can name is a subclass of :class:`CtTriageError`. Each class carries
+Every failure the service itself can name is a subclass of :class:`CtTriageError`, which carries
 ``dicom_status`` (what a C-STORE answers when it is raised while receiving) and ``http_status``
-(what the API answers). A study that fails processing keeps ``str(error)`` as its reason, so the
-message must be useful to an admin and must never contain patient data.
+(what the API answers). Failures of the images, the weights or the networks are the imaging
+library's (``models.errors``); :data:`IMAGING_ERRORS` maps each to what the service does with it.
+A study that fails processing keeps ``str(error)`` as its reason and the class name as its reason
+code (:func:`reason_code`), so the message must be useful to an admin and never contain patient data.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
+
+from models.errors import (
+    CheckpointError,
+    CheckpointIntegrityError,
+    DuplicatePositionError,
+    GantryTiltError,
+    ImagingError,
+    ImplausibleFrameCountError,
+    ImplausibleGeometryError,
+    ImplausibleMatrixError,
+    ImplausiblePixelSpacingError,
+    ImplausibleSliceSpacingError,
+    MissingPixelDataError,
+    MixedGeometryError,
+    ModelOutputError,
+    NoUsableSeriesError,
+    PixelDecodeError,
+    SegmentationError,
+    SliceGapError,
+    UnusableImageError,
+    VolumeError,
+    VolumeTooLargeError,
+)
 
 # DICOM C-STORE statuses (PS3.4 B.2.3, PS3.7 C.4.2).
 STATUS_SUCCESS = 0x0000
@@ -75,95 +102,6 @@ class DatabaseUnavailableError(CtTriageError):
     transient = True
 
 
-# --- processing: the study itself is unusable (no retry) -----------------------------------
-
-
-class StudyRejectedError(CtTriageError):
-    """A study that cannot be scored by design (no usable series, unreadable volume)."""
-
-    http_status = 422
-    title = "Study rejected"
-
-
-class NoUsableSeriesError(StudyRejectedError):
-    """Series selection passed over every series of the study."""
-
-    title = "No usable series"
-
-
-class VolumeError(StudyRejectedError):
-    """The chosen series cannot be stacked into a volume."""
-
-    title = "Volume cannot be built"
-
-
-class MissingPixelDataError(VolumeError):
-    title = "Missing pixel data"
-
-
-class PixelDecodeError(VolumeError):
-    title = "Pixel data cannot be decoded"
-
-
-class SliceGapError(VolumeError):
-    title = "Missing slices"
-
-
-class DuplicatePositionError(VolumeError):
-    title = "Duplicate slice positions"
-
-
-class MixedGeometryError(VolumeError):
-    title = "Mixed slice geometry"
-
-
-class GantryTiltError(VolumeError):
-    title = "Gantry tilt"
-
-
-class ImplausibleGeometryError(StudyRejectedError):
-    """Headers describe a geometry no chest CT has. Checked from the headers before any pixel is
-    loaded: resampling a 25 mm pixel spacing to the 2 mm grid once took 6 GB for a 1.5 MB study."""
-
-    title = "Implausible geometry"
-
-
-class ImplausiblePixelSpacingError(ImplausibleGeometryError):
-    title = "Implausible pixel spacing"
-
-
-class ImplausibleSliceSpacingError(ImplausibleGeometryError):
-    title = "Implausible slice spacing"
-
-
-class ImplausibleMatrixError(ImplausibleGeometryError):
-    title = "Implausible image matrix"
-
-
-class ImplausibleFrameCountError(ImplausibleGeometryError):
-    title = "Implausible number of slices"
-
-
-class VolumeTooLargeError(StudyRejectedError):
-    """The volume, or its scoring grid, has more voxels than a worker is set to hold: it can never
-    fit, so the study is rejected at once rather than retried as out of memory."""
-
-    title = "Volume too large"
-
-
-class SegmentationError(StudyRejectedError):
-    """The image was read but no lungs could be found in it."""
-
-    title = "Lungs not found"
-
-
-class ModelOutputError(CtTriageError):
-    """The networks produced a number that is not one (NaN or infinite: an overflow in reduced
-    precision): the study fails with this reason rather than being ranked on it."""
-
-    title = "Network output not finite"
-
-
 # --- start-up ------------------------------------------------------------------------------
 
 
@@ -205,3 +143,74 @@ class InvalidQueryError(CtTriageError):
 class ConflictError(CtTriageError):
     http_status = 409
     title = "Conflict"
+
+
+# --- imaging errors: what the service does with each ---------------------------------------
+
+#: Study states a scoring error leaves (``app.db.models.StudyState`` values).
+REJECTED = "rejected"  # the images cannot be scored by design: no retry
+FAILED = "failed"  # the method failed (weights, network output): an admin looks
+
+
+@dataclass(frozen=True)
+class ErrorMapping:
+    """What the service does with one kind of imaging error."""
+
+    state: str
+    dicom_status: int
+    http_status: int
+    title: str
+
+
+def _rejected(title: str) -> ErrorMapping:
+    return ErrorMapping(REJECTED, STATUS_PROCESSING_FAILURE, 422, title)
+
+
+def _failed(title: str) -> ErrorMapping:
+    return ErrorMapping(FAILED, STATUS_PROCESSING_FAILURE, 500, title)
+
+
+#: The one table: an imaging error maps by its most specific class listed here.
+IMAGING_ERRORS: dict[type[ImagingError], ErrorMapping] = {
+    ImagingError: _failed("Imaging error"),
+    UnusableImageError: _rejected("Study rejected"),
+    NoUsableSeriesError: _rejected("No usable series"),
+    VolumeError: _rejected("Volume cannot be built"),
+    MissingPixelDataError: _rejected("Missing pixel data"),
+    PixelDecodeError: _rejected("Pixel data cannot be decoded"),
+    SliceGapError: _rejected("Missing slices"),
+    DuplicatePositionError: _rejected("Duplicate slice positions"),
+    MixedGeometryError: _rejected("Mixed slice geometry"),
+    GantryTiltError: _rejected("Gantry tilt"),
+    ImplausibleGeometryError: _rejected("Implausible geometry"),
+    ImplausiblePixelSpacingError: _rejected("Implausible pixel spacing"),
+    ImplausibleSliceSpacingError: _rejected("Implausible slice spacing"),
+    ImplausibleMatrixError: _rejected("Implausible image matrix"),
+    ImplausibleFrameCountError: _rejected("Implausible number of slices"),
+    VolumeTooLargeError: _rejected("Volume too large"),
+    SegmentationError: _rejected("Lungs not found"),
+    ModelOutputError: _failed("Network output not finite"),
+    CheckpointError: _failed("Model checkpoint unusable"),
+    CheckpointIntegrityError: _failed("Model checkpoint altered"),
+}
+
+#: Every error raised on purpose, the service's and the imaging library's.
+TYPED_ERRORS: tuple[type[Exception], ...] = (CtTriageError, ImagingError)
+
+
+def imaging_mapping(exc: ImagingError) -> ErrorMapping:
+    """The row of :data:`IMAGING_ERRORS` for ``exc``: its own class, else its nearest listed base."""
+    for cls in type(exc).__mro__:
+        if cls in IMAGING_ERRORS:
+            return IMAGING_ERRORS[cls]
+    raise AssertionError("ImagingError is in the table")  # pragma: no cover
+
+
+def study_state(exc: BaseException) -> str:
+    """The state a study is left in when scoring it raised ``exc``: rejected or failed."""
+    return imaging_mapping(exc).state if isinstance(exc, ImagingError) else FAILED
+
+
+def reason_code(exc: BaseException) -> str:
+    """What a study stores as its reason code: the error's class name."""
+    return type(exc).__name__

@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from app.errors import SegmentationError, VolumeError
+from models.errors import SegmentationError, VolumeError
 from models.implant import DEFAULT_HU_RANGE, SIDES, Implant, implant_ground_glass, source_grid_lung_labels
 from models.volume import CtVolume, StackLayout, rescale, stack_layout
 

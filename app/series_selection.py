@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.errors import (
+from models.dicom_headers import MAX_FRAMES, SliceHeader, StackGeometry, series_label, slice_normal, stack_geometry
+from models.errors import (
     ImplausibleFrameCountError,
     ImplausibleMatrixError,
     ImplausiblePixelSpacingError,
     ImplausibleSliceSpacingError,
     NoUsableSeriesError,
-    StudyRejectedError,
+    UnusableImageError,
     VolumeError,
     VolumeTooLargeError,
 )
-from models.dicom_headers import MAX_FRAMES, SliceHeader, StackGeometry, series_label, slice_normal, stack_geometry
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -119,7 +119,7 @@ class SeriesSelection:
     decisions: list[SeriesDecision] = field(default_factory=list)
     #: What :meth:`require` raises when nothing is chosen: the typed error of the first series
     #: passed over for implausible geometry or size (its own reason code), else NoUsableSeriesError.
-    error: type[StudyRejectedError] = NoUsableSeriesError
+    error: type[UnusableImageError] = NoUsableSeriesError
 
     def reason_if_none(self) -> str | None:
         """One admin-readable line saying why no series was chosen (None when one was)."""
@@ -167,7 +167,7 @@ def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = Seri
                 "slice_spacing_mm": _spacing_estimate(headers),
                 "thickness": thickness,
                 "reason": None if verdict is None else str(verdict),
-                "error": type(verdict) if isinstance(verdict, StudyRejectedError) else None,
+                "error": type(verdict) if isinstance(verdict, UnusableImageError) else None,
             }
         )
     candidates.sort(key=lambda c: (c["series_number"] is None, c["series_number"] or 0, c["series_uid"]))
@@ -188,7 +188,7 @@ def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = Seri
 
 
 def _rejection(headers: list[SliceHeader], thickness: float | None,
-               criteria: SeriesCriteria) -> str | StudyRejectedError | None:
+               criteria: SeriesCriteria) -> str | UnusableImageError | None:
     """Why this series cannot be scored, or None (``thickness``: its median SliceThickness).
     Implausible geometry and sizes come as typed errors, so a study with nothing else to score
     is rejected with their reason code."""
@@ -236,7 +236,7 @@ def _rejection(headers: list[SliceHeader], thickness: float | None,
     return None
 
 
-def implausible_frames(headers: Sequence[SliceHeader], criteria: SeriesCriteria) -> StudyRejectedError | None:
+def implausible_frames(headers: Sequence[SliceHeader], criteria: SeriesCriteria) -> UnusableImageError | None:
     """The first header fact no chest CT has (slice count, matrix, pixel spacing), or None.
 
     From the headers alone: the volume loader and the resampling to the scoring grid would

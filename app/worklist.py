@@ -11,7 +11,7 @@ from app.db.models import Study
 
 
 def worklist_order() -> tuple[object, ...]:
-    """Most urgent first (priority, see app.priority); unscored studies after, oldest first.
+    """Most urgent first (priority, see models.priority); unscored studies after, oldest first.
 
     Matches the ``ix_studies_worklist_*`` indexes, so a page is an index scan at any size.
     """

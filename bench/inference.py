@@ -45,7 +45,9 @@ from models.inference import InferenceOptions, TriageNetworks, default_threads  
 from models.lung_network import LungSegmentationNet, lung_bounding_box, lung_labels_from_probabilities  # noqa: E402
 from models.model_store import bundle_paths  # noqa: E402
 from models.multitask import MultitaskNet  # noqa: E402
-from models.phantom import PhantomSpec, phantom_datasets, phantom_volume  # noqa: E402
+from models.phantom import PhantomSpec, phantom_volume  # noqa: E402
+from models.phantom_dicom import phantom_datasets  # noqa: E402
+from models.predictor import NetworkPredictor  # noqa: E402
 from models.severity import lung_severity  # noqa: E402
 from models.training_samples import resample_mask  # noqa: E402
 from models.volume import hu_volume  # noqa: E402
@@ -115,6 +117,7 @@ def main() -> int:
     t0 = time.perf_counter()
     networks = TriageNetworks.from_bundle(bundle_paths(args.model), options) if args.model else random_networks(options)
     model_seconds = time.perf_counter() - t0
+    predictor = NetworkPredictor(networks)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()} "
           f"(cores available {default_threads()}), batch {args.batch_slices} slices, compile {args.compile}")
     print(f"networks: {networks.method} {networks.version}, built in {model_seconds:.2f} s "
@@ -138,7 +141,7 @@ def main() -> int:
             volume = timed(run, "load", device, lambda: hu_volume(read_datasets(files)))
             hu_t, image, grid = timed(run, "resample", device, lambda: networks.preprocess(volume.hu, volume.spacing))
             if networks.lungs is None:  # a bundle without a lungs network: threshold lungs
-                labels = timed(run, "lungs_post", device, lambda: networks.lung_labels(image, hu_t, grid))
+                labels = timed(run, "lungs_post", device, lambda: networks.lung_labels(image, hu_t.cpu().numpy(), grid))
             else:
                 probs = timed(run, "lungs_net", device, lambda: networks.lung_probabilities(image))
                 if args.model:
@@ -157,8 +160,7 @@ def main() -> int:
 
             severity = timed(run, "postprocess", device, post)
             if args.model:  # trained weights: the worker's own call, end to end after loading
-                timed(run, "predict (worker path)", device,
-                      lambda: networks.predict(volume.hu, volume.spacing))
+                timed(run, "predict (worker path)", device, lambda: predictor.predict(volume.hu, volume.spacing))
             if r > 0 and not args.no_baseline:
                 if networks.lungs_checkpoint is not None:
                     plain_lungs = networks.lungs_checkpoint.module.to(device)
@@ -179,7 +181,7 @@ def main() -> int:
     print(f"{'total':14} {best:10.2f} {median:12.2f}   s per study, networks loaded, {args.repeat} repeats")
     if "predict (worker path)" in times:
         worker = [a + b for a, b in zip(times["load"], times["predict (worker path)"], strict=True)]
-        print(f"load + TriageNetworks.predict (the worker's call): best {min(worker):.2f} s, "
+        print(f"load + NetworkPredictor.predict (the worker's call): best {min(worker):.2f} s, "
               f"median {statistics.median(worker):.2f} s")
     if baseline:
         nets = [n for n in ("lungs_net", "multitask") if n in baseline]

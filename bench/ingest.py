@@ -80,7 +80,8 @@ OUR_LISTENER = textwrap.dedent(
 
 def write_study(out_dir: Path, slices: int) -> list[Path]:
     """The benchmark study: one axial series of the project's chest phantom."""
-    from models.phantom import PhantomSpec, write_phantom
+    from models.phantom import PhantomSpec
+    from models.phantom_dicom import write_phantom
 
     write_phantom(out_dir, PhantomSpec(slices=slices, rows=512, columns=512))
     return sorted(out_dir.glob("*.dcm"))

@@ -5,8 +5,9 @@ A hand-run benchmark, not a test::
     python bench/real_ct.py                     # table on stdout, montages in bench/out/real_ct
     python bench/real_ct.py --out /tmp/real_ct --no-implants
 
-Cases (``worker.pipeline.score_study`` for DICOM folders, as a worker scores a study;
-``score_ct_volume`` for volumes made here):
+Every case is scored with the threshold method (``models.predictor.ThresholdPredictor``) through
+``worker.pipeline.score_study`` for DICOM folders, as a worker scores a study, or
+``score_volume`` for volumes made here:
 
 * A0001 kernel-L and kernel-B (Lung-PET-CT-Dx, 64 x 5 mm): the whole series, as a study;
 * each COVID-19-NY-SBU axial slice stacked 40 times along z at 5 mm (chest and abdomen: the
@@ -39,14 +40,15 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.errors import CtTriageError  # noqa: E402
+from app.errors import TYPED_ERRORS, CtTriageError  # noqa: E402
 from app.implant_io import implant_series, read_series  # noqa: E402
 from app.series_selection import SeriesCriteria  # noqa: E402
 from app.settings import get_settings  # noqa: E402
+from models.predictor import Predictor, ThresholdPredictor  # noqa: E402
 from models.rendering import axial_overlay, projection_overlay  # noqa: E402
 from models.volume import hu_volume  # noqa: E402
 from worker.batch_scoring import dicom_items, nifti_volume  # noqa: E402
-from worker.pipeline import StudyScore, score_ct_volume, score_study  # noqa: E402
+from worker.pipeline import StudyScore, score_study, score_volume  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 REAL = DATA / "real-dicom"
@@ -73,23 +75,23 @@ def run_case(name: str, scorer: Callable[[], StudyScore]) -> Case:
     start = time.perf_counter()
     try:
         score = scorer()
-    except CtTriageError as exc:
+    except TYPED_ERRORS as exc:
         return Case(name, reason=f"rejected: {exc}", seconds=time.perf_counter() - start)
     return Case(name, score=score, seconds=time.perf_counter() - start)
 
 
-def study_scorer(folder: Path, criteria: SeriesCriteria, inplane: float) -> Callable[[], StudyScore]:
+def study_scorer(folder: Path, criteria: SeriesCriteria, predictor: Predictor) -> Callable[[], StudyScore]:
     """Score the one study in ``folder`` as a worker does (series selection included)."""
     def score() -> StudyScore:
         items = list(dicom_items(folder))
         if len(items) != 1:
             raise CtTriageError(f"{len(items)} studies found in {folder.name} (instances need a StudyInstanceUID)")
         assert items[0].slices is not None and items[0].paths is not None
-        return score_study(items[0].slices, items[0].paths, criteria=criteria, inplane_spacing_mm=inplane)
+        return score_study(items[0].slices, items[0].paths, predictor, criteria=criteria)
     return score
 
 
-def stacked_scorer(path: Path, inplane: float) -> Callable[[], StudyScore]:
+def stacked_scorer(path: Path, predictor: Predictor) -> Callable[[], StudyScore]:
     """One axial slice repeated 40 times, 5 mm apart: real HU, noise and anatomy in 3D."""
     def score() -> StudyScore:
         ds = pydicom.dcmread(path)
@@ -101,19 +103,19 @@ def stacked_scorer(path: Path, inplane: float) -> Callable[[], StudyScore]:
             copy_.ImagePositionPatient = [x, y, 5.0 * k]
             copy_.SOPInstanceUID, copy_.SeriesInstanceUID = generate_uid(), series
             stack.append(copy_)
-        return score_ct_volume(path.stem, hu_volume(stack), inplane_spacing_mm=inplane)
+        return score_volume(path.stem, hu_volume(stack), predictor)
     return score
 
 
-def single_file_scorer(path: Path, criteria: SeriesCriteria, inplane: float) -> Callable[[], StudyScore]:
+def single_file_scorer(path: Path, criteria: SeriesCriteria, predictor: Predictor) -> Callable[[], StudyScore]:
     def score() -> StudyScore:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / path.name).write_bytes(path.read_bytes())
-            return study_scorer(Path(tmp), criteria, inplane)()
+            return study_scorer(Path(tmp), criteria, predictor)()
     return score
 
 
-def implant_cases(base: Case, inplane: float) -> list[Case]:
+def implant_cases(base: Case, predictor: Predictor) -> list[Case]:
     datasets = read_series(A0001 / "kernel-L")
     cases = []
     for lung in ("left", "right"):
@@ -121,8 +123,7 @@ def implant_cases(base: Case, inplane: float) -> list[Case]:
             name = f"A0001-L + GGO {fraction:.0%} {lung}"
             start = time.perf_counter()
             result = implant_series(datasets, lung=lung, fraction=fraction, seed=0)
-            case = run_case(name, lambda r=result: score_ct_volume(name, hu_volume(r.datasets),
-                                                                    inplane_spacing_mm=inplane))
+            case = run_case(name, lambda r=result: score_volume(name, hu_volume(r.datasets), predictor))
             case.seconds = time.perf_counter() - start
             case.truth_rise = result.implant.truth.severity_rise
             if case.score is not None and base.score is not None:
@@ -186,23 +187,23 @@ def main() -> int:
         print(f"no real data at {DATA}", file=sys.stderr)
         return 2
     settings = get_settings()
-    criteria, inplane = SeriesCriteria.from_settings(settings), settings.inplane_spacing_mm
+    criteria, predictor = SeriesCriteria.from_settings(settings), ThresholdPredictor(settings.inplane_spacing_mm)
     plan: list[tuple[str, Callable[[], StudyScore]]] = [
-        (f"A0001 {kernel}", study_scorer(A0001 / kernel, criteria, inplane)) for kernel in ("kernel-L", "kernel-B")
+        (f"A0001 {kernel}", study_scorer(A0001 / kernel, criteria, predictor)) for kernel in ("kernel-L", "kernel-B")
     ]
-    plan += [(f"SBU {name} x40", stacked_scorer(SBU / f"{name}.dcm", inplane)) for name in STACKED]
-    plan += [(f"SBU {name} alone", single_file_scorer(SBU / f"{name}.dcm", criteria, inplane)) for name in SINGLE]
-    plan.append(("TotalSeg JPEG2000 abdomen", study_scorer(REAL / "totalsegmentator-example-ct", criteria, inplane)))
+    plan += [(f"SBU {name} x40", stacked_scorer(SBU / f"{name}.dcm", predictor)) for name in STACKED]
+    plan += [(f"SBU {name} alone", single_file_scorer(SBU / f"{name}.dcm", criteria, predictor)) for name in SINGLE]
+    plan.append(("TotalSeg JPEG2000 abdomen", study_scorer(REAL / "totalsegmentator-example-ct", criteria, predictor)))
     nifti = DATA / "real-nifti" / "totalsegmentator-chest-crop-ct.nii.gz"
     plan.append(("TotalSeg NIfTI chest crop",
-                 lambda: score_ct_volume(nifti.name, nifti_volume(nifti), inplane_spacing_mm=inplane)))
+                 lambda: score_volume(nifti.name, nifti_volume(nifti), predictor)))
     cases = []
     for name, scorer in plan:
         print(f"scoring {name} ...", file=sys.stderr, flush=True)
         cases.append(run_case(name, scorer))
     if not args.no_implants:
         print("implanting and scoring A0001 kernel-L ...", file=sys.stderr, flush=True)
-        cases += implant_cases(cases[0], inplane)
+        cases += implant_cases(cases[0], predictor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for case in cases:

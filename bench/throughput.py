@@ -271,7 +271,8 @@ def severities(i: int, n: int) -> tuple[float, float]:
 
 def generate_studies(out: Path, n: int, *, slices: int, size: int, pixel_spacing: float, slice_spacing: float,
                      seed0: int, label: str) -> list[StudyFiles]:
-    from models.phantom import PhantomSpec, write_phantom
+    from models.phantom import PhantomSpec
+    from models.phantom_dicom import write_phantom
 
     studies = []
     for i in range(n):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.errors import CtTriageError
+from models.errors import CheckpointError, CheckpointIntegrityError
 from models.lung_network import LUNG_PROBABILITY_THRESHOLD, LungNetConfig, LungSegmentationNet
 from models.multitask import MultitaskConfig, MultitaskNet
 from models.preprocessing import PAPER_INPLANE_SPACING_MM, WINDOW_HU
@@ -37,18 +37,6 @@ SYNTHETIC_TRAINING_DATA = "synthetic phantoms, not clinical"
 LESION_PROBABILITY_THRESHOLD = 0.2
 #: Versions end up in a 64-character database column, possibly two joined by '+'.
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,30}$")
-
-
-class CheckpointError(CtTriageError):
-    """A checkpoint that cannot be used: unreadable, wrong format, or not what it claims."""
-
-    title = "Model checkpoint unusable"
-
-
-class CheckpointIntegrityError(CheckpointError):
-    """The weights' SHA-256 differs from the one recorded at training time."""
-
-    title = "Model checkpoint altered"
 
 
 def paper_preprocessing() -> dict[str, Any]:

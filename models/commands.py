@@ -163,23 +163,17 @@ def evaluate_command(
     echo: Print = print,
 ) -> dict[str, Any]:
     """Evaluate the threshold method and/or the networks; print the table, write JSON."""
-    from models.evaluation import (
-        evaluate,
-        format_table,
-        network_predictor,
-        outcomes_json,
-        summarize,
-        threshold_predictor,
-    )
+    from models.evaluation import evaluate, format_table, outcomes_json, summarize
+    from models.predictor import NetworkPredictor, Predictor, ThresholdPredictor
 
     records = source.records()
     labelled = [r for r in records if r.covid is not None]
     echo(f"{len(records)} series, {len(labelled)} with a COVID-19 label: {describe(records)}")
-    methods: dict[str, Any] = {}
+    methods: dict[str, Predictor] = {}
     if include_threshold:
-        methods["threshold"] = threshold_predictor(inplane_spacing_mm)
+        methods["threshold"] = ThresholdPredictor(inplane_spacing_mm)
     if networks is not None:
-        methods[f"{networks.method} {networks.version}"] = network_predictor(networks, inplane_spacing_mm)
+        methods[f"{networks.method} {networks.version}"] = NetworkPredictor(networks, inplane_spacing_mm)
     if not methods:
         raise ValueError("nothing to evaluate: no networks configured and the threshold method excluded")
     results: dict[str, Any] = {}

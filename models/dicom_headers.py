@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from app.errors import (
+from models.errors import (
     DuplicatePositionError,
     GantryTiltError,
     MixedGeometryError,

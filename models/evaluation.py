@@ -1,7 +1,7 @@
 """Evaluating a triage method on labelled series: the paper's Table 3, plus triage metrics.
 
-For every series, a *predictor* (the threshold method, or the networks as the worker runs them)
-gives lungs, lesions, identification and severity on the 2 mm grid; ground truth comes from the
+For every series, a predictor (``models.predictor``: the threshold method, or the networks, as the
+worker runs them) gives lungs, lesions, identification and severity on its scoring grid; ground truth comes from the
 series' masks (severity: lesion/lung per lung, max) or from labels.csv. Then, per method:
 
 * ROC AUC of identification, COVID-19 against each negative cohort (normal, bacterial
@@ -11,7 +11,7 @@ series' masks (severity: lesion/lung per lung, max) or from labels.csv. Then, pe
 * Dice of lesions (positives with masks) and of lungs (series with lung masks);
 * average precision of identification against all negatives;
 * triage: mean position, on a worklist ordered by the service's priority
-  (``app.priority.priority_score``), of the positives and of the severe positives.
+  (``models.priority.priority_score``), of the positives and of the severe positives.
 """
 
 from __future__ import annotations
@@ -24,51 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from app.priority import priority_score
 from models.datasets import SeriesData, SeriesRecord
 from models.lungs_threshold import split_lungs
 from models.metrics import average_precision, dice, ideal_mean_position, mean_worklist_position, roc_auc, spearman_rho
 from models.phantom_cohorts import NEGATIVE_COHORTS
-from models.preprocessing import resample_inplane
-from models.severity import LungSeverity, lung_severity
-from models.threshold_method import threshold_masks
+from models.predictor import Predictor
+from models.priority import priority_score
+from models.severity import lung_severity
 from models.training_samples import resample_mask
 
 #: Positives at or above this true severity (%) count as severe (Moscow CT-3 and CT-4).
 DEFAULT_SEVERE_PERCENT = 50.0
-
-
-@dataclass(frozen=True)
-class Prediction:
-    lung_labels: np.ndarray
-    lesion_mask: np.ndarray
-    identification: float | None
-    severity: LungSeverity
-    spacing: tuple[float, float, float]
-
-
-Predictor = Callable[[np.ndarray, tuple[float, float, float]], Prediction]
-
-
-def threshold_predictor(inplane_spacing_mm: float = 2.0) -> Predictor:
-    """The weight-free method, exactly as ``worker.pipeline.score_volume`` runs it."""
-    def predict(hu: np.ndarray, spacing: tuple[float, float, float]) -> Prediction:
-        resampled, grid = resample_inplane(hu.astype(np.float32, copy=False), spacing,
-                                           (inplane_spacing_mm, inplane_spacing_mm))
-        found = threshold_masks(resampled, grid)
-        return Prediction(found.lung_labels, found.lesions, None,
-                          lung_severity(found.lung_labels, found.lesions, grid), grid)
-
-    return predict
-
-
-def network_predictor(networks: Any, inplane_spacing_mm: float = 2.0) -> Predictor:
-    """The networks as the worker runs them (``models.inference.TriageNetworks``)."""
-    def predict(hu: np.ndarray, spacing: tuple[float, float, float]) -> Prediction:
-        p = networks.predict(hu, spacing, inplane_spacing_mm=inplane_spacing_mm)
-        return Prediction(p.lung_labels, p.lesion_mask, p.identification, p.severity, p.spacing)
-
-    return predict
 
 
 @dataclass(frozen=True)
@@ -113,7 +79,7 @@ def evaluate_record(record: SeriesRecord, predictor: Predictor) -> StudyOutcome:
     data = record.load()
     start = time.perf_counter()
     try:
-        p = predictor(data.hu, data.spacing)
+        p = predictor.predict(data.hu, data.spacing)
     except Exception as exc:  # one bad series must not hide the others' results
         return StudyOutcome(record.id, record.cohort, record.covid, None, 0.0, true_severity(record, data),
                             None, None, time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
@@ -122,7 +88,7 @@ def evaluate_record(record: SeriesRecord, predictor: Predictor) -> StudyOutcome:
     if data.lungs is not None:
         lung_dice = dice(p.lung_labels > 0, resample_mask(data.lungs > 0, data.spacing, p.spacing[1:]))
     if data.lesions is not None and record.covid:
-        lesion_dice = dice(p.lesion_mask, resample_mask(data.lesions, data.spacing, p.spacing[1:]))
+        lesion_dice = dice(p.lesions, resample_mask(data.lesions, data.spacing, p.spacing[1:]))
     return StudyOutcome(
         id=record.id, cohort=record.cohort, covid=record.covid, identification=p.identification,
         severity=p.severity.severity, severity_true=true_severity(record, data),

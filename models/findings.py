@@ -4,7 +4,7 @@ Flags are the method's safety net: when the masks cannot be trusted (a lung much
 the other, a hemithorax mostly dense, lungs cut by the scan range) the result says so with a
 reason code instead of ranking the study silently. A flag with ``lower_bound`` means the
 severity may under-read the disease (dense lung left out of the mask): the worklist puts such
-a study at least in band CT-3 (``app.priority``).
+a study at least in band CT-3 (``models.priority``).
 
 Descriptors are facts a radiologist uses to read the pattern (where, how dense, how many, both
 sides), measured on the masks; they are not a probability of anything.

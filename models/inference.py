@@ -22,28 +22,28 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from app.errors import SegmentationError
 from models.checkpoint import (
     KIND_LUNGS,
     KIND_MULTITASK,
     LESION_PROBABILITY_THRESHOLD,
-    CheckpointError,
     LoadedCheckpoint,
     load_checkpoint,
     paper_preprocessing,
 )
+from models.errors import CheckpointError, SegmentationError
 from models.lung_network import LungSegmentationNet, lung_bounding_box, lung_labels_from_probabilities
 from models.lungs_threshold import MIN_TOTAL_LUNG_ML
 from models.model_store import BundlePaths
 from models.multitask import MultitaskNet
 from models.severity import LungSeverity, lung_severity
 from models.threshold_method import threshold_lungs
+from models.timing import NoTiming, StepTiming
 from models.torch_preprocessing import resample_inplane_torch, window_torch
 from models.unet import ResBlock2d
 
@@ -73,21 +73,12 @@ class InferenceOptions:
     threads: int = 0
 
 
-class StepTiming(Protocol):
-    """Anything with ``step(name)`` as a context manager (``worker.pipeline.StepTimer``)."""
-
-    def step(self, name: str) -> contextlib.AbstractContextManager[None]: ...
-
-
-class _NoTiming:
-    def step(self, name: str) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-
 @dataclass(frozen=True)
-class NetworkPrediction:
-    """Masks on the 2x2 mm grid of the prediction, the identification probability, severity."""
+class NetworkOutput:
+    """What the networks found, on the grid they computed (the volume resampled in-plane): the grid's
+    HU, lungs, lesions, the identification probability and severity."""
 
+    hu: np.ndarray  # float32 HU on the grid
     lung_labels: np.ndarray  # uint8: 0, 1 right, 2 left
     lesion_mask: np.ndarray  # bool
     identification: float
@@ -314,8 +305,9 @@ class TriageNetworks:
                 logit = self.multitask.classify(shared.unsqueeze(0))
         return lesion.cpu().numpy(), float(torch.sigmoid(logit.float())[0])
 
-    def lung_labels(self, image: torch.Tensor, hu: torch.Tensor, spacing: tuple[float, float, float]) -> np.ndarray:
-        """Right/left lung labels: the lungs network where installed, else the threshold method."""
+    def lung_labels(self, image: torch.Tensor, hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+        """Right/left lung labels of the grid (``image`` windowed, ``hu`` on the CPU): the lungs network
+        where installed, else the threshold method."""
         if self._lung_slices is not None:
             labels = lung_labels_from_probabilities(self.lung_probabilities(image), spacing)
             ml = np.count_nonzero(labels) * float(np.prod(spacing)) / 1000.0
@@ -326,8 +318,7 @@ class TriageNetworks:
                     "(not a chest CT, or the lungs are not in the scanned range)"
                 )
             return labels
-        hu_np = hu.cpu().numpy()
-        return threshold_lungs(hu_np, spacing).lung_labels
+        return threshold_lungs(hu, spacing).lung_labels
 
     def predict(
         self,
@@ -336,14 +327,16 @@ class TriageNetworks:
         *,
         inplane_spacing_mm: float = 2.0,
         timer: StepTiming | None = None,
-    ) -> NetworkPrediction:
-        """Lungs, lesions, identification and severity of a canonical HU volume."""
-        timer = timer or _NoTiming()
+    ) -> NetworkOutput:
+        """Lungs, lesions, identification and severity of a canonical HU volume, on the grid
+        resampled here (returned with them: nothing needs to resample again)."""
+        timer = timer or NoTiming()
         with timer.step("resample"):
             hu_t, image, grid = self.preprocess(hu, spacing, inplane_spacing_mm)
-        with timer.step("lungs"):
-            labels = self.lung_labels(image, hu_t, grid)
+            grid_hu = hu_t.cpu().numpy()
         del hu_t
+        with timer.step("lungs"):
+            labels = self.lung_labels(image, grid_hu, grid)
         with timer.step("multitask"):
             box = lung_bounding_box(labels > 0)
             lesion_probability, identification = self.multitask_outputs(image[box].contiguous())
@@ -352,7 +345,8 @@ class TriageNetworks:
             lesions = np.zeros(labels.shape, dtype=bool)
             lesions[box] = lesion_probability >= LESION_PROBABILITY_THRESHOLD
             severity = lung_severity(labels, lesions, grid)
-        return NetworkPrediction(
+        return NetworkOutput(
+            hu=grid_hu,
             lung_labels=labels,
             lesion_mask=lesions,
             identification=identification,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from app.errors import SegmentationError
+from models.errors import SegmentationError
 
 #: Labels of :func:`split_lungs` (patient right = low axis-2 indices).
 RIGHT_LUNG, LEFT_LUNG = 1, 2

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.checkpoint import CheckpointError
+from models.errors import CheckpointError
 
 MULTITASK_FILE = "multitask.pt"
 LUNGS_FILE = "lungs.pt"

@@ -1,4 +1,5 @@
-"""Synthetic chest CT phantoms with exact ground truth, written as real DICOM series.
+"""Synthetic chest CT phantoms with exact ground truth: the anatomy as arrays (``models.phantom_dicom``
+writes them as DICOM series).
 
 Real annotated chest CT cannot ship with the project, yet every stage (listener, selection,
 loader, segmentation, severity) needs data whose true answer is known. The phantom is drawn from
@@ -13,28 +14,20 @@ superior, 1 anterior to posterior, 2 patient right to left), so they compare dir
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    CTImageStorage,
+    UID,
     DeflatedExplicitVRLittleEndian,
-    EnhancedCTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
-    generate_uid,
 )
 
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
@@ -49,10 +42,7 @@ GGO_HU_RANGE = (-650.0, -560.0)
 CONSOLIDATION_HU_RANGE = (-70.0, -30.0)
 HU_CLIP = (-1024, 3071)  # what a 12-bit scanner can represent with intercept -1024
 
-# --- stored pixel encoding ------------------------------------------------------------------
-
-RESCALE_INTERCEPT = -1024
-PIXEL_PADDING_VALUE = -2000  # stored value outside the reconstruction circle (GE style)
+#: Transfer syntaxes a spec may ask the phantom to be written in (``models.phantom_dicom``).
 UNCOMPRESSED_SYNTAXES = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -134,7 +124,7 @@ class PhantomSpec:
             raise ValueError("consolidation_share must be within 0..1")
         if self.transfer_syntax not in UNCOMPRESSED_SYNTAXES + COMPRESSED_SYNTAXES:
             allowed = UNCOMPRESSED_SYNTAXES + COMPRESSED_SYNTAXES
-            names = ", ".join(f"{uid} ({pydicom.uid.UID(uid).name})" for uid in allowed)
+            names = ", ".join(f"{uid} ({UID(uid).name})" for uid in allowed)
             raise ValueError(
                 f"transfer syntax {self.transfer_syntax} is not supported by the phantom; use one of {names}"
             )
@@ -188,7 +178,7 @@ def _lung_profile(t: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Grid:
+class PhantomGrid:
     """Voxel-centre coordinates (mm, LPS) of the canonical arrays."""
 
     z: np.ndarray  # (slices,)
@@ -214,16 +204,16 @@ class _Grid:
         return self.z[box[0]][:, None, None], self.y[box[1]][None, :, None], self.x[box[2]][None, None, :]
 
 
-def _grid(spec: PhantomSpec) -> _Grid:
+def phantom_grid(spec: PhantomSpec) -> PhantomGrid:
     ps, dz = spec.pixel_spacing, spec.slice_spacing
     x = (np.arange(spec.columns) - (spec.columns - 1) / 2) * ps
     y = (np.arange(spec.rows) - (spec.rows - 1) / 2) * ps
     z = FIRST_SLICE_Z_MM + np.arange(spec.slices) * dz
     fov = min(spec.rows, spec.columns) * ps
-    return _Grid(z=z, y=y, x=x, spacing=(dz, ps, ps), scale=min(1.0, fov / REFERENCE_FOV_MM), fov_radius=fov / 2)
+    return PhantomGrid(z=z, y=y, x=x, spacing=(dz, ps, ps), scale=min(1.0, fov / REFERENCE_FOV_MM), fov_radius=fov / 2)
 
 
-def _lungs(spec: PhantomSpec, grid: _Grid) -> dict[int, _Lung]:
+def _lungs(spec: PhantomSpec, grid: PhantomGrid) -> dict[int, _Lung]:
     extent = spec.slices * spec.slice_spacing
     # At most a quarter of the coverage each side, so a few slices still hold some lung.
     margin = min(max(2 * spec.slice_spacing, 0.04 * extent), extent / 4)
@@ -252,7 +242,7 @@ def _lungs(spec: PhantomSpec, grid: _Grid) -> dict[int, _Lung]:
 
 def phantom_volume(spec: PhantomSpec = PhantomSpec()) -> PhantomVolume:
     """Generate the phantom in memory (pure: the same spec always gives the same arrays)."""
-    grid = _grid(spec)
+    grid = phantom_grid(spec)
     lungs_geom = _lungs(spec, grid)
     rng = np.random.default_rng([spec.seed, 0])
     shape = (spec.slices, spec.rows, spec.columns)
@@ -286,7 +276,7 @@ def phantom_volume(spec: PhantomSpec = PhantomSpec()) -> PhantomVolume:
     return PhantomVolume(hu=hu, lungs=lungs, lesions=lesions, tissue=tissue, spacing=grid.spacing, truth=truth)
 
 
-def _static_cross_section(grid: _Grid, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+def _static_cross_section(grid: PhantomGrid, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     """Tissues that do not change along z: body, fat, table, spine, aorta."""
     s = grid.scale
     bx, by = BODY_SEMI_AXES[0] * s, BODY_SEMI_AXES[1] * s
@@ -304,7 +294,8 @@ def _static_cross_section(grid: _Grid, X: np.ndarray, Y: np.ndarray) -> np.ndarr
     return out
 
 
-def _draw_ribs(sl: np.ndarray, grid: _Grid, X: np.ndarray, Y: np.ndarray, z: float, lungs: dict[int, _Lung]) -> None:
+def _draw_ribs(sl: np.ndarray, grid: PhantomGrid, X: np.ndarray, Y: np.ndarray, z: float,
+               lungs: dict[int, _Lung]) -> None:
     """Rib cross-sections on an arc just outside each lung, in bands that slope along z."""
     for lung in lungs.values():
         rel = (z - lung.base_z) / lung.height
@@ -332,11 +323,12 @@ def _segment_distance(
     return np.sqrt((z - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2 + (x - a[2] - t * ab[2]) ** 2)
 
 
-def _tube_box(grid: _Grid, a: np.ndarray, b: np.ndarray, radius: float) -> tuple[slice, slice, slice] | None:
+def _tube_box(grid: PhantomGrid, a: np.ndarray, b: np.ndarray, radius: float) -> tuple[slice, slice, slice] | None:
     return grid.box(np.minimum(a, b) - radius, np.maximum(a, b) + radius)
 
 
-def _draw_vessels(tissue: np.ndarray, lungs: np.ndarray, grid: _Grid, lung: _Lung, rng: np.random.Generator) -> None:
+def _draw_vessels(tissue: np.ndarray, lungs: np.ndarray, grid: PhantomGrid, lung: _Lung,
+                  rng: np.random.Generator) -> None:
     """A few thin straight vessels with one branch each, kept clear of the lung boundary."""
     sign = -1.0 if lung.cx < 0 else 1.0
     hilum_z = lung.base_z + HILUM_AT * lung.height
@@ -370,7 +362,7 @@ def _draw_vessels(tissue: np.ndarray, lungs: np.ndarray, grid: _Grid, lung: _Lun
             tissue[box][tube & (lungs[box] == lung.side)] = VESSEL
 
 
-def _draw_airways(tissue: np.ndarray, grid: _Grid, lungs: dict[int, _Lung], spec: PhantomSpec) -> None:
+def _draw_airways(tissue: np.ndarray, grid: PhantomGrid, lungs: dict[int, _Lung], spec: PhantomSpec) -> None:
     """Trachea from above the volume down to the carina, main bronchi to each hilum."""
     s = grid.scale
     any_lung = next(iter(lungs.values()))
@@ -396,7 +388,7 @@ def _place_lesions(
     lesions: np.ndarray,
     tissue: np.ndarray,
     lungs: np.ndarray,
-    grid: _Grid,
+    grid: PhantomGrid,
     lung: _Lung,
     target_pct: float,
     consolidation_share: float,
@@ -499,319 +491,3 @@ def _truth(
     out["spacing_mm"] = list(spacing)
     out["shape"] = [int(v) for v in lungs.shape]
     return out
-
-
-# --- DICOM -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PhantomStudy:
-    """The patient and study that instances belong to; every series of one study shares it."""
-
-    study_uid: str = field(default_factory=generate_uid)
-    accession: str = "PH0001"
-    patient_id: str = "PH0001"
-    patient_name: str = "PHANTOM^CHEST"
-
-    @property
-    def frame_of_reference_uid(self) -> str:
-        return generate_uid(entropy_srcs=[self.study_uid, "frame-of-reference"])
-
-
-def _base_dataset(
-    study: PhantomStudy,
-    series_uid: str,
-    sop_uid: str,
-    series_number: int,
-    description: str,
-    image_type: str,
-    sop_class_uid: str = CTImageStorage,
-) -> Dataset:
-    """Patient, study, series and equipment modules shared by every phantom instance."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta.ImplementationVersionName = "CTTRIAGE_PHANTOM"
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = image_type.split("\\")
-    ds.SOPClassUID = sop_class_uid
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = "20240115"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = "101500"
-    ds.AccessionNumber = study.accession
-    ds.Modality = "CT"
-    ds.Manufacturer = "cttriage-phantom"
-    ds.ManufacturerModelName = "chest phantom"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "CT CHEST"
-    ds.SeriesDescription = description
-    ds.PatientName = study.patient_name
-    ds.PatientID = study.patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.BodyPartExamined = "CHEST"
-    ds.KVP = 120
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = study.study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = series_number
-    ds.AcquisitionNumber = 1
-    ds.FrameOfReferenceUID = study.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept = RESCALE_INTERCEPT
-    ds.RescaleSlope = 1
-    ds.RescaleType = "HU"
-    ds.WindowCenter = -600
-    ds.WindowWidth = 1500
-    return ds
-
-
-def _set_pixels(ds: Dataset, stored: np.ndarray, transfer_syntax: str) -> None:
-    """Attach int16 stored values in ``transfer_syntax`` (compressing where it is compressed)."""
-    ds.Rows, ds.Columns = (int(v) for v in stored.shape[-2:])
-    if transfer_syntax in COMPRESSED_SYNTAXES:
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        try:
-            ds.compress(transfer_syntax, np.ascontiguousarray(stored), generate_instance_uid=False)
-        except (RuntimeError, ValueError, ImportError) as exc:
-            raise ValueError(
-                f"cannot encode {pydicom.uid.UID(transfer_syntax).name} here ({exc}); "
-                "install an encoder plugin (pylibjpeg-openjpeg for JPEG 2000) or use another syntax"
-            ) from exc
-        return
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
-    dtype = ">i2" if transfer_syntax == ExplicitVRBigEndian else "<i2"
-    ds.PixelData = np.ascontiguousarray(stored, dtype=dtype).tobytes()
-    ds["PixelData"].VR = "OW"
-
-
-def _stored(hu_slice: np.ndarray, outside_fov: np.ndarray, flip_lr: bool) -> np.ndarray:
-    stored = hu_slice.astype(np.int16) - np.int16(RESCALE_INTERCEPT)
-    stored[outside_fov] = PIXEL_PADDING_VALUE
-    return stored[:, ::-1] if flip_lr else stored
-
-
-def _axial_series(
-    hu: np.ndarray,
-    z_positions: Sequence[float],
-    thickness: float,
-    spec: PhantomSpec,
-    study: PhantomStudy,
-    series_uid: str,
-    series_number: int,
-    description: str,
-) -> list[Dataset]:
-    grid = _grid(spec)
-    outside_fov = grid.x[None, :] ** 2 + grid.y[:, None] ** 2 > grid.fov_radius**2
-    x_first = float(grid.x[-1] if spec.flip_lr else grid.x[0])
-    row_dir = (-1.0, 0.0, 0.0) if spec.flip_lr else (1.0, 0.0, 0.0)
-    out = []
-    for k, z in enumerate(z_positions):
-        sop_uid = generate_uid(entropy_srcs=[series_uid, str(k)])
-        ds = _base_dataset(study, series_uid, sop_uid, series_number, description, "ORIGINAL\\PRIMARY\\AXIAL")
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [round(x_first, 4), round(float(grid.y[0]), 4), round(float(z), 4)]
-        ds.ImageOrientationPatient = [*row_dir, 0.0, 1.0, 0.0]
-        ds.SliceLocation = round(float(z), 4)
-        ds.PixelSpacing = [spec.pixel_spacing, spec.pixel_spacing]
-        ds.SliceThickness = thickness
-        ds.PixelPaddingValue = PIXEL_PADDING_VALUE
-        ds.ConvolutionKernel = "STANDARD"
-        _set_pixels(ds, _stored(hu[k], outside_fov, spec.flip_lr), spec.transfer_syntax)
-        out.append(ds)
-    return out
-
-
-def _check_matches(phantom: PhantomVolume, spec: PhantomSpec) -> None:
-    if phantom.hu.shape != (spec.slices, spec.rows, spec.columns):
-        raise ValueError(f"spec describes {spec.slices}x{spec.rows}x{spec.columns}, phantom is {phantom.hu.shape}")
-
-
-def phantom_datasets(
-    phantom: PhantomVolume,
-    spec: PhantomSpec,
-    *,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    series_number: int = 2,
-    accession: str = "PH0001",
-    patient_id: str = "PH0001",
-    patient_name: str = "PHANTOM^CHEST",
-) -> list[pydicom.Dataset]:
-    """One CT Image Storage instance per slice, encoded in ``spec.transfer_syntax``.
-
-    ``spec`` must describe the phantom's geometry; only how it is written (transfer syntax,
-    ``flip_lr``) may differ from the spec that generated it. Missing UIDs are generated.
-    """
-    _check_matches(phantom, spec)
-    study = PhantomStudy(study_uid or generate_uid(), accession, patient_id, patient_name)
-    grid = _grid(spec)
-    return _axial_series(
-        phantom.hu, grid.z, spec.slice_spacing, spec, study, series_uid or generate_uid(), series_number,
-        f"CHEST {spec.slice_spacing:g}mm",
-    )
-
-
-def thick_datasets(
-    phantom: PhantomVolume,
-    spec: PhantomSpec,
-    thickness_mm: float = 5.0,
-    *,
-    study: PhantomStudy,
-    series_uid: str | None = None,
-    series_number: int = 3,
-) -> list[pydicom.Dataset]:
-    """A thick-slab reconstruction as another series of the study.
-
-    Slabs of ``thickness_mm`` tile the covered range from its inferior edge; each is the mean of
-    the thin slices whose centres fall inside it (like a scanner's thick reconstruction).
-    """
-    _check_matches(phantom, spec)
-    grid = _grid(spec)
-    bottom = float(grid.z[0]) - spec.slice_spacing / 2
-    n = int((spec.slices * spec.slice_spacing + 1e-6) // thickness_mm)
-    if thickness_mm < spec.slice_spacing or n < 1:
-        raise ValueError(f"thick slices of {thickness_mm} mm need thinner slices and at least one slab of coverage")
-    slab_of = np.floor((grid.z - bottom) / thickness_mm).astype(int)
-    slabs = np.empty((n, spec.rows, spec.columns), dtype=np.int16)
-    for i in range(n):
-        slabs[i] = np.rint(phantom.hu[slab_of == i].mean(axis=0))
-    z = bottom + (np.arange(n) + 0.5) * thickness_mm
-    return _axial_series(
-        slabs, z, float(thickness_mm), spec, study, series_uid or generate_uid(), series_number,
-        f"CHEST {thickness_mm:g}mm"
-    )
-
-
-def scout_dataset(
-    phantom: PhantomVolume,
-    spec: PhantomSpec,
-    *,
-    study: PhantomStudy,
-    series_uid: str | None = None,
-    series_number: int = 1,
-) -> pydicom.Dataset:
-    """A frontal localizer (ImageType ...\\LOCALIZER): mean HU along anterior-posterior."""
-    _check_matches(phantom, spec)
-    series_uid = series_uid or generate_uid()
-    grid = _grid(spec)
-    projection = phantom.hu.mean(axis=1)[::-1]  # rows run superior -> inferior
-    ds = _base_dataset(
-        study, series_uid, generate_uid(entropy_srcs=[series_uid, "scout"]), series_number, "TOPOGRAM",
-        "ORIGINAL\\PRIMARY\\LOCALIZER",
-    )
-    ds.InstanceNumber = 1
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
-    ds.ImagePositionPatient = [round(float(grid.x[0]), 4), 0.0, round(float(grid.z[-1]), 4)]
-    ds.PixelSpacing = [spec.slice_spacing, spec.pixel_spacing]
-    stored = np.rint(projection).astype(np.int16) - np.int16(RESCALE_INTERCEPT)
-    _set_pixels(ds, stored, ExplicitVRLittleEndian)
-    return ds
-
-
-def enhanced_dataset(
-    phantom: PhantomVolume,
-    spec: PhantomSpec,
-    *,
-    study: PhantomStudy | None = None,
-    series_uid: str | None = None,
-    series_number: int = 2,
-) -> pydicom.Dataset:
-    """The same series as one Enhanced CT Image Storage instance (multi-frame, functional groups)."""
-    _check_matches(phantom, spec)
-    study = study or PhantomStudy()
-    series_uid = series_uid or generate_uid()
-    grid = _grid(spec)
-    ds = _base_dataset(
-        study, series_uid, generate_uid(entropy_srcs=[series_uid, "enhanced"]), series_number,
-        f"CHEST {spec.slice_spacing:g}mm ENHANCED", "ORIGINAL\\PRIMARY\\AXIAL\\NONE", EnhancedCTImageStorage,
-    )
-    for keyword in ("RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth"):
-        delattr(ds, keyword)  # Enhanced CT carries these in functional groups
-    ds.InstanceNumber = 1
-    ds.NumberOfFrames = spec.slices
-    ds.ContentQualification = "PRODUCT"
-    ds.PixelPaddingValue = PIXEL_PADDING_VALUE
-    shared = Dataset()
-    measures = Dataset()
-    measures.PixelSpacing = [spec.pixel_spacing, spec.pixel_spacing]
-    measures.SliceThickness = spec.slice_spacing
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = [-1.0 if spec.flip_lr else 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    transform = Dataset()
-    transform.RescaleIntercept = RESCALE_INTERCEPT
-    transform.RescaleSlope = 1
-    transform.RescaleType = "HU"
-    shared.PixelMeasuresSequence = DicomSequence([measures])
-    shared.PlaneOrientationSequence = DicomSequence([orientation])
-    shared.PixelValueTransformationSequence = DicomSequence([transform])
-    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
-    x_first = float(grid.x[-1] if spec.flip_lr else grid.x[0])
-    frames = []
-    for k, z in enumerate(grid.z):
-        item, position, content = Dataset(), Dataset(), Dataset()
-        position.ImagePositionPatient = [round(x_first, 4), round(float(grid.y[0]), 4), round(float(z), 4)]
-        content.InStackPositionNumber = k + 1
-        item.PlanePositionSequence = DicomSequence([position])
-        item.FrameContentSequence = DicomSequence([content])
-        frames.append(item)
-    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
-    outside_fov = grid.x[None, :] ** 2 + grid.y[:, None] ** 2 > grid.fov_radius**2
-    stored = np.stack([_stored(phantom.hu[k], outside_fov, spec.flip_lr) for k in range(spec.slices)])
-    _set_pixels(ds, stored, spec.transfer_syntax)
-    return ds
-
-
-def write_phantom(out_dir: str | Path, spec: PhantomSpec = PhantomSpec(), **uid_kwargs: Any) -> dict[str, Any]:
-    """Write the phantom as ``IM0001.dcm``... (all series of the study) and ``truth.json``.
-
-    ``uid_kwargs`` are :func:`phantom_datasets`'s (study_uid, series_uid, series_number,
-    accession, patient_id, patient_name); a thick series and a scout, when the spec asks for
-    them, join the same study. Returns the truth: volumes and severities of the main series,
-    its UIDs, the file count, and a ``series`` list describing every series written.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    phantom = phantom_volume(spec)
-    main = phantom_datasets(phantom, spec, **uid_kwargs)
-    first = main[0]
-    study = PhantomStudy(first.StudyInstanceUID, first.AccessionNumber, first.PatientID, str(first.PatientName))
-    series: list[tuple[str, list[Dataset]]] = [("axial", main)]
-    if spec.thick_series_mm:
-        number = int(first.SeriesNumber) + 1
-        series.append(("thick", thick_datasets(phantom, spec, spec.thick_series_mm, study=study, series_number=number)))
-    if spec.scout:
-        series.append(("localizer", [scout_dataset(phantom, spec, study=study, series_number=1)]))
-    n = 0
-    described = []
-    for kind, datasets in series:
-        for ds in datasets:
-            n += 1
-            pydicom.dcmwrite(out / f"IM{n:04d}.dcm", ds, enforce_file_format=True)
-        described.append(
-            {
-                "kind": kind,
-                "series_instance_uid": datasets[0].SeriesInstanceUID,
-                "series_number": int(datasets[0].SeriesNumber),
-                "files": len(datasets),
-            }
-        )
-    truth = dict(phantom.truth)
-    truth.update(
-        study_instance_uid=study.study_uid,
-        series_instance_uid=first.SeriesInstanceUID,
-        files=n,
-        series=described,
-        spec=asdict(spec),
-    )
-    (out / "truth.json").write_text(json.dumps(truth, indent=2, sort_keys=True))
-    return truth

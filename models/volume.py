@@ -14,7 +14,6 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
-from app.errors import MissingPixelDataError, PixelDecodeError, VolumeError
 from models.dicom_headers import (
     SliceHeader,
     functional_group_item,
@@ -23,6 +22,7 @@ from models.dicom_headers import (
     slice_normal,
     stack_geometry,
 )
+from models.errors import MissingPixelDataError, PixelDecodeError, VolumeError
 
 #: What padding pixels (outside the reconstruction circle) become: air.
 AIR_HU = -1000.0

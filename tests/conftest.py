@@ -102,7 +102,8 @@ def store_study_files(settings: Settings, factory: sessionmaker[Session], folder
 
 
 def write_phantom_study(out: Path, **spec_kwargs: object) -> dict:  # type: ignore[type-arg]
-    from models.phantom import PhantomSpec, write_phantom
+    from models.phantom import PhantomSpec
+    from models.phantom_dicom import write_phantom
 
     return write_phantom(out, PhantomSpec(**spec_kwargs))  # type: ignore[arg-type]
 
@@ -138,8 +139,9 @@ def scored(severity_left: float, severity_right: float, flags: tuple = (),  # ty
     """A threshold StudyScore as the pipeline returns it, with ``flags`` (models.findings.ScoreFlag)
     and descriptors in its details: for tests that write results without scoring images."""
     from models.findings import LesionDescriptors, LungDescriptors
+    from models.predictor import METHOD_THRESHOLD, THRESHOLD_MODEL_VERSION
     from models.severity import LungSeverity
-    from worker.pipeline import METHOD_THRESHOLD, THRESHOLD_MODEL_VERSION, StudyScore, findings_details
+    from worker.pipeline import StudyScore, findings_details
 
     severity = LungSeverity(severity_left, severity_right, max(severity_left, severity_right), 1500.0, 1600.0,
                             15.0 * severity_left, 16.0 * severity_right)

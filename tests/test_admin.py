@@ -48,10 +48,11 @@ from app.live import WorklistWatcher, worklist_signature
 from app.security import Role, create_api_key
 from app.settings import Settings
 from models.findings import LUNG_MASK_IMPLAUSIBLE, ScoreFlag
-from models.phantom import PhantomSpec, write_phantom
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
+from models.predictor import THRESHOLD_MODEL_VERSION
 from tests.conftest import scored
 from worker.jobs import write_result
-from worker.pipeline import THRESHOLD_MODEL_VERSION
 
 TABLES = (AuditEvent, QuarantinedFile, Result, Job, Instance, Series, Study)
 

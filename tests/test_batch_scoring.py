@@ -17,6 +17,7 @@ import pytest
 
 from app.series_selection import SeriesCriteria
 from models.phantom import PhantomSpec, phantom_volume
+from models.predictor import ThresholdPredictor
 from tests.conftest import SHARED_DATA, write_phantom_study
 from worker.batch_scoring import batch_items, score_all
 
@@ -116,6 +117,6 @@ def test_an_unreadable_file_is_a_failed_row_and_the_run_goes_on(tmp_path: Path) 
     broken.write_bytes(b"\x1f\x8b not really gzip")
     also_broken = tmp_path / "also.nii"
     also_broken.write_bytes(b"\0" * 100)
-    rows = score_all(batch_items([broken, also_broken]), criteria=SeriesCriteria(), inplane_spacing_mm=2.0)
+    rows = score_all(batch_items([broken, also_broken]), ThresholdPredictor(), criteria=SeriesCriteria())
     assert [(r.study_uid, r.state) for r in rows] == [("broken.nii.gz", "failed"), ("also.nii", "failed")]
     assert all(r.reason for r in rows)

@@ -28,7 +28,8 @@ import pytest
 from app.admin import directory_bytes
 from app.dicom.push import push_files
 from models.lungs_threshold import LEFT_LUNG
-from models.phantom import PhantomSpec, phantom_datasets, phantom_volume, write_phantom
+from models.phantom import PhantomSpec, phantom_volume
+from models.phantom_dicom import phantom_datasets, write_phantom
 from tests import test_end_to_end
 from tests.service_process import ADMIN_KEY, API, wait_for_state, wait_until
 from tests.test_end_to_end import SMALL, Service, study_files

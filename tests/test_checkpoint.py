@@ -9,14 +9,13 @@ import torch
 
 from models.checkpoint import (
     SYNTHETIC_TRAINING_DATA,
-    CheckpointError,
-    CheckpointIntegrityError,
     load_checkpoint,
     metadata_for,
     read_checkpoint,
     save_checkpoint,
     state_sha256,
 )
+from models.errors import CheckpointError, CheckpointIntegrityError
 from models.inference import SYNTHETIC_NOTE, TriageNetworks
 from models.lung_network import LungNetConfig, LungSegmentationNet
 from models.model_store import available_versions, resolve_bundle

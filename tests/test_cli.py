@@ -64,7 +64,8 @@ def test_commands_on_a_fresh_data_folder_and_plain_refusals(tmp_path: Path) -> N
 def test_push_finds_dicom_files_by_content_not_by_name(tmp_path: Path) -> None:
     """PACS and CD exports name files IM0001 and keep a DICOMDIR beside them."""
     from app.dicom.push import part10_files
-    from models.phantom import PhantomSpec, write_phantom
+    from models.phantom import PhantomSpec
+    from models.phantom_dicom import write_phantom
 
     write_phantom(tmp_path / "ph", PhantomSpec(slices=4, rows=32, columns=32, pixel_spacing=10.0))
     export = tmp_path / "export" / "DICOM" / "ST0"

@@ -35,7 +35,8 @@ from models.metrics import (
 )
 from models.model_store import bundle_paths
 from models.multitask import MultitaskConfig, MultitaskNet
-from models.phantom import PhantomSpec, phantom_datasets, phantom_volume
+from models.phantom import PhantomSpec, phantom_volume
+from models.phantom_dicom import phantom_datasets
 from models.training_samples import resample_mask
 from models.unet import UNetConfig
 from models.volume import hu_volume

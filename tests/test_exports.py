@@ -38,7 +38,9 @@ from app.db.models import Export, ExportKind, ExportState, Result, Study, utcnow
 from app.dicom.push import push_files
 from models.findings import LUNG_MASK_IMPLAUSIBLE, ScoreFlag, describe_lesions
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
-from models.phantom import PhantomSpec, PhantomVolume, phantom_datasets, phantom_volume
+from models.phantom import PhantomSpec, PhantomVolume, phantom_volume
+from models.phantom_dicom import phantom_datasets
+from models.predictor import ThresholdPredictor
 from models.rendering import projection_overlay
 from models.severity import lung_severity
 from models.volume import hu_volume
@@ -63,7 +65,7 @@ from worker.export_seg import SEGMENT_LEFT_LUNG, SEGMENT_LESIONS, SEGMENT_RIGHT_
 from worker.export_sr import measurement_report
 from worker.exports import TYPE2_COPIED, read_headers, run_export
 from worker.jobs import run_job
-from worker.pipeline import StepTimer, StudyMasks, grid_masks, score_volume
+from worker.pipeline import StudyMasks, grid_masks, score_volume
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
 STORESCP = Path("/usr/bin/storescp")  # dcmtk's; another storescp may shadow it on PATH
@@ -178,7 +180,8 @@ def test_seg_from_the_pipeline_masks_is_upsampled_to_the_mirrored_source() -> No
     phantom = phantom_volume(spec)
     datasets = phantom_datasets(phantom, spec)
     volume = hu_volume(datasets)
-    _, masks, _ = score_volume(volume, 2.0, StepTimer())
+    masks = score_volume("scored", volume, ThresholdPredictor(2.0)).masks
+    assert masks is not None
     assert masks.lung_labels.shape[1] < spec.rows  # resampled in-plane
     sources = headers_only(datasets)
     seg = lung_segmentation(sources, masks, scores_of(masks, str(sources[0].SeriesInstanceUID)),

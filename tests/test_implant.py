@@ -21,10 +21,11 @@ from models.implant import (
     source_grid_lung_labels,
 )
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
+from models.predictor import ThresholdPredictor
 from models.preprocessing import resample_inplane
 from models.volume import CtVolume, hu_volume
 from tests.conftest import SHARED_DATA
-from worker.pipeline import StudyScore, score_ct_volume
+from worker.pipeline import StudyScore, score_volume
 
 A0001_L = SHARED_DATA / "real-dicom" / "lung-pet-ct-dx-A0001" / "kernel-L"
 SPACING = (5.0, 1.5, 1.5)
@@ -128,7 +129,7 @@ def a0001() -> RealSeries:
         pytest.skip(f"real test data not present at {A0001_L}")
     datasets = read_series(A0001_L)
     volume = hu_volume(datasets)
-    return RealSeries(datasets, volume, score_ct_volume("A0001-L", volume, inplane_spacing_mm=2.0))
+    return RealSeries(datasets, volume, score_volume("A0001-L", volume, ThresholdPredictor(2.0)))
 
 
 def test_cli_writes_a_new_series_that_reads_back_as_original_plus_delta(a0001: RealSeries, tmp_path: Path,
@@ -182,7 +183,7 @@ def test_cli_refuses_what_is_not_a_dicom_series_in_one_line(tmp_path: Path, cont
 def test_implanted_ground_glass_raises_severity_by_the_implanted_fraction(a0001: RealSeries, fraction: float) -> None:
     """Issue 17 item 7: the severity rise of the implanted lung matches the truth within 2 points."""
     result = implant_series(a0001.datasets, lung="left", fraction=fraction, seed=0)
-    after = score_ct_volume("implanted", hu_volume(result.datasets), inplane_spacing_mm=2.0)
+    after = score_volume("implanted", hu_volume(result.datasets), ThresholdPredictor(2.0))
     rise = after.severity.severity_left - a0001.score.severity.severity_left
     assert rise == pytest.approx(100 * result.implant.truth.fraction, abs=2.0)
     other = after.severity.severity_right - a0001.score.severity.severity_right

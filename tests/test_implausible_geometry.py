@@ -16,16 +16,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import queue_settled_studies
 from app.db.models import Study, StudyState, utcnow
-from app.errors import (
+from app.series_selection import SeriesCriteria, select_series
+from app.settings import Settings
+from models.errors import (
     ImplausibleMatrixError,
     ImplausiblePixelSpacingError,
     ImplausibleSliceSpacingError,
     NoUsableSeriesError,
     VolumeTooLargeError,
 )
-from app.series_selection import SeriesCriteria, select_series
-from app.settings import Settings
-from models.phantom import PhantomSpec, write_phantom
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
 from models.volume import CtVolume
 from tests.conftest import store_study_files
 from tests.test_series_selection import decision, series

@@ -12,11 +12,11 @@ from pydicom.uid import CTImageStorage, JPEGBaseline8Bit
 from scipy import ndimage
 
 from models import phantom as ph
-from models.phantom import (
-    PhantomSpec,
+from models.phantom import PhantomSpec, phantom_volume
+from models.phantom_dicom import (
+    PIXEL_PADDING_VALUE,
     PhantomStudy,
     phantom_datasets,
-    phantom_volume,
     scout_dataset,
     thick_datasets,
     write_phantom,
@@ -143,7 +143,7 @@ def test_datasets_are_valid_ct_instances(diseased: ph.PhantomVolume) -> None:
     for keyword in ("StudyDate", "StudyTime", "PatientBirthDate", "PatientSex", "KVP", "SeriesDescription"):
         assert keyword in ds
     stored = ds.pixel_array
-    assert np.count_nonzero(stored == ph.PIXEL_PADDING_VALUE) > 0, "padding outside the reconstruction circle"
+    assert np.count_nonzero(stored == PIXEL_PADDING_VALUE) > 0, "padding outside the reconstruction circle"
 
 
 def test_flip_lr_mirrors_the_stored_pixels(diseased: ph.PhantomVolume) -> None:

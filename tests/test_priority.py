@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.priority import priority_score, severity_band
+from models.priority import priority_score, severity_band
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_queue_priority_policy() -> None:
 
 def test_a_lower_bound_severity_ranks_at_least_ct3() -> None:
     """Never rank the sickest low without saying so: a lower-bound 10 % sorts with CT-3 studies."""
-    from app.priority import LOWER_BOUND_MIN_BAND, effective_band
+    from models.priority import LOWER_BOUND_MIN_BAND, effective_band
 
     assert LOWER_BOUND_MIN_BAND == 3
     assert effective_band(10.0, lower_bound=True) == 3 and effective_band(10.0, lower_bound=False) == 1

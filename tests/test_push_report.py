@@ -33,7 +33,8 @@ def refusing_node(statuses: list[int], require_called_aet: bool = False) -> Iter
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.phantom import PhantomSpec, write_phantom
+    from models.phantom import PhantomSpec
+    from models.phantom_dicom import write_phantom
 
     out = tmp_path_factory.mktemp("ph")
     write_phantom(out, PhantomSpec(slices=5, rows=32, columns=32, pixel_spacing=10.0))

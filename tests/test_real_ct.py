@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from app.implant_io import implant_series, read_series
-from app.priority import LOWER_BOUND_MIN_BAND, effective_band
 from app.series_selection import SeriesCriteria
 from models.findings import (
     BILATERAL_MIN_PERCENT,
@@ -25,13 +24,15 @@ from models.findings import (
 )
 from models.lesions_threshold import VERSION_1_PARAMS, segment_lesions, segment_lesions_paper
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
+from models.predictor import ThresholdPredictor
 from models.preprocessing import resample_inplane
+from models.priority import LOWER_BOUND_MIN_BAND, effective_band
 from models.severity import lung_severity
 from models.threshold_method import threshold_lungs
 from models.volume import CtVolume, hu_volume
 from tests.conftest import SHARED_DATA, stacked_real_slice
 from worker.batch_scoring import dicom_items
-from worker.pipeline import StudyScore, score_ct_volume, score_study
+from worker.pipeline import StudyScore, score_study, score_volume
 
 A0001 = SHARED_DATA / "real-dicom" / "lung-pet-ct-dx-A0001"
 AXES = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))
@@ -54,7 +55,7 @@ def a0001() -> dict[str, StudyScore]:
     for kernel in ("kernel-L", "kernel-B"):
         [item] = list(dicom_items(require(A0001 / kernel)))
         assert item.slices is not None and item.paths is not None
-        scores[kernel] = score_study(item.slices, item.paths, criteria=SeriesCriteria(), inplane_spacing_mm=2.0)
+        scores[kernel] = score_study(item.slices, item.paths, ThresholdPredictor(2.0), criteria=SeriesCriteria())
     return scores
 
 
@@ -67,7 +68,7 @@ def a0001_grid() -> tuple[np.ndarray, tuple[float, float, float]]:
 
 def stacked(name: str) -> StudyScore:
     """One real axial slice repeated 40 times along z at 5 mm, scored."""
-    return score_ct_volume(name, stacked_real_slice(name), inplane_spacing_mm=2.0)
+    return score_volume(name, stacked_real_slice(name), ThresholdPredictor(2.0))
 
 
 def test_a_normal_chest_with_a_hilar_mass_scores_a_few_percent_with_either_kernel(a0001: dict[str, StudyScore]) -> None:
@@ -95,7 +96,7 @@ def test_vessels_and_dependent_lung_are_what_the_first_version_counted(
 @pytest.mark.parametrize("lung", ["left", "right"])
 def test_implanted_ground_glass_reads_as_ground_glass_on_one_side(lung: str) -> None:
     implanted = implant_series(read_series(require(A0001 / "kernel-L")), lung=lung, fraction=0.2, seed=0)
-    score = score_ct_volume("implanted", hu_volume(implanted.datasets), inplane_spacing_mm=2.0)
+    score = score_volume("implanted", hu_volume(implanted.datasets), ThresholdPredictor(2.0))
     assert score.descriptors is not None
     side = getattr(score.descriptors, lung)
     assert side.ground_glass_share is not None and side.ground_glass_share >= 0.8
@@ -149,7 +150,7 @@ def paint_lens(hu: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, 
 
 
 def score_grid(hu: np.ndarray, spacing: tuple[float, float, float]) -> StudyScore:
-    return score_ct_volume("painted", CtVolume(hu, spacing, (0.0, 0.0, 0.0), AXES), inplane_spacing_mm=2.0)
+    return score_volume("painted", CtVolume(hu, spacing, (0.0, 0.0, 0.0), AXES), ThresholdPredictor(2.0))
 
 
 def test_consolidation_against_the_chest_wall_is_lung_and_lesion(

@@ -14,18 +14,11 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from app.errors import NoUsableSeriesError
 from app.series_selection import SeriesCriteria, select_series
 from models.dicom_headers import SliceHeader, slice_headers
-from models.phantom import (
-    PhantomSpec,
-    PhantomStudy,
-    enhanced_dataset,
-    phantom_datasets,
-    phantom_volume,
-    scout_dataset,
-    thick_datasets,
-)
+from models.errors import NoUsableSeriesError
+from models.phantom import PhantomSpec, phantom_volume
+from models.phantom_dicom import PhantomStudy, enhanced_dataset, phantom_datasets, scout_dataset, thick_datasets
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)

@@ -19,13 +19,15 @@ from app.api.main import create_app
 from app.db.migrate import upgrade_to_head
 from app.db.models import Series, Study, StudyState
 from app.db.session import make_engine
-from app.errors import NoUsableSeriesError
 from app.ingest import describe_instance
 from app.security import Role, create_api_key
 from app.series_selection import SeriesCriteria, SeriesSelection
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
-from models.phantom import PhantomSpec, write_phantom
+from models.errors import NoUsableSeriesError
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
+from models.predictor import ThresholdPredictor
 from worker.pipeline import score_study
 
 VIEWER = "https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}&accession={accession}"
@@ -126,7 +128,7 @@ def test_series_decisions_are_recorded_before_a_rejection(tmp_path: Path) -> Non
     slices = [SliceHeader.from_dict(h) for h in describe_instance(ds, str(ds.file_meta.TransferSyntaxUID)).headers]
     seen: list[SeriesSelection] = []
     with pytest.raises(NoUsableSeriesError) as raised:
-        score_study(slices, {}, criteria=SeriesCriteria(), inplane_spacing_mm=2.0, on_selection=seen.append)
+        score_study(slices, {}, ThresholdPredictor(2.0), criteria=SeriesCriteria(), on_selection=seen.append)
     assert len(seen) == 1 and seen[0].chosen is None
     [decision] = seen[0].decisions
     assert not decision.chosen and decision.reason and decision.reason in str(raised.value)

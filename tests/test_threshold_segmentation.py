@@ -14,11 +14,12 @@ import pytest
 from scipy import ndimage
 from scipy.stats import spearmanr
 
-from app.errors import SegmentationError
 from models import phantom as ph
+from models.errors import SegmentationError
 from models.lesions_threshold import PAPER_BASELINE, segment_lesions, segment_lesions_paper
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG, segment_lungs, split_lungs
-from models.phantom import PhantomSpec, phantom_datasets, phantom_volume
+from models.phantom import PhantomSpec, phantom_volume
+from models.phantom_dicom import phantom_datasets
 from models.preprocessing import resample_inplane, window
 from models.severity import LungSeverity, lung_severity, max_lung_severity
 from models.volume import hu_volume

@@ -19,14 +19,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.assembly import queue_settled_studies
 from app.db.models import Result, Study, utcnow
 from app.settings import Settings
-from models.checkpoint import SYNTHETIC_TRAINING_DATA, CheckpointError, load_checkpoint
+from models.checkpoint import SYNTHETIC_TRAINING_DATA, load_checkpoint
 from models.commands import DataSource, train_command
 from models.datasets import PhantomGeometry, phantom_records
+from models.errors import CheckpointError
 from models.inference import SYNTHETIC_NOTE
 from models.lung_network import LungNetConfig
 from models.metrics import dice
 from models.multitask import MultitaskConfig, MultitaskNet
-from models.phantom import PhantomSpec, write_phantom
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
 from models.training import (
     PAPER_LUNGS,
     PAPER_MULTITASK,

@@ -18,7 +18,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from sqlalchemy import select
 
 from app.db.models import AuditEvent, Instance, QuarantinedFile
-from models.phantom import PhantomSpec, write_phantom
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
 from tests.test_admin import Setup, migrated_sqlite, setup  # noqa: F401 - the fixtures
 
 NESTING_DEPTH = 3000

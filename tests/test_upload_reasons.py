@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import select
 
 from app.db.models import QuarantinedFile
-from models.phantom import PhantomSpec, write_phantom
+from models.phantom import PhantomSpec
+from models.phantom_dicom import write_phantom
 from tests.test_admin import Setup, migrated_sqlite, setup  # noqa: F401 - the fixtures
 
 

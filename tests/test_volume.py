@@ -22,7 +22,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from app.errors import (
+from models.dicom_headers import SliceHeader, slice_headers
+from models.errors import (
     DuplicatePositionError,
     GantryTiltError,
     MissingPixelDataError,
@@ -31,8 +32,8 @@ from app.errors import (
     SliceGapError,
     VolumeError,
 )
-from models.dicom_headers import SliceHeader, slice_headers
-from models.phantom import PhantomSpec, enhanced_dataset, phantom_datasets, phantom_volume, write_phantom
+from models.phantom import PhantomSpec, phantom_volume
+from models.phantom_dicom import enhanced_dataset, phantom_datasets, write_phantom
 from models.volume import AIR_HU, hu_volume
 
 SMALL = PhantomSpec(rows=128, columns=128, pixel_spacing=2.8, slices=48, slice_spacing=5.0, severity_left=25.0, seed=7)

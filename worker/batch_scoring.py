@@ -10,20 +10,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from app.errors import CtTriageError
+from app.errors import TYPED_ERRORS
 from app.series_selection import SeriesCriteria
 from models.dicom_headers import SliceHeader, slice_headers
+from models.predictor import Predictor
 from models.volume import CtVolume
-from worker.pipeline import score_ct_volume, score_study
-
-if TYPE_CHECKING:
-    from models.inference import TriageNetworks
+from worker.pipeline import score_study, score_volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CSV_FIELDS = ("source", "study_uid", "series_uid", "state", "reason", "identification", "severity",
@@ -102,18 +100,15 @@ def nifti_volume(path: Path) -> CtVolume:
                     direction=((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)))
 
 
-def score_item(item: BatchItem, *, criteria: SeriesCriteria, inplane_spacing_mm: float,
-               networks: TriageNetworks | None = None) -> BatchRow:
+def score_item(item: BatchItem, predictor: Predictor, *, criteria: SeriesCriteria) -> BatchRow:
     start = time.perf_counter()
     try:
         if item.nifti is not None:
-            score = score_ct_volume(item.nifti.name, nifti_volume(item.nifti), inplane_spacing_mm=inplane_spacing_mm,
-                                    networks=networks)
+            score = score_volume(item.nifti.name, nifti_volume(item.nifti), predictor)
         else:
             assert item.slices is not None and item.paths is not None
-            score = score_study(item.slices, item.paths, criteria=criteria, inplane_spacing_mm=inplane_spacing_mm,
-                                networks=networks)
-    except CtTriageError as exc:
+            score = score_study(item.slices, item.paths, predictor, criteria=criteria)
+    except TYPED_ERRORS as exc:
         return BatchRow(item.source, item.study_uid, None, "rejected", reason=str(exc),
                         seconds=round(time.perf_counter() - start, 2))
     except Exception as exc:  # noqa: BLE001 - one unreadable file must not end a run over thousands
@@ -126,14 +121,13 @@ def score_item(item: BatchItem, *, criteria: SeriesCriteria, inplane_spacing_mm:
                     score.model_version, round(time.perf_counter() - start, 2))
 
 
-def score_all(items: Sequence[BatchItem], *, criteria: SeriesCriteria, inplane_spacing_mm: float,
-              networks: TriageNetworks | None = None,
+def score_all(items: Sequence[BatchItem], predictor: Predictor, *, criteria: SeriesCriteria,
               progress: Callable[[int, int, BatchItem], None] | None = None) -> list[BatchRow]:
     rows = []
     for i, item in enumerate(items):
         if progress is not None:
             progress(i, len(items), item)
-        rows.append(score_item(item, criteria=criteria, inplane_spacing_mm=inplane_spacing_mm, networks=networks))
+        rows.append(score_item(item, predictor, criteria=criteria))
     if progress is not None and items:
         progress(len(items), len(items), items[-1])
     return rows

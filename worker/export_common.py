@@ -57,9 +57,8 @@ from app.db.models import ExportKind
 from app.dicom.own_objects import MANUFACTURER, MODEL_NAME
 from app.score_details import descriptors_of, flags_of
 from models.findings import LesionDescriptors, LungDescriptors, ScoreFlag, severity_is_lower_bound
+from models.predictor import METHOD_THRESHOLD
 from models.severity import LungSeverity
-
-METHOD_THRESHOLD = "threshold"
 
 #: Per kind: series number and description of the new series.
 SERIES = {

@@ -37,9 +37,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.assembly import EnqueueExport
 from app.db.models import Export, ExportKind, ExportState, Instance, Result, Series, Study, utcnow
 from app.dicom.push import NOT_ACCEPTED, push_datasets
-from app.errors import VolumeError
 from app.settings import Settings
 from models.dicom_headers import slice_headers, stack_geometry
+from models.errors import VolumeError
 
 log = logging.getLogger(__name__)
 

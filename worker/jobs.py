@@ -31,13 +31,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, Job, JobState, JobTrigger, Result, Series, Study, StudyState, utcnow
 from app.db.upsert import insert_ignore
-from app.errors import StudyRejectedError
+from app.errors import REJECTED, reason_code, study_state
 from app.ingest import CREATED_BY
-from app.priority import effective_band, priority_score
 from app.score_details import flags_of, lower_bound_of
 from app.series_selection import SeriesCriteria, SeriesSelection, select_series
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
+from models.predictor import predictor_for
+from models.priority import effective_band, priority_score
 from models.severity import LungSeverity
 from worker.derived import save_derived
 from worker.exports import EnqueueExport, add_exports, queue_exports
@@ -252,7 +253,7 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
 def finish_scored(session: Session, job: Job, row: dict[str, Any], flags: list[dict[str, Any]], lower_bound: bool,
                   settings: Settings, now: datetime) -> None:
     """Write the result ``row`` (SCORE_COLUMNS, timings, details) and mark job and study scored.
-    A lower-bound severity floors the band and the priority (``app.priority``); the flags go on
+    A lower-bound severity floors the band and the priority (``models.priority``); the flags go on
     the study row with the scores, replacing the previous scoring's."""
     severity = row["severity"]
     priority = priority_score(severity, row["identification"], settings.severity_band_edges, lower_bound=lower_bound)
@@ -353,19 +354,16 @@ def _run_claimed(job: Job, session_factory: sessionmaker[Session], settings: Set
             reuse_result(session_factory, job, *reusable, settings)
             log.info("same instances as the latest result: reused", extra={"job_id": job_id})
             return JobOutcome(job_id, "reused")
-        score = score_study(
-            slices, paths, criteria=criteria,
-            inplane_spacing_mm=settings.inplane_spacing_mm,
-            on_selection=lambda selection: record_selection(session_factory, job, selection),
-            networks=networks() if networks is not None else None,
-        )
-    except StudyRejectedError as exc:
-        log.info("study rejected", extra={"job_id": job_id, "reason_type": type(exc).__name__})
-        finish_with_error(session_factory, job, StudyState.rejected, str(exc), type(exc).__name__)
-        return JobOutcome(job_id, "rejected", str(exc))
+        predictor = predictor_for(networks() if networks is not None else None, settings.inplane_spacing_mm)
+        score = score_study(slices, paths, predictor, criteria=criteria,
+                            on_selection=lambda selection: record_selection(session_factory, job, selection))
     except DBAPIError:
         raise  # transient: the task retries, the study stays processing
     except Exception as exc:
+        if study_state(exc) == REJECTED:  # the images cannot be scored: no retry (app.errors' table)
+            log.info("study rejected", extra={"job_id": job_id, "reason_type": reason_code(exc)})
+            finish_with_error(session_factory, job, StudyState.rejected, str(exc), reason_code(exc))
+            return JobOutcome(job_id, "rejected", str(exc))
         if out_of_memory(exc):  # maybe only this worker's moment: try again, up to job_max_attempts
             reason = "out of memory while scoring" + (" (GPU)" if not isinstance(exc, MemoryError) else "")
             log.warning("scoring ran out of memory", extra={"job_id": job_id, "attempt": job.attempts})
@@ -374,7 +372,7 @@ def _run_claimed(job: Job, session_factory: sessionmaker[Session], settings: Set
         # A bug or an input we did not foresee: fail visibly, keep the data.
         reason = f"scoring failed: {type(exc).__name__}: {exc}"
         log.exception("scoring failed", extra={"job_id": job_id})
-        finish_with_error(session_factory, job, StudyState.failed, reason, type(exc).__name__)
+        finish_with_error(session_factory, job, StudyState.failed, reason, reason_code(exc))
         return JobOutcome(job_id, "failed", reason)
     score = with_derived_files(score, session_factory, job, settings)
     score = replace(score, details={**score.details, INSTANCES_SHA256: instances_sha256(slices, score.series_uid)})

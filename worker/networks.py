@@ -1,7 +1,7 @@
 """Which networks a worker process scores with, from its settings: loaded once, kept warm.
 
 No configured weights (the default) means the threshold method, and the worker says so once
-in its log; every threshold result says so too (``worker.pipeline.THRESHOLD_NOTE``). Weights
+in its log; every threshold result says so too (``models.predictor.THRESHOLD_NOTE``). Weights
 that are configured but unusable (missing, altered, wrong kind) raise ``CheckpointError``:
 the jobs fail with that reason instead of silently falling back to another method.
 """

@@ -1,56 +1,27 @@
-"""The scoring pipeline as explicit steps: select series → load volume → resample → lungs →
-lesions → severity. Each step is a function with explicit inputs and outputs; only
-:func:`read_datasets` touches files.
+"""Scoring one study: select the series -> load its volume -> predict (``models.predictor``) ->
+place the prediction's grid in the patient. Each step is a function with explicit inputs and
+outputs; only :func:`read_datasets` touches files.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from app.errors import ImplausiblePixelSpacingError, ModelOutputError, PixelDecodeError
 from app.series_selection import SeriesCriteria, SeriesSelection, select_series, too_many_voxels
 from models.dicom_headers import SliceHeader
-from models.findings import LesionDescriptors, ScoreFlag, check_masks, describe_lesions, severity_is_lower_bound
-from models.lesions_threshold import segment_lesions
-from models.preprocessing import resample_inplane
-from models.severity import LungSeverity, lung_severity
-from models.threshold_method import ThresholdMasks, threshold_lungs
+from models.errors import ImplausiblePixelSpacingError, PixelDecodeError
+from models.findings import LesionDescriptors, ScoreFlag, severity_is_lower_bound
+from models.predictor import Prediction, Predictor
+from models.severity import LungSeverity
+from models.timing import StepTimer
 from models.volume import CtVolume, hu_volume
-
-if TYPE_CHECKING:  # torch is imported only where networks are configured
-    from models.inference import NetworkPrediction, TriageNetworks
-
-METHOD_THRESHOLD = "threshold"
-#: Bump when the threshold method's constants or steps change: results keep the version they used.
-THRESHOLD_MODEL_VERSION = "threshold-2.0"
-THRESHOLD_NOTE = (
-    "Classical HU-threshold lungs and lesions, no trained weights; identification is not "
-    "estimated by this method (null)."
-)
-
-@dataclass
-class StepTimer:
-    """Seconds spent in each named step, in order."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
 @dataclass(frozen=True)
@@ -81,6 +52,11 @@ def grid_masks(volume: CtVolume, hu: np.ndarray, spacing: tuple[float, float, fl
         origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
         direction=tuple(tuple(float(c) for c in d) for d in volume.direction),
     )
+
+
+def placed_masks(volume: CtVolume, prediction: Prediction) -> StudyMasks:
+    """A prediction's masks, on the grid it computed, placed in the patient."""
+    return grid_masks(volume, prediction.hu, prediction.spacing, prediction.lung_labels, prediction.lesions)
 
 
 @dataclass(frozen=True)
@@ -114,55 +90,30 @@ def read_datasets(paths: Sequence[Path]) -> list[Dataset]:
     return datasets
 
 
-def score_volume(volume: CtVolume, inplane_spacing_mm: float,
-                 timer: StepTimer) -> tuple[LungSeverity, StudyMasks, ThresholdMasks]:
-    """Threshold lungs and lesions on a volume resampled in-plane, then per-lung severity."""
-    with timer.step("resample"):
-        hu, spacing = resample_inplane(volume.hu, volume.spacing, target=(inplane_spacing_mm, inplane_spacing_mm))
-    with timer.step("lungs"):
-        lungs = threshold_lungs(hu, spacing)
-    with timer.step("lesions"):
-        found = ThresholdMasks.of(lungs, segment_lesions(hu, lungs.lung_labels, spacing))
-    with timer.step("severity"):
-        severity = lung_severity(found.lung_labels, found.lesions, spacing)
-    return severity, grid_masks(volume, hu, spacing, found.lung_labels, found.lesions), found
-
-
-def score_volume_with_networks(
-    volume: CtVolume, networks: TriageNetworks, inplane_spacing_mm: float, timer: StepTimer
-) -> NetworkPrediction:
-    """Network lungs (or threshold lungs where the bundle has none), lesions, identification."""
-    return networks.predict(volume.hu, volume.spacing, inplane_spacing_mm=inplane_spacing_mm, timer=timer)
-
-
 def score_study(
     slices: Sequence[SliceHeader],
     paths: dict[str, Path],
+    predictor: Predictor,
     *,
     criteria: SeriesCriteria,
-    inplane_spacing_mm: float,
     on_selection: Callable[[SeriesSelection], None] | None = None,
-    networks: TriageNetworks | None = None,
 ) -> StudyScore:
     """Score one study from its slice headers and the files of its instances.
 
     ``on_selection`` lets the caller record series decisions before the (slow) scoring or the
     rejection (NoUsableSeriesError), so a study that is rejected or later fails still shows
     which series was chosen and why others were not.
-    ``networks`` (loaded once per worker process) selects the network method; without them
-    the threshold method scores, and the result says so.
     """
     timer = StepTimer()
     with timer.step("select"):
         selection = select_series(slices, criteria)
     if on_selection is not None:  # before a rejection too: each series shows its own reason
         on_selection(selection)
-    selection.require()
-    chosen_uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == selection.chosen})
+    chosen = selection.require()
+    chosen_uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == chosen})
     with timer.step("load"):
         volume = hu_volume(read_datasets([paths[uid] for uid in chosen_uids]))
-    return score_ct_volume(str(selection.chosen), volume, inplane_spacing_mm=inplane_spacing_mm, networks=networks,
-                           timer=timer, criteria=criteria)
+    return score_volume(chosen, volume, predictor, criteria=criteria, timer=timer)
 
 
 def check_scoring_grid(volume: CtVolume, criteria: SeriesCriteria) -> None:
@@ -179,45 +130,33 @@ def check_scoring_grid(volume: CtVolume, criteria: SeriesCriteria) -> None:
         raise too_large
 
 
-def score_ct_volume(series_uid: str, volume: CtVolume, *, inplane_spacing_mm: float,
-                    networks: TriageNetworks | None = None, timer: StepTimer | None = None,
-                    criteria: SeriesCriteria | None = None) -> StudyScore:
+def score_volume(series_uid: str, volume: CtVolume, predictor: Predictor, *,
+                 criteria: SeriesCriteria | None = None, timer: StepTimer | None = None) -> StudyScore:
     """Score an already loaded volume (a DICOM series, or a NIfTI file in batch scoring).
-    ``criteria`` bound its spacing and size (default limits where not given)."""
-    timer = timer or StepTimer()
-    check_scoring_grid(volume, criteria or SeriesCriteria(inplane_spacing_mm=inplane_spacing_mm))
-    if networks is not None:
-        return _network_score(series_uid, volume, networks, inplane_spacing_mm, timer)
-    severity, masks, found = score_volume(volume, inplane_spacing_mm, timer)
-    with timer.step("findings"):
-        flags, descriptors = findings(masks, found.fluid_ml)
-    timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
+    ``criteria`` bound its spacing and size (default limits where not given); ``timer`` holds the
+    steps already taken (selecting, loading)."""
+    check_scoring_grid(volume, criteria or SeriesCriteria(inplane_spacing_mm=predictor.inplane_spacing_mm))
+    prediction = predictor.predict(volume.hu, volume.spacing)
+    timings = {**(timer.seconds if timer is not None else {}), **prediction.timings}
+    timings["total"] = round(sum(timings.values()), 4)
     return StudyScore(
         series_uid=series_uid,
-        method=METHOD_THRESHOLD,
-        model_version=THRESHOLD_MODEL_VERSION,
-        identification=None,
-        severity=severity,
-        timings=dict(timer.seconds),
+        method=prediction.method,
+        model_version=prediction.model_version,
+        identification=prediction.identification,
+        severity=prediction.severity,
+        timings=timings,
         details={
-            "note": THRESHOLD_NOTE,
+            **prediction.details,
             "volume_shape": list(volume.hu.shape),
             "volume_spacing_mm": list(volume.spacing),
-            "severity": asdict(severity),
-            "lungs_envelope": {"dense_lung_added_ml": found.added_ml, "fluid_set_apart_ml": found.fluid_ml},
-            **findings_details(flags, descriptors),
+            "severity": asdict(prediction.severity),
+            **findings_details(prediction.flags, prediction.descriptors),
         },
-        masks=masks,
-        flags=flags,
-        descriptors=descriptors,
+        masks=placed_masks(volume, prediction),
+        flags=prediction.flags,
+        descriptors=prediction.descriptors,
     )
-
-
-def findings(masks: StudyMasks,
-             fluid_ml: dict[str, float] | None = None) -> tuple[tuple[ScoreFlag, ...], LesionDescriptors]:
-    """Quality flags and lesion descriptors of the masks on the scoring grid."""
-    return (check_masks(masks.lung_labels, masks.spacing, fluid_ml),
-            describe_lesions(masks.hu, masks.lung_labels, masks.lesions, masks.spacing))
 
 
 def findings_details(flags: tuple[ScoreFlag, ...], descriptors: LesionDescriptors | None) -> dict[str, Any]:
@@ -227,46 +166,3 @@ def findings_details(flags: tuple[ScoreFlag, ...], descriptors: LesionDescriptor
         "severity_lower_bound": severity_is_lower_bound(flags),
         "descriptors": descriptors.to_dict() if descriptors is not None else None,
     }
-
-
-def check_finite(identification: float, severity: LungSeverity) -> None:
-    """Refuse NaN or infinite scores: the worklist would sort on them, the PACS receive them."""
-    values = {"identification": identification, **severity.to_dict()}
-    bad = sorted(name for name, value in values.items() if not math.isfinite(value))
-    if bad:
-        raise ModelOutputError(f"the networks gave a non-finite {', '.join(bad)}")
-
-
-def _network_score(
-    series_uid: str, volume: CtVolume, networks: TriageNetworks, inplane_spacing_mm: float, timer: StepTimer
-) -> StudyScore:
-    prediction = score_volume_with_networks(volume, networks, inplane_spacing_mm, timer)
-    check_finite(prediction.identification, prediction.severity)
-    timer.seconds["total"] = round(sum(timer.seconds.values()), 4)
-    hu, spacing = resample_inplane(volume.hu, volume.spacing, target=(inplane_spacing_mm, inplane_spacing_mm))
-    masks = (grid_masks(volume, hu, spacing, prediction.lung_labels, prediction.lesion_mask)
-             if hu.shape == prediction.lung_labels.shape else None)
-    severity = prediction.severity
-    flags, descriptors = findings(masks) if masks is not None else ((), None)
-    return StudyScore(
-        series_uid=series_uid,
-        method=networks.method,
-        model_version=networks.version,
-        identification=prediction.identification,
-        severity=severity,
-        timings=dict(timer.seconds),
-        details={
-            "note": networks.note,
-            "models": networks.describe(),
-            "lungs_method": prediction.lungs_method,
-            "synthetic_weights": networks.synthetic,
-            "volume_shape": list(volume.hu.shape),
-            "volume_spacing_mm": list(volume.spacing),
-            **prediction.details,
-            "severity": asdict(severity),
-            **findings_details(flags, descriptors),
-        },
-        masks=masks,
-        flags=flags,
-        descriptors=descriptors,
-    )

@@ -14,7 +14,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import CtTriageError
+from app.errors import CtTriageError, imaging_mapping
+from models.errors import ImagingError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ def install_problem_handlers(app: FastAPI) -> None:
         if exc.transient:
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
+
+    @app.exception_handler(ImagingError)
+    async def _imaging_error(_request: Request, exc: ImagingError) -> JSONResponse:
+        mapping = imaging_mapping(exc)
+        return problem(mapping.http_status, mapping.title, str(exc) or None)
 
     async def _database_away(_request: Request, exc: Exception) -> JSONResponse:
         """Database down, unreachable or every connection busy: 503, try again shortly."""

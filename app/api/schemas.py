@@ -20,7 +20,7 @@ class FlagOut(BaseModel):
 
     code: str
     message: str
-    #: The severity may under-read the disease: the band is floored at CT-3 (app.priority).
+    #: The severity may under-read the disease: the band is floored at CT-3 (models.priority).
     lower_bound: bool = False
 
 
