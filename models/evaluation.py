@@ -48,14 +48,33 @@ class Prediction:
 
 
 Predictor = Callable[[np.ndarray, tuple[float, float, float]], Prediction]
-#: Ground-truth lungs where a series has no lung mask: (HU, spacing) -> (labels 1/2, their spacing).
-LungTruth = Callable[[np.ndarray, tuple[float, float, float]], tuple[np.ndarray, tuple[float, float, float]]]
+LungLabels = Callable[[np.ndarray, tuple[float, float, float]], tuple[np.ndarray, tuple[float, float, float]]]
 
 
-def threshold_lung_truth(hu: np.ndarray, spacing: tuple[float, float, float]
-                         ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Right/left lungs of the threshold method (dense lung along the pleura included), native grid."""
+@dataclass(frozen=True)
+class LungTruth:
+    """Ground-truth lungs where a series has no lung mask: (HU, spacing) -> (labels 1/2, their spacing)."""
+
+    how: str
+    lungs: LungLabels
+
+
+def _threshold_lung_labels(hu: np.ndarray, spacing: tuple[float, float, float]
+                           ) -> tuple[np.ndarray, tuple[float, float, float]]:
     return threshold_lungs(hu.astype(np.float32, copy=False), spacing).lung_labels, spacing
+
+
+#: Right/left lungs of the threshold method (dense lung along the pleura included), native grid.
+THRESHOLD_LUNG_TRUTH = LungTruth("threshold lungs", _threshold_lung_labels)
+
+
+def network_lung_truth(networks: Any, inplane_spacing_mm: float = 2.0) -> LungTruth:
+    """The lungs network of a loaded bundle (``models.inference.TriageNetworks``), on its 2 mm grid."""
+    def lungs(hu: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[float, float, float]]:
+        hu_t, image, grid = networks.preprocess(hu, spacing, inplane_spacing_mm)
+        return networks.lung_labels(image, hu_t, grid), grid
+
+    return LungTruth("lungs network", lungs)
 
 
 def threshold_predictor(inplane_spacing_mm: float = 2.0) -> Predictor:
@@ -122,10 +141,10 @@ def true_severity_with_source(
     if labels is not None and data.lesions is not None:
         return lung_severity(labels, data.lesions, data.spacing).severity, "masks"
     if data.lesions is not None and truth_lungs is not None and record.covid is not False:
-        derived, grid = truth_lungs(data.hu, data.spacing)
+        derived, grid = truth_lungs.lungs(data.hu, data.spacing)
         lesions = data.lesions if derived.shape == data.lesions.shape else resample_mask(
             data.lesions, data.spacing, grid[1:])
-        return lung_severity(derived, lesions, grid).severity, f"derived lungs ({getattr(truth_lungs, 'how', 'lungs')})"
+        return lung_severity(derived, lesions, grid).severity, f"derived: {truth_lungs.how}"
     if record.severity is not None:
         return record.severity, "labels.csv"
     return (0.0, "negative") if record.covid is False else (None, None)
@@ -163,7 +182,7 @@ def evaluate_record(record: SeriesRecord, predictor: Predictor, truth_lungs: Lun
 
 def evaluate(records: Sequence[SeriesRecord], predictor: Predictor,
              progress: Callable[[str], None] | None = None,
-             truth_lungs: LungTruth | None = threshold_lung_truth) -> list[StudyOutcome]:
+             truth_lungs: LungTruth | None = THRESHOLD_LUNG_TRUTH) -> list[StudyOutcome]:
     outcomes = []
     for i, record in enumerate(records):
         outcomes.append(evaluate_record(record, predictor, truth_lungs))

@@ -14,9 +14,9 @@ series, every k-th one (k the smallest step that keeps that many). Training draw
 random (:func:`classifier_slice_indices` with an ``offset``), validation and inference take the
 middle offset, so the network sees the same z-sampling it was trained on, and a 1 mm and a 5 mm
 reconstruction of one chest both reach it as slices about ``coverage / classifier_slices`` apart.
-A padded batch is run series by series over each series' own extent (``forward(..., extents)``):
-padding never reaches the convolutions or the pooling, so a series scores the same alone and
-inside any batch.
+A padded batch carries each series' own extent (``forward(..., extents)``): the classifier pools
+each series over that extent only, and in eval mode each series runs on its own, so a series
+scores the same alone and inside any batch.
 
 Which level the classifier reads is the whole difference between the variants: ``spatial-l``
 reads decoder level l (1 = the top, the paper's proposal: the classifier sees the same spatial
@@ -192,23 +192,33 @@ class MultitaskNet(nn.Module):
         keep = classifier_slice_indices(shared.shape[1], self.config.classifier_slices)
         return self.classify(shared[:, keep].unsqueeze(0))
 
+    def feature_extents(self, extents: Sequence[tuple[int, int, int]] | None) -> list[tuple[int, int, int]] | None:
+        """Input extents (d, h, w) on the grid of the shared level (halved, rounding up, per level down)."""
+        if extents is None:
+            return None
+        f = 2 ** (self.config.shared_level - 1)
+        return [(d, -(-h // f), -(-w // f)) for d, h, w in extents]
+
     def forward(self, series: torch.Tensor, extents: Sequence[tuple[int, int, int]] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D, H, W) windowed series -> lesion logits (N, D, H, W) and identification logits (N,).
 
-        ``extents``: the unpadded (d, h, w) of each series in a padded batch. Each series then
-        runs through the U-Net on its own extent (padding would change the features near its
-        edges); its lesion logits are 0 in the padding, which losses must leave out.
+        ``extents``: the unpadded (d, h, w) of each series in a padded batch; the classifier then
+        pools each series over its own extent only. In eval mode each series also runs through
+        the U-Net on its own (exactly what it gets alone: padding cannot reach its features). In
+        training the batch runs as one, as the paper's does, so batch norm sees every series; only
+        features within a receptive field of a padded edge differ there (the padding is air,
+        0 after the window, beyond the lungs' bounding box). Lesion logits in the padding are
+        meaningless: losses must leave them out.
         """
         n, d, h, w = series.shape
-        if extents is None:
+        if extents is None or self.training:
             seg, shared = self.slice_features(series.reshape(n * d, 1, h, w))
-            return seg.reshape(n, d, h, w), self.classify(stack_slices(shared, n))
+            return seg.reshape(n, d, h, w), self.cls_head(stack_slices(shared, n), self.feature_extents(extents))
         seg_out = series.new_zeros((n, d, h, w))
-        logits = []
+        pooled = []
         for i, (di, hi, wi) in enumerate(extents):
             seg, shared = self.slice_features(series[i, :di, :hi, :wi].reshape(di, 1, hi, wi))
             seg_out[i, :di, :hi, :wi] = seg[:, 0]
-            logits.append(stack_slices(shared, 1))
-        pooled = torch.cat([pyramid_max_pool3d(f, self.cls_head.levels) for f in logits])
-        return seg_out, self.cls_head.head(pooled)
+            pooled.append(pyramid_max_pool3d(stack_slices(shared, 1), self.cls_head.levels))
+        return seg_out, self.cls_head.head(torch.cat(pooled))

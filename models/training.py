@@ -97,6 +97,8 @@ class TrainingReport:
     checkpoint: Path | None = None
     metadata: CheckpointMetadata | None = None
     seconds: float = 0.0
+    #: (id, reason) of the series that could not be read and were left out.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,7 @@ def train_lungs(
     """Train the lungs network; save the best validation Dice (or the last one without validation)."""
     pool = [s for s in series if s.lungs is not None]
     if not pool:
-        raise ValueError("no training series with a lung mask")
+        raise TrainingDataError("no training series with a lung mask (lungs/<id>.nii.gz)")
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     device = torch.device(options.device)
