@@ -223,7 +223,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if not src.is_dir():
         print(f"cttriage data: {src} is not a folder", file=sys.stderr)
         return EXIT_USAGE
-    options = {"verify": args.verify}
+    options: dict[str, bool | str] = {"verify": args.verify}
     if args.dataset == "mosmed":
         options["ct0_cohort"] = args.ct0_cohort
     try:

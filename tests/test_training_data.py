@@ -20,7 +20,7 @@ from models.datasets import SeriesRecord, phantom_records, read_labels, scan_dat
 from models.evaluation import Prediction, evaluate, format_table, summarize, true_severity
 from models.phantom import PhantomSpec, phantom_volume
 from models.severity import LungSeverity
-from models.training import TrainingOptions
+from models.training import LrSchedule, TrainingOptions
 
 #: Small chests: a 320 mm field of view in 64 pixels, 24 slices of 12 mm.
 SPEC = PhantomSpec(rows=64, columns=64, pixel_spacing=5.0, slices=24, slice_spacing=12.0)
@@ -103,10 +103,9 @@ def test_too_many_unreadable_series_stop_before_training_naming_them(tmp_path: P
             return records
 
     lines: list[str] = []
+    options = TrainingOptions(steps=1, lr=LrSchedule(1e-3, 1e-3, 1.0), batch_size=1)
     with pytest.raises(TooManySkipped, match="bad-1: OSError: truncated file"):
-        train_command("multitask", Records(data=tmp_path), tmp_path, "v", TrainingOptions(steps=1, lr=None,  # type: ignore[arg-type]
-                                                                                           batch_size=1),
-                      max_skipped=0, echo=lines.append)
+        train_command("multitask", Records(data=tmp_path), tmp_path, "v", options, max_skipped=0, echo=lines.append)
     assert lines[-1] == "skipped bad-1: OSError: truncated file"
 
 
@@ -208,3 +207,13 @@ def test_medseg_keeps_ground_glass_and_consolidation_and_skips_0_255_images(tmp_
     assert record.id == "medseg_rp_1" and record.covid is True
     assert data.lesions is not None and data.lesions[:2].any() and not data.lesions[2:].any()
     assert data.lungs is not None and set(np.unique(data.lungs)) == {1}
+
+
+def test_train_exits_3_with_the_reason_when_the_classifier_would_see_one_class(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two phantoms: validation takes one of each class, leaving the classifier nothing to learn from."""
+    code = main(["train", "multitask", "--phantoms", "2", "--out", str(tmp_path), "--version", "v", "--steps", "1",
+                 "--levels", "3", "--base-channels", "4", "--max-channels", "16"])
+    assert code == 3
+    assert "the classification pool (labelled series without a lesion mask) has 0 positives" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
