@@ -242,11 +242,12 @@ def train_lungs(
         with training_autocast(options, device):
             logits = model(batch.images.to(device))
             loss = F.binary_cross_entropy_with_logits(logits.float(), batch.masks.to(device))
-        _check_finite("the training loss", loss.item(), step)
+        value = loss.item()
+        _check_finite("the training loss", value, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        report.losses.append(loss.item())
+        report.losses.append(value)
         _log_step(progress, options, step, report, start)
         if _validation_due(step, options):
             result = validate_lungs(model, val, device) if val else {"metric": "last_step", "value": float(step)}
@@ -350,11 +351,12 @@ def train_multitask(
                 model, b.images.to(device), b.lesions.to(device), b.labels.to(device),
                 b.seg_weight.to(device), b.cls_weight.to(device), options.cls_weight, b.extents,
             )
-        _check_finite("the training loss", loss.item(), step)
+        value = loss.item()
+        _check_finite("the training loss", value, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        report.losses.append(loss.item())
+        report.losses.append(value)
         report.seg_losses.append(seg.item())
         report.cls_losses.append(cls.item())
         _log_step(progress, options, step, report, start)

@@ -10,8 +10,8 @@ as float16. Batches follow section 4:
   classification head); each series is thinned to at most ``slices_per_series`` slices by
   keeping every k-th slice from a random offset (a 3D map of bounded size for the classifier;
   validation and inference take the middle offset: ``models.multitask.classifier_slice_indices``).
-  Series are zero-padded to a common shape and the batch carries each one's own extent, so the
-  network and the losses never see the padding.
+  Series are zero-padded to a common shape and the batch carries each one's own extent: the
+  classifier pools, and the segmentation loss averages, over each series' own voxels only.
 """
 
 from __future__ import annotations
