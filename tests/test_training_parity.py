@@ -186,3 +186,14 @@ def test_progress_line_says_speed_eta_loss_and_validation() -> None:
     line = progress_line(99, 30_000, 50.0, 0.4321, 3e-4, {"metric": "roc_auc", "value": 0.91, "step": 90})
     assert line == ("step 100/30000 2.00 steps/s elapsed 50s ETA 4h 09m loss 0.4321 lr 3.0e-04 "
                     "val roc_auc 0.9100 (step 90)")
+
+
+def test_a_non_finite_training_loss_stops_at_that_step(tmp_path: Path) -> None:
+    """A NaN in the input (say a NIfTI with NaN voxels) used to train on silently into NaN weights."""
+    pool = [series(f"s{i}", (6, 24, 26), i % 2 == 0, i < 2, i) for i in range(6)]
+    for s in pool:
+        s.image[0, 0, 0] = np.nan
+    target = CheckpointTarget(tmp_path / "m.pt", "t", SYNTHETIC_TRAINING_DATA, synthetic=True)
+    with pytest.raises(NonFiniteError, match="the training loss is nan at step 1"):
+        train_multitask(pool, [], options(), target, TINY)
+    assert not target.path.exists()
