@@ -151,24 +151,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from models.commands import DataSource, architecture_for, network_lung_source, paper_options, train_command
+    from models.datasets import DatasetError
+    from models.exit_codes import EXIT_DATA, EXIT_NON_FINITE, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+    from models.training import NonFiniteError, TrainingDataError
 
     configure_logging(get_settings().log_level, False)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"cttriage train: --device {args.device} but CUDA is not available to this process", file=sys.stderr)
+        return EXIT_USAGE
     source = DataSource(data=Path(args.data) if args.data else None, labels=Path(args.labels) if args.labels else None,
                         phantoms=args.phantoms, seed=args.seed)
     architecture = architecture_for(args.network, args.variant, args.levels, args.base_channels, args.max_channels)
     options = paper_options(args.network, steps=args.steps, batch_size=args.batch_size,
                             slices_per_series=args.slices_per_series, validate_every=args.validate_every,
-                            seed=args.seed, device=args.device)
-    lung_source = network_lung_source(Path(args.lungs_model), args.device) if args.lungs_model else None
-    report = train_command(args.network, source, Path(args.out), args.version, options, architecture=architecture,
-                           val_size=args.val_size, training_data=args.training_data, lung_source=lung_source)
-    return 0 if report.checkpoint is not None else 1
+                            seed=args.seed, device=args.device, log_every=args.log_every)
+    try:
+        lung_source = network_lung_source(Path(args.lungs_model), args.device) if args.lungs_model else None
+        report = train_command(args.network, source, Path(args.out), args.version, options,
+                               architecture=architecture, val_size=args.val_size, training_data=args.training_data,
+                               lung_source=lung_source, max_skipped=args.max_skipped)
+    except DatasetError as exc:
+        print(f"cttriage train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDataError as exc:
+        print(f"cttriage train: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    except NonFiniteError as exc:
+        print(f"cttriage train: {exc}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    return EXIT_OK if report.checkpoint is not None else EXIT_PARTIAL
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.commands import DataSource, evaluate_command
+    from models.datasets import DatasetError
+    from models.exit_codes import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
     from models.inference import InferenceOptions, TriageNetworks
     from models.model_store import bundle_paths, resolve_bundle
 
@@ -185,11 +204,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.no_threshold:
         print("no model configured (--model, CTTRIAGE_MODEL_PATH or CTTRIAGE_MODEL_DIR) and --no-threshold given",
               file=sys.stderr)
-        return 2
-    evaluate_command(source, networks, include_threshold=not args.no_threshold, severe_percent=args.severe_percent,
-                     inplane_spacing_mm=settings.inplane_spacing_mm,
-                     json_path=Path(args.json) if args.json else None)
-    return 0
+        return EXIT_USAGE
+    try:
+        report = evaluate_command(source, networks, include_threshold=not args.no_threshold,
+                                  severe_percent=args.severe_percent, inplane_spacing_mm=settings.inplane_spacing_mm,
+                                  json_path=Path(args.json) if args.json else None)
+    except DatasetError as exc:
+        print(f"cttriage evaluate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if report["failed"]:
+        print(f"cttriage evaluate: {report['failed']} series failed (named in the table above)", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Convert a public data set's layout into the training layout, with a summary of what was skipped."""
+    from models.dataset_converters import CONVERTERS, ConversionError
+    from models.exit_codes import EXIT_OK, EXIT_USAGE
+
+    src, out = Path(args.src), Path(args.out)
+    if not src.is_dir():
+        print(f"cttriage data: {src} is not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    options: dict[str, bool | str] = {"verify": args.verify}
+    if args.dataset == "mosmed":
+        options["ct0_cohort"] = args.ct0_cohort
+    try:
+        summary = CONVERTERS[args.dataset](src, out, **options)
+    except ConversionError as exc:
+        print(f"cttriage data: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(summary.lines()))
+    if summary.series == 0:
+        print(f"cttriage data: no series taken from {src}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"next: cttriage train multitask --data {out} --out MODELS --version v1 (see models/README.md)")
+    return EXIT_OK
+
+
+def _add_data_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`data`: public data sets into the training layout (models/dataset_converters.py)."""
+    from models.exit_codes import exit_codes_help
+
+    data = sub.add_parser(
+        "data", help="convert MosMedData, MedSeg or LUNA16 into the training layout (images/, labels.csv, ...)",
+        description="Reads the public layout in SRC and writes OUT/images, OUT/lungs, OUT/lesions and "
+                    "OUT/labels.csv, printing what was taken, skipped and why (see models/README.md).",
+        epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_argument("dataset", choices=["mosmed", "medseg", "luna16"])
+    data.add_argument("src", help="the data set as downloaded (mosmed: the folder holding studies/ and masks/)")
+    data.add_argument("out", help="a new folder for the training layout")
+    data.add_argument("--verify", action="store_true", help="decompress every image (finds truncated files now)")
+    data.add_argument("--ct0-cohort", choices=["other", "normal"], default="other",
+                      help="mosmed: cohort of CT-0 studies (no signs of viral pneumonia; default other)")
+    data.set_defaults(func=cmd_data)
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -202,7 +271,10 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
         p.add_argument("--labels", help="labels CSV (default DATA/labels.csv)")
         p.add_argument("--seed", type=int, default=0)
 
-    train = sub.add_parser("train", help="train the lungs or the multitask network (section 4 of the paper)")
+    from models.exit_codes import exit_codes_help
+
+    train = sub.add_parser("train", help="train the lungs or the multitask network (section 4 of the paper)",
+                           epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("network", choices=["lungs", "multitask"])
     data_arguments(train)
     train.add_argument("--out", required=True, help="model directory: writes OUT/VERSION/{lungs,multitask}.pt")
@@ -218,11 +290,15 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     train.add_argument("--validate-every", type=int)
     train.add_argument("--val-size", type=int, default=30, help="validation series (section 4.4: 30)")
     train.add_argument("--lungs-model", help="multitask: crop every series to this lungs.pt's lungs (the paper's way)")
-    train.add_argument("--device", default="cpu")
+    train.add_argument("--device", default="cpu", help="cpu or cuda:N (on CUDA: bf16 autocast, see models/README.md)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    train.add_argument("--max-skipped", type=int, default=10,
+                       help="unreadable series skipped (each named) before the run stops with status 3 (10)")
+    train.add_argument("--log-every", type=int, help="progress line every N steps (steps/s, ETA, loss, validation)")
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="Table-3 metrics of the threshold method and the configured networks")
+    evaluate = sub.add_parser("evaluate", help="Table-3 metrics of the threshold method and the configured networks",
+                              epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     data_arguments(evaluate)
     evaluate.add_argument("--model", help="model bundle directory (default: CTTRIAGE_MODEL_PATH/_DIR/_VERSION)")
     evaluate.add_argument("--no-threshold", action="store_true", help="leave out the threshold baseline")
@@ -351,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--calling-aet", default="CTTRIAGE_CLI")
     push.set_defaults(func=cmd_push)
     _add_model_commands(sub)
+    _add_data_command(sub)
     return parser
 
 

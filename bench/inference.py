@@ -93,7 +93,7 @@ def eager_baseline(module: torch.nn.Module, image: torch.Tensor, batch: int, mul
             else:
                 torch.sigmoid(module(x))
         if multitask:
-            module.classify(torch.cat(shared).permute(1, 0, 2, 3).unsqueeze(0))
+            module.identify(torch.cat(shared).permute(1, 0, 2, 3))
 
 
 def main() -> int:

@@ -3,6 +3,7 @@
 Training writes ``OUT/<version>/lungs.pt`` or ``OUT/<version>/multitask.pt``: the layout the
 service reads as ``CTTRIAGE_MODEL_DIR=OUT`` (see :mod:`models.model_store`). Weights trained on
 ``--phantoms`` are labelled synthetic in their metadata, whatever the caller says.
+Their exit statuses are in :mod:`models.exit_codes`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from models.training import (
     PAPER_LUNGS,
     PAPER_MULTITASK,
     CheckpointTarget,
+    TrainingDataError,
     TrainingOptions,
     TrainingReport,
     lungs_validation_candidate,
@@ -33,10 +35,18 @@ from models.training import (
     train_lungs,
     train_multitask,
 )
-from models.training_samples import LungSource, prepare_series, threshold_lung_source
+from models.training_samples import LungSource, PreparedSeries, prepare_series, threshold_lung_source
 from models.unet import UNetConfig
 
 Print = Callable[[str], None]
+
+#: Unreadable series a training run skips (named) before it stops: a few broken files in a public
+#: set are normal, many mean a wrong path or format.
+DEFAULT_MAX_SKIPPED = 10
+
+
+class TooManySkipped(TrainingDataError):
+    """More unreadable series than ``max_skipped``."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +90,17 @@ def train_command(
     val_size: int = 30,
     training_data: str | None = None,
     lung_source: LungSource | None = None,
+    max_skipped: int = DEFAULT_MAX_SKIPPED,
     echo: Print = print,
 ) -> TrainingReport:
     """Prepare the data, train ``network`` ('lungs' or 'multitask'), keep the best checkpoint.
 
-    Multitask series are cropped to the lungs of ``lung_source`` when given (a trained lungs
-    network, as the paper does), else to their lung mask, else to the threshold lungs.
+    Every multitask series of a run is cropped from one source (:func:`crop_source`): the lungs
+    of ``lung_source`` when given (a trained lungs network, as the paper does and as inference
+    will), else the lung masks when every series has one, else the threshold lungs for every
+    series (what the service uses without a lungs network); never a mix.
+    A series that cannot be read or prepared is skipped and named; more than ``max_skipped`` of
+    them stop the run (:class:`TooManySkipped`) before the first step.
     """
     if network not in ("lungs", "multitask"):
         raise ValueError(f"network must be 'lungs' or 'multitask', got {network!r}")
@@ -93,15 +108,22 @@ def train_command(
     echo(f"{len(records)} series: {describe(records)}")
     if network == "lungs":
         records = [r for r in records if r.has_lungs]
-    prepared = [
-        prepare_series(r, crop_to_lungs=network == "multitask", lung_source=lung_source or threshold_lung_source,
-                       prefer_lung_source=lung_source is not None)
-        for r in records
-    ]
+    crop_name, crop_lungs, from_source = crop_source(records, lung_source)
+    if network == "multitask":
+        echo(f"crops: {crop_name} for every series")
+    prepared, skipped = prepare_all(records, network, crop_lungs, from_source, echo)
+    if len(skipped) > max_skipped:
+        raise TooManySkipped(f"{len(skipped)} series could not be read (limit --max-skipped {max_skipped}): "
+                             + "; ".join(f"{ident}: {why}" for ident, why in skipped[:20]))
     eligible = multitask_validation_candidate if network == "multitask" else lungs_validation_candidate
     train, val = split_validation(prepared, val_size, options.seed, eligible)
-    echo(f"training on {len(train)} series, validating on {len(val)}")
+    echo(f"training on {len(train)} series, validating on {len(val)}"
+         + (f"; skipped {len(skipped)} unreadable: {', '.join(i for i, _ in skipped)}" if skipped else ""))
     description = SYNTHETIC_TRAINING_DATA if source.synthetic else (training_data or source.description(records))
+    if skipped and not source.synthetic:
+        description += f"; skipped {len(skipped)} unreadable series: {', '.join(i for i, _ in skipped)}"
+    if network == "multitask" and not source.synthetic:
+        description += f"; crops from {crop_name}"
     target = CheckpointTarget(
         path=out / version / (MULTITASK_FILE if network == "multitask" else LUNGS_FILE),
         version=version, training_data=description, synthetic=source.synthetic,
@@ -110,8 +132,34 @@ def train_command(
         _, report = train_multitask(train, val, options, target, architecture or MultitaskConfig(), progress=echo)
     else:
         _, report = train_lungs(train, val, options, target, architecture or LungNetConfig(), progress=echo)
+    report.skipped = skipped
     echo(f"best {report.best}; checkpoint {report.checkpoint} ({report.seconds:.0f} s)")
     return report
+
+
+def crop_source(records: Sequence[SeriesRecord], lung_source: LungSource | None) -> tuple[str, LungSource, bool]:
+    """(what crops, the lungs source, whether it overrides the series' masks): one rule per run."""
+    if lung_source is not None:
+        return "the lungs network given (--lungs-model)", lung_source, True
+    if records and all(r.has_lungs for r in records):
+        return "the lung masks (every series has one)", threshold_lung_source, False
+    return "the threshold lungs (no --lungs-model, not every series has a lung mask)", threshold_lung_source, True
+
+
+def prepare_all(
+    records: Sequence[SeriesRecord], network: str, lungs: LungSource, from_source: bool, echo: Print
+) -> tuple[list[PreparedSeries], list[tuple[str, str]]]:
+    """Prepared series, and (id, reason) of each that could not be read or prepared (named as it happens)."""
+    prepared, skipped = [], []
+    for record in records:
+        try:
+            prepared.append(prepare_series(record, crop_to_lungs=network == "multitask", lung_source=lungs,
+                                           prefer_lung_source=from_source))
+        except Exception as exc:  # a broken file or mask is one skipped series, named, not a crashed run
+            reason = f"{type(exc).__name__}: {exc}"
+            skipped.append((record.id, reason))
+            echo(f"skipped {record.id}: {reason}")
+    return prepared, skipped
 
 
 def architecture_for(
@@ -163,7 +211,14 @@ def evaluate_command(
     echo: Print = print,
 ) -> dict[str, Any]:
     """Evaluate the threshold method and/or the networks; print the table, write JSON."""
-    from models.evaluation import evaluate, format_table, outcomes_json, summarize
+    from models.evaluation import (
+        THRESHOLD_LUNG_TRUTH,
+        evaluate,
+        format_table,
+        network_lung_truth,
+        outcomes_json,
+        summarize,
+    )
     from models.predictor import NetworkPredictor, Predictor, ThresholdPredictor
 
     records = source.records()
@@ -176,14 +231,19 @@ def evaluate_command(
         methods[f"{networks.method} {networks.version}"] = NetworkPredictor(networks, inplane_spacing_mm)
     if not methods:
         raise ValueError("nothing to evaluate: no networks configured and the threshold method excluded")
+    # True lungs for lesion masks without a lung mask: the lungs network when the bundle has one (the paper's way).
+    truth = (network_lung_truth(networks, inplane_spacing_mm)
+             if networks is not None and getattr(networks, "lungs", None) is not None else THRESHOLD_LUNG_TRUTH)
     results: dict[str, Any] = {}
     for name, predictor in methods.items():
         echo(f"--- {name}")
-        outcomes = evaluate(labelled, predictor, progress=echo)
+        outcomes = evaluate(labelled, predictor, progress=echo, truth_lungs=truth)
         results[name] = {"metrics": summarize(outcomes, severe_percent), "studies": outcomes_json(outcomes)}
     table = format_table({name: r["metrics"] for name, r in results.items()})
     echo(table)
-    report = {"data": describe(records), "synthetic_data": source.synthetic, "methods": results, "table": table}
+    report = {"data": describe(records), "synthetic_data": source.synthetic, "methods": results, "table": table,
+              "lung_truth_without_masks": truth.how,
+              "failed": max((r["metrics"]["failed"] for r in results.values()), default=0)}
     if networks is not None:
         report["models"] = networks.describe()
     if json_path is not None:

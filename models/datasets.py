@@ -7,7 +7,8 @@ right->left), whatever the file stored: NIfTI is reoriented from its affine, DIC
 
     DATA/labels.csv                         id,covid,cohort[,severity]
     DATA/images/<id>.nii.gz | <id>.nii | <id>/   (a folder: the DICOM files of one series)
-    DATA/lungs/<id>.nii.gz | .nii | .npy    optional: lungs mask (binary, or 1/2 labels)
+    DATA/lungs/<id>.nii.gz | .nii | .npy    optional: lungs mask (binary, 1/2 labels, or LUNA16's
+                                            3/4 lungs + 5 airway: the airway is dropped)
     DATA/lesions/<id>.nii.gz | .nii | .npy  optional: COVID-19 lesions mask (binary)
 
 ``.npy`` masks must already be in the canonical orientation of their image. Phantom records
@@ -184,6 +185,21 @@ def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return np.rint(mask).astype(np.uint8)
 
 
+#: LUNA16 seg-lungs labels: 3 and 4 the lungs, 5 the trachea and main bronchi (not lung).
+LUNA16_LUNGS, LUNA16_AIRWAY = (3, 4), 5
+
+
+def lung_mask_labels(mask: np.ndarray, path: Path) -> np.ndarray:
+    """A lungs mask as binary or 1/2 labels. LUNA16's labels (3, 4 lungs, 5 airway) become binary
+    lungs without the airway; any other labelling is refused rather than guessed."""
+    values = set(np.unique(mask).tolist()) - {0}
+    if values <= {1, 2}:
+        return mask
+    if values <= {*LUNA16_LUNGS, LUNA16_AIRWAY}:
+        return np.isin(mask, LUNA16_LUNGS).astype(np.uint8)
+    raise DatasetError(f"{path}: lung mask labels {sorted(values)} are neither 1/2 nor LUNA16's 3/4 (+5 airway)")
+
+
 def _file_loader(image: Path, lungs: Path | None, lesions: Path | None) -> Callable[[], SeriesData]:
     def load() -> SeriesData:
         if image.is_dir():
@@ -191,7 +207,7 @@ def _file_loader(image: Path, lungs: Path | None, lesions: Path | None) -> Calla
         else:
             hu, spacing = read_nifti(image)
             hu = hu.astype(np.float32, copy=False)
-        lung = read_mask(lungs, hu.shape) if lungs is not None else None
+        lung = lung_mask_labels(read_mask(lungs, hu.shape), lungs) if lungs is not None else None
         lesion = read_mask(lesions, hu.shape) > 0 if lesions is not None else None
         return SeriesData(hu=hu, spacing=spacing, lungs=lung, lesions=lesion)
 

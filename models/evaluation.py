@@ -31,10 +31,39 @@ from models.phantom_cohorts import NEGATIVE_COHORTS
 from models.predictor import Predictor
 from models.priority import priority_score
 from models.severity import lung_severity
+from models.threshold_method import threshold_lungs
 from models.training_samples import resample_mask
 
 #: Positives at or above this true severity (%) count as severe (Moscow CT-3 and CT-4).
 DEFAULT_SEVERE_PERCENT = 50.0
+
+LungLabels = Callable[[np.ndarray, tuple[float, float, float]], tuple[np.ndarray, tuple[float, float, float]]]
+
+
+@dataclass(frozen=True)
+class LungTruth:
+    """Ground-truth lungs where a series has no lung mask: (HU, spacing) -> (labels 1/2, their spacing)."""
+
+    how: str
+    lungs: LungLabels
+
+
+def _threshold_lung_labels(hu: np.ndarray, spacing: tuple[float, float, float]
+                           ) -> tuple[np.ndarray, tuple[float, float, float]]:
+    return threshold_lungs(hu.astype(np.float32, copy=False), spacing).lung_labels, spacing
+
+
+#: Right/left lungs of the threshold method (dense lung along the pleura included), native grid.
+THRESHOLD_LUNG_TRUTH = LungTruth("threshold lungs", _threshold_lung_labels)
+
+
+def network_lung_truth(networks: Any, inplane_spacing_mm: float = 2.0) -> LungTruth:
+    """The lungs network of a loaded bundle (``models.inference.TriageNetworks``), on its 2 mm grid."""
+    def lungs(hu: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[float, float, float]]:
+        hu_t, image, grid = networks.preprocess(hu, spacing, inplane_spacing_mm)
+        return networks.lung_labels(image, hu_t.cpu().numpy(), grid), grid
+
+    return LungTruth("lungs network", lungs)
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,8 @@ class StudyOutcome:
     lesion_dice: float | None
     seconds: float
     error: str | None = None
+    #: Where severity_true came from: masks, derived lungs (<how>), labels.csv, negative, or None.
+    severity_truth: str | None = None
 
 
 def true_lung_labels(data: SeriesData) -> np.ndarray | None:
@@ -66,41 +97,63 @@ def true_lung_labels(data: SeriesData) -> np.ndarray | None:
 
 def true_severity(record: SeriesRecord, data: SeriesData) -> float | None:
     """Max-lung severity of the ground-truth masks; else labels.csv's ``severity``; negatives 0."""
+    return true_severity_with_source(record, data, None)[0]
+
+
+def true_severity_with_source(
+    record: SeriesRecord, data: SeriesData, truth_lungs: LungTruth | None
+) -> tuple[float | None, str | None]:
+    """(true severity, where it came from). A lesion mask without a lung mask is measured against
+    ``truth_lungs``' lungs (the paper's way for Mosmed); without it, labels.csv or nothing."""
     labels = true_lung_labels(data)
     if labels is not None and data.lesions is not None:
-        return lung_severity(labels, data.lesions, data.spacing).severity
+        return lung_severity(labels, data.lesions, data.spacing).severity, "masks"
+    if data.lesions is not None and truth_lungs is not None and record.covid is not False:
+        derived, grid = truth_lungs.lungs(data.hu, data.spacing)
+        lesions = data.lesions if derived.shape == data.lesions.shape else resample_mask(
+            data.lesions, data.spacing, grid[1:])
+        return lung_severity(derived, lesions, grid).severity, f"derived: {truth_lungs.how}"
     if record.severity is not None:
-        return record.severity
-    return 0.0 if record.covid is False else None
+        return record.severity, "labels.csv"
+    return (0.0, "negative") if record.covid is False else (None, None)
 
 
-def evaluate_record(record: SeriesRecord, predictor: Predictor) -> StudyOutcome:
-    """Predict one series and compare with its ground truth; a failure is kept, not raised."""
-    data = record.load()
+def _failed(record: SeriesRecord, error: str, seconds: float = 0.0) -> StudyOutcome:
+    return StudyOutcome(record.id, record.cohort, record.covid, None, 0.0, None, None, None, seconds, error=error)
+
+
+def evaluate_record(record: SeriesRecord, predictor: Predictor, truth_lungs: LungTruth | None = None) -> StudyOutcome:
+    """Predict one series and compare with its ground truth; a failure (unreadable files too) is kept,
+    not raised."""
+    try:
+        data = record.load()
+    except Exception as exc:  # an unreadable series is one failure, not the end of the evaluation
+        return _failed(record, f"unreadable: {type(exc).__name__}: {exc}")
     start = time.perf_counter()
     try:
         p = predictor.predict(data.hu, data.spacing)
     except Exception as exc:  # one bad series must not hide the others' results
-        return StudyOutcome(record.id, record.cohort, record.covid, None, 0.0, true_severity(record, data),
-                            None, None, time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+        return _failed(record, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
     seconds = time.perf_counter() - start
     lung_dice = lesion_dice = None
     if data.lungs is not None:
         lung_dice = dice(p.lung_labels > 0, resample_mask(data.lungs > 0, data.spacing, p.spacing[1:]))
     if data.lesions is not None and record.covid:
         lesion_dice = dice(p.lesions, resample_mask(data.lesions, data.spacing, p.spacing[1:]))
+    severity_true, source = true_severity_with_source(record, data, truth_lungs)
     return StudyOutcome(
         id=record.id, cohort=record.cohort, covid=record.covid, identification=p.identification,
-        severity=p.severity.severity, severity_true=true_severity(record, data),
-        lung_dice=lung_dice, lesion_dice=lesion_dice, seconds=seconds,
+        severity=p.severity.severity, severity_true=severity_true,
+        lung_dice=lung_dice, lesion_dice=lesion_dice, seconds=seconds, severity_truth=source,
     )
 
 
 def evaluate(records: Sequence[SeriesRecord], predictor: Predictor,
-             progress: Callable[[str], None] | None = None) -> list[StudyOutcome]:
+             progress: Callable[[str], None] | None = None,
+             truth_lungs: LungTruth | None = THRESHOLD_LUNG_TRUTH) -> list[StudyOutcome]:
     outcomes = []
     for i, record in enumerate(records):
-        outcomes.append(evaluate_record(record, predictor))
+        outcomes.append(evaluate_record(record, predictor, truth_lungs))
         if progress is not None:
             o = outcomes[-1]
             progress(f"[{i + 1}/{len(records)}] {o.id} ({o.cohort}): severity {o.severity:.1f}"
@@ -140,6 +193,8 @@ def summarize(
         "series": len(outcomes),
         "scored": len(scored),
         "failed": sum(o.error is not None for o in outcomes),
+        "failed_series": {o.id: o.error for o in outcomes if o.error is not None},
+        "severity_truth": _counts(o.severity_truth for o in scored if o.covid and o.severity_truth),
         "positives": int(positive.sum()),
         "negatives": {c: int((cohorts == c).sum()) for c in (*NEGATIVE_COHORTS, "other")},
         "identification_score": "identification" if uses_identification else "severity",
@@ -162,6 +217,13 @@ def summarize(
     }
 
 
+def _counts(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
 def _cell(value: float, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -173,7 +235,7 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     head = (f"{'':36} {'ROC AUC (COVID-19 vs .)':^31} {'Spearman':>8} {'Dice':>7} {'Dice':>6} {'AP':>5} "
             f"{'worklist position':^21}")
     cols = (f"{'method':36} {'All':>7} {'Normal':>7} {'Bac.Pn':>7} {'Nodules':>7} {'rho':>8} {'lesions':>7} "
-            f"{'lungs':>6} {'':>5} {'positive':>10} {'severe':>10}")
+            f"{'lungs':>6} {'':>5} {'positive':>10} {'severe':>10} {'scored/series':>13} {'failed':>6}")
     lines = [head, cols, "-" * len(cols)]
     for name, s in summaries.items():
         auc, wl = s["roc_auc"], s["worklist"]
@@ -183,10 +245,14 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
             f"{_cell(s['lung_dice']):>6} {_cell(s['average_precision']):>5} "
             f"{_cell(wl['mean_position_positive'], 1) + '/' + _cell(wl['ideal_position_positive'], 1):>10} "
             f"{_cell(wl['mean_position_severe'], 1) + '/' + _cell(wl['ideal_position_severe'], 1):>10}"
+            f" {str(s['scored']) + '/' + str(s['series']):>13} {s.get('failed', 0):>6}"
         )
+    for name, s in summaries.items():
+        for ident, error in s.get("failed_series", {}).items():
+            lines.append(f"FAILED ({name[:36]}): {ident}: {error}")
     lines.append("worklist position: mean position of the studies / mean if they were all first; "
                  "severe: true severity >= the severe threshold. Without identification (threshold), "
-                 "ROC AUC and AP rank by severity.")
+                 "ROC AUC and AP rank by severity. Failed series (unreadable or not scorable) are in no metric.")
     return "\n".join(lines)
 
 

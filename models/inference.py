@@ -302,7 +302,7 @@ class TriageNetworks:
                 shared[:, start:stop] = features.float().permute(1, 0, 2, 3)
             assert shared is not None
             with torch.autocast(self.device.type, enabled=False):
-                logit = self.multitask.classify(shared.unsqueeze(0))
+                logit = self.multitask.identify(shared)
         return lesion.cpu().numpy(), float(torch.sigmoid(logit.float())[0])
 
     def lung_labels(self, image: torch.Tensor, hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

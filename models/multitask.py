@@ -9,6 +9,15 @@ One slice-wise residual U-Net feeds two heads:
   for any number of slices and any crop), two fully connected layers -> one logit per series
   (sigmoid: the COVID-19 identification probability).
 
+Train/inference parity of the classifier: it reads at most ``classifier_slices`` slices of a
+series, every k-th one (k the smallest step that keeps that many). Training draws the offset at
+random (:func:`classifier_slice_indices` with an ``offset``), validation and inference take the
+middle offset, so the network sees the same z-sampling it was trained on, and a 1 mm and a 5 mm
+reconstruction of one chest both reach it as slices about ``coverage / classifier_slices`` apart.
+A padded batch carries each series' own extent (``forward(..., extents)``): the classifier pools
+each series over that extent only, and in eval mode each series runs on its own, so a series
+scores the same alone and inside any batch.
+
 Which level the classifier reads is the whole difference between the variants: ``spatial-l``
 reads decoder level l (1 = the top, the paper's proposal: the classifier sees the same spatial
 map the lesion mask comes from); ``latent`` reads the bottleneck (no spatial structure left in
@@ -18,6 +27,7 @@ the axial plane after 6 poolings, the Multitask-Latent baseline of Amine et al. 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,6 +56,8 @@ class MultitaskConfig:
     pyramid_levels: int = 4
     hidden_features: int = 1024
     dropout: float = 0.5
+    #: Slices the classifier reads per series (0: all), sampled as the module docstring says.
+    classifier_slices: int = 32
 
     def __post_init__(self) -> None:
         if not _VARIANT.match(self.variant):
@@ -54,6 +66,8 @@ class MultitaskConfig:
             raise ValueError(f"{self.variant}: the U-Net has only {self.unet.levels} levels")
         if self.pyramid_levels < 1:
             raise ValueError("pyramid_levels must be >= 1")
+        if self.classifier_slices < 0:
+            raise ValueError("classifier_slices must be >= 0 (0: every slice)")
 
     @property
     def shared_level(self) -> int:
@@ -79,6 +93,16 @@ def latent_config() -> MultitaskConfig:
     return MultitaskConfig(variant=LATENT, pyramid_levels=2)
 
 
+def classifier_slice_indices(depth: int, keep: int, offset: int | None = None) -> list[int]:
+    """Every k-th of ``depth`` slices, k the smallest step leaving <= ``keep`` (0: all), from
+    ``offset`` (None: the middle one, ``(k - 1) // 2``, what validation and inference use)."""
+    if keep <= 0 or depth <= keep:
+        return list(range(depth))
+    step = -(-depth // keep)
+    start = (step - 1) // 2 if offset is None else offset
+    return list(range(start, depth, step))[:keep]
+
+
 def pyramid_bins(levels: int) -> tuple[int, ...]:
     return tuple(2**k for k in range(levels))
 
@@ -99,8 +123,20 @@ class ClassificationHead(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, volume_features: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(pyramid_max_pool3d(volume_features, self.levels))
+    def forward(self, volume_features: torch.Tensor,
+                extents: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:
+        """(N, C, D, h, w) -> logits (N,); with ``extents``, series i is pooled over its own
+        ``[:d, :h, :w]`` only (the rest is padding)."""
+        if extents is None:
+            pooled = pyramid_max_pool3d(volume_features, self.levels)
+        else:
+            pooled = torch.cat([pyramid_max_pool3d(volume_features[i : i + 1, :, :d, :h, :w], self.levels)
+                                for i, (d, h, w) in enumerate(extents)])
+        return self.head(pooled)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, features) pooled vectors -> logits (N,): the two fully connected layers."""
+        h = self.dropout(pooled)
         h = self.dropout(F.relu(self.fc1(h)))
         return self.fc2(h).squeeze(1)
 
@@ -150,8 +186,39 @@ class MultitaskNet(nn.Module):
         """(N, C, D, h, w) stacked shared maps -> identification logits (N,)."""
         return self.cls_head(volume_features)
 
-    def forward(self, series: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, D, H, W) windowed series -> lesion logits (N, D, H, W) and identification logits (N,)."""
+    def identify(self, shared: torch.Tensor) -> torch.Tensor:
+        """(C, D, h, w) shared maps of every slice of one series -> its identification logit (1,),
+        read from the slices validation and inference sample (the middle offset)."""
+        keep = classifier_slice_indices(shared.shape[1], self.config.classifier_slices)
+        return self.classify(shared[:, keep].unsqueeze(0))
+
+    def feature_extents(self, extents: Sequence[tuple[int, int, int]] | None) -> list[tuple[int, int, int]] | None:
+        """Input extents (d, h, w) on the grid of the shared level (halved, rounding up, per level down)."""
+        if extents is None:
+            return None
+        f = 2 ** (self.config.shared_level - 1)
+        return [(d, -(-h // f), -(-w // f)) for d, h, w in extents]
+
+    def forward(self, series: torch.Tensor, extents: Sequence[tuple[int, int, int]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D, H, W) windowed series -> lesion logits (N, D, H, W) and identification logits (N,).
+
+        ``extents``: the unpadded (d, h, w) of each series in a padded batch; the classifier then
+        pools each series over its own extent only. In eval mode each series also runs through
+        the U-Net on its own (exactly what it gets alone: padding cannot reach its features). In
+        training the batch runs as one, as the paper's does, so batch norm sees every series; only
+        features within a receptive field of a padded edge differ there (the padding is air,
+        0 after the window, beyond the lungs' bounding box). Lesion logits in the padding are
+        meaningless: losses must leave them out.
+        """
         n, d, h, w = series.shape
-        seg, shared = self.slice_features(series.reshape(n * d, 1, h, w))
-        return seg.reshape(n, d, h, w), self.classify(stack_slices(shared, n))
+        if extents is None or self.training:
+            seg, shared = self.slice_features(series.reshape(n * d, 1, h, w))
+            return seg.reshape(n, d, h, w), self.cls_head(stack_slices(shared, n), self.feature_extents(extents))
+        seg_out = series.new_zeros((n, d, h, w))
+        pooled = []
+        for i, (di, hi, wi) in enumerate(extents):
+            seg, shared = self.slice_features(series[i, :di, :hi, :wi].reshape(di, 1, hi, wi))
+            seg_out[i, :di, :hi, :wi] = seg[:, 0]
+            pooled.append(pyramid_max_pool3d(stack_slices(shared, 1), self.cls_head.levels))
+        return seg_out, self.cls_head.head(torch.cat(pooled))

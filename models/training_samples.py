@@ -8,7 +8,10 @@ as float16. Batches follow section 4:
 * multitask: ``batch_size`` series, half drawn from series with a lesion mask (they train the
   segmentation head), half from series with only a study-level label (they train the
   classification head); each series is thinned to at most ``slices_per_series`` slices by
-  keeping every k-th slice from a random offset (a 3D map of bounded size for the classifier).
+  keeping every k-th slice from a random offset (a 3D map of bounded size for the classifier;
+  validation and inference take the middle offset: ``models.multitask.classifier_slice_indices``).
+  Series are zero-padded to a common shape and the batch carries each one's own extent: the
+  classifier pools, and the segmentation loss averages, over each series' own voxels only.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from models.datasets import SeriesRecord
 from models.lung_network import lung_bounding_box
 from models.lungs_threshold import segment_lungs
+from models.multitask import classifier_slice_indices
 from models.preprocessing import PAPER_INPLANE_SPACING_MM, resample_inplane, window
 
 #: Lungs for cropping a series that has no lung mask: (resampled HU, spacing) -> bool mask.
@@ -89,9 +93,8 @@ def prepare_series(
 
 def thin_slices(depth: int, keep: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of every k-th slice from a random offset, k the smallest step leaving <= keep."""
-    step = max(1, -(-depth // keep))
-    offset = int(rng.integers(step))
-    return np.arange(offset, depth, step)[:keep]
+    step = max(1, -(-depth // keep)) if keep > 0 else 1
+    return np.array(classifier_slice_indices(depth, keep, int(rng.integers(step))), dtype=np.int64)
 
 
 def pad_stack(arrays: Sequence[np.ndarray], fill: float = 0.0) -> np.ndarray:
@@ -128,6 +131,7 @@ class MultitaskBatch:
     labels: torch.Tensor  # (N,) float; 0 where a series has no label
     seg_weight: torch.Tensor  # (N,) 1 for series drawn to train the segmentation head
     cls_weight: torch.Tensor  # (N,) 1 for series drawn to train the classification head
+    extents: tuple[tuple[int, int, int], ...] = ()  # (d, h, w) of each series before padding
 
 
 def multitask_pools(series: Sequence[PreparedSeries]) -> tuple[list[PreparedSeries], list[PreparedSeries]]:
@@ -172,4 +176,5 @@ def multitask_batch(
         labels=torch.tensor([float(bool(s.covid)) for s, _ in chosen]),
         seg_weight=torch.tensor([1.0 if seg else 0.0 for _, seg in chosen]),
         cls_weight=torch.tensor([0.0 if seg else 1.0 for _, seg in chosen]),
+        extents=tuple((int(a.shape[0]), int(a.shape[1]), int(a.shape[2])) for a in images),
     )
