@@ -99,7 +99,7 @@ def _set_stop_handlers(handler: Callable[[int, object], None] | int) -> None:
             signal.signal(signum, handler)
 
 
-def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+def serve_embedded(settings: Settings, on_ready: Callable[[], object] | None = None) -> None:
     """Run everything on this machine until SIGINT or SIGTERM.
 
     uvicorn takes both signals while it runs, drains, then raises them again: with the default

@@ -31,19 +31,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pydicom  # noqa: E402
-import redis  # noqa: E402
-from pynetdicom import AE  # noqa: E402
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
-from sqlalchemy.pool import NullPool  # noqa: E402
+import pydicom
+import redis
+from pynetdicom import AE
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.pool import NullPool
 
-from app.db.migrate import upgrade_to_head  # noqa: E402
-from app.db.models import Instance, Job, Result, Series, Study  # noqa: E402
-from app.dicom.push import push_files  # noqa: E402
-from tests.conftest import PG_ADMIN_URL, write_phantom_study  # noqa: E402
-from tests.deployment import Deployment, start_deployment  # noqa: E402
-from tests.service_process import wait_for_state, wait_until  # noqa: E402
-from tests.test_faults import (  # noqa: E402
+from app.db.migrate import upgrade_to_head
+from app.db.models import Instance, Job, Result, Series, Study
+from app.dicom.push import push_files
+from tests.conftest import PG_ADMIN_URL, write_phantom_study
+from tests.deployment import Deployment, start_deployment
+from tests.service_process import wait_for_state, wait_until
+from tests.test_faults import (
     HEARTBEAT,
     SLOW,
     SMALL,
@@ -244,7 +244,7 @@ class Bench:
             raise errors[0]
         studies = self.wait_scored(uids)
         row.recovery_s = time.monotonic() - fault
-        complete = sum(s["instance_count"] == t["files"] for s, (_, t) in zip(studies, made))
+        complete = sum(s["instance_count"] == t["files"] for s, (_, t) in zip(studies, made, strict=False))
         row.outcome = ", ".join(s["state"] for s in studies) + f"; {complete}/3 complete"
         row.ok = all(s["state"] == "scored" for s in studies) and complete == 3
         self.finish(row, uids, set(acked))
@@ -270,7 +270,7 @@ class Bench:
             for s in silent:
                 s.close()
         acked = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                 for p, status in zip(files_of(folder), statuses) if status == 0}
+                 for p, status in zip(files_of(folder), statuses, strict=False) if status == 0}
         row.recovery_s = seconds
         row.outcome = (f"{established}/10 idle held; {truth['files']}-instance study pushed in {seconds:.1f} s, "
                        f"{len(acked)} ok")
@@ -404,7 +404,7 @@ def print_table(rows: list[Row]) -> None:
     body = [(r.case, "yes" if r.ok else "NO", r.outcome, "-" if r.recovery_s is None else f"{r.recovery_s:.1f}",
              str(r.acknowledged), str(r.lost), r.scorings) for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    line = "| " + " | ".join("{:<%d}" % w for w in widths) + " |"
+    line = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     print(line.format(*head))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for b in body:

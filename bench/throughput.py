@@ -76,7 +76,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,7 @@ def seconds(a: datetime | None, b: datetime | None) -> float | None:
 
 
 def utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 T_START = time.monotonic()
@@ -561,11 +561,11 @@ def server_epochs(db_url: str, redis_url: str) -> dict[str, str]:
                 out["postgres"] = str(conn.execute(text("SELECT pg_postmaster_start_time()")).scalar_one())
         finally:
             engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - down right now: that is the answer
+    except Exception as exc:  # down right now: that is the answer
         out["postgres"] = f"unreachable ({type(exc).__name__})"
     try:
         out["redis"] = str(redis.Redis.from_url(redis_url).info("server")["run_id"])
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         out["redis"] = f"unreachable ({type(exc).__name__})"
     return out
 
@@ -578,7 +578,7 @@ def describe_stuck(db_url: str, uids: set[str]) -> str:
     """The studies of a batch that are not terminal, with their jobs: why a batch timed out."""
     try:
         rows = read_study_rows(db_url, sorted(uids))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"(database unreadable: {type(exc).__name__})"
     lines = []
     for uid, row in rows.items():
@@ -952,8 +952,8 @@ def summarise(cfg: RunConfig, studies: list[StudyFiles], rows: dict[str, dict[st
     return {
         "workers": cfg.workers,
         "worker_mode": cfg.mode,
-        "worker_processes": ("1 x `cttriage worker --concurrency %d`" % cfg.workers if cfg.mode == "prefork"
-                             else "%d x `cttriage worker --concurrency 1`" % cfg.workers),
+        "worker_processes": (f"1 x `cttriage worker --concurrency {cfg.workers}`" if cfg.mode == "prefork"
+                             else f"{cfg.workers} x `cttriage worker --concurrency 1`"),
         "settle_seconds": cfg.settle,
         "assembler_interval_seconds": cfg.assembler_interval,
         "senders": cfg.senders,
@@ -1155,7 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(results)
         if args.out:
             payload = {"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()},
-                       "started": datetime.now(timezone.utc).isoformat(), "runs": results}
+                       "started": datetime.now(UTC).isoformat(), "runs": results}
             args.out.write_text(json.dumps(payload, indent=2, default=str))
             print(f"\nwrote {args.out}")
         return 0
