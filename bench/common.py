@@ -57,7 +57,7 @@ def wait_echo(port: int, called_aet: str, process: ServiceProcess, timeout: floa
     """Until the DICOM server on ``port`` answers a C-ECHO (accepting TCP is not enough: it may still
     be loading)."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = AE(ae_title="BENCH_ECHO")
     ae.add_requested_context(Verification)

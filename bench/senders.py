@@ -69,8 +69,8 @@ def _patch_requestor_race() -> None:
             return
         original(self, msg, context_id)
 
-    Association._serve_request = _serve_request
-    Association._bench_patched = True
+    Association._serve_request = _serve_request  # type: ignore[method-assign]
+    Association._bench_patched = True  # type: ignore[attr-defined]
 
 
 def _show_pynetdicom_warnings() -> None:

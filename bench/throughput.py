@@ -165,12 +165,13 @@ def poll_until_terminal(deployment: Deployment, uids: set[str], interval: float,
 
 def start_services(cfg: RunConfig, db_url: str, redis_url: str, run_dir: Path) -> Deployment:
     """`cttriage dicom`, `cttriage api` and the workers of ``cfg``, every one of them ready."""
-    workers, concurrency = (1, cfg.workers) if cfg.mode == "prefork" else (cfg.workers, 1)
-    deployment = start_deployment(run_dir, db_url, redis_url, workers=workers, concurrency=concurrency,
-                                  settle_seconds=str(cfg.settle),
+    deployment = start_deployment(run_dir, db_url, redis_url, workers=0, settle_seconds=str(cfg.settle),
                                   assembler_interval_seconds=str(cfg.assembler_interval),
                                   api_host="127.0.0.1", dicom_host="127.0.0.1")
+    processes, concurrency = (1, cfg.workers) if cfg.mode == "prefork" else (cfg.workers, 1)
     try:
+        for i in range(processes):
+            deployment.start(f"worker{i}", "worker", "--device", "cpu", "--concurrency", str(concurrency))
         deployment.wait_ready()
     except BaseException:
         deployment.stop()

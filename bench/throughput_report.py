@@ -85,7 +85,7 @@ def summarise(cfg: RunConfig, studies: list[StudyFiles], rows: dict[str, dict[st
               truth: dict[str, StudyFiles], log: PushLog, seen: dict[str, float], api_states: dict[str, str],
               t_first_push: float, wall: float, cpu: dict[str, float], busy: float, run_dir: Path) -> dict[str, Any]:
     t0 = utc(t_first_push)
-    per_study = []
+    per_study: list[dict[str, Any]] = []
     for s in studies:
         row = rows.get(s.uid)
         if row is None:
@@ -93,7 +93,7 @@ def summarise(cfg: RunConfig, studies: list[StudyFiles], rows: dict[str, dict[st
             continue
         jobs = row["jobs"]
         last_job = jobs[-1] if jobs else {}
-        rec = {
+        rec: dict[str, Any] = {
             "study_uid": s.uid,
             "state": row["state"],
             "reason": row["reason"],

@@ -64,10 +64,9 @@ class Deployment:
             process.stop()
 
 
-def start_deployment(root: Path, pg_url: str, redis_url: str, workers: int = 1, concurrency: int = 1,
-                     **settings: str) -> Deployment:
-    """Start the processes on free ports under ``root``; ``workers`` processes of ``concurrency``
-    Celery children each; ``settings`` are extra CTTRIAGE_* values (``settle_seconds="2"``)."""
+def start_deployment(root: Path, pg_url: str, redis_url: str, workers: int = 1, **settings: str) -> Deployment:
+    """Start the processes on free ports under ``root``, the API answering; ``settings`` are extra
+    CTTRIAGE_* values (``settle_seconds="2"``). Start other workers with :meth:`Deployment.start`."""
     api_port, dicom_port = free_port(), free_port()
     env = {
         "CTTRIAGE_DATABASE_URL": pg_url,
@@ -87,7 +86,7 @@ def start_deployment(root: Path, pg_url: str, redis_url: str, workers: int = 1, 
     deployment.start("dicom", "dicom")
     deployment.start("api", "api")
     for i in range(workers):
-        deployment.start(f"worker{i}", "worker", "--device", "cpu", "--concurrency", str(concurrency))
+        deployment.start(f"worker{i}", "worker", "--device", "cpu")
     try:
         wait_healthy(deployment.api, timeout=90, logs=deployment.logs)
     except BaseException:
