@@ -157,6 +157,14 @@ class Settings(BaseSettings):
     # --- priority: Moscow CT-0..CT-4 severity bands (percent of the worse lung) ---
     severity_band_edges: list[float] = Field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0])
 
+    # --- comparison with the patient's prior study (app.priors) ---
+    #: A change of max-lung severity of at least this many points since the prior is a trend
+    #: (worse or better); a smaller one is "unchanged".
+    trend_points: float = Field(default=5.0, gt=0.0)
+    #: A patient worse than at the prior goes first within its band (models.priority: a bonus that
+    #: never crosses bands).
+    priority_worsening_first: bool = True
+
     #: Registered as the admin key on first start if no key exists (else one is generated and
     #: printed once). For automated deployments and tests.
     bootstrap_admin_key: str | None = None

@@ -1,0 +1,121 @@
+"""Comparison with the patient's prior study (app.priors): phantoms of one patient scored through
+the worker's own path, the trend and the worsening rule, and the patient's studies over HTTP."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.assembly import queue_settled_studies
+from app.db.models import Result, Study, utcnow
+from app.priors import trend
+from app.settings import Settings
+from models.priority import WORSENING_BONUS, priority_score
+from tests.conftest import store_study_files, write_phantom_study
+from worker.jobs import run_job
+
+#: Small but scorable (324 mm of coverage): a scoring takes a second or two on one core.
+TINY = {"slices": 36, "rows": 96, "columns": 96, "pixel_spacing": 3.6, "slice_spacing": 9.0}
+PATIENT = "PRIOR-001"
+
+
+def patient_study(folder: Path, severity: float, seed: int, *, study_date: str, birth_date: str = "19600301",
+                  patient_id: str = PATIENT) -> dict[str, Any]:
+    """A phantom of ``patient_id`` dated ``study_date`` whose worse (left) lung has ``severity`` %."""
+    truth = write_phantom_study(folder, severity_left=severity, severity_right=5.0, seed=seed, **TINY)
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientBirthDate, ds.PatientSex, ds.StudyDate = patient_id, birth_date, "F", study_date
+        ds.IssuerOfPatientID = "HOSPITAL-A"
+        ds.save_as(path, enforce_file_format=True)
+    return truth
+
+
+def score(settings: Settings, factory: sessionmaker[Session], folder: Path) -> None:
+    """Receive and score the study in ``folder`` as the service does (without the broker)."""
+    store_study_files(settings, factory, folder)
+    jobs = queue_settled_studies(factory, 0.0, now=utcnow() + timedelta(seconds=5))
+    assert jobs
+    for job_id in jobs:
+        outcome = run_job(job_id, factory, settings, worker="test", export=None)
+        assert outcome.status == "scored", outcome.reason
+
+
+def study_row(factory: sessionmaker[Session], study_uid: str) -> Study:
+    with factory() as session:
+        return session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+
+
+def newest_result(factory: sessionmaker[Session], study_uid: str) -> Result:
+    with factory() as session:
+        return session.execute(select(Result).join(Study).where(Study.study_uid == study_uid)
+                               .order_by(Result.id.desc()).limit(1)).scalar_one()
+
+
+def test_trend_thresholds() -> None:
+    assert trend(None, 5.0) is None
+    assert trend(5.0, 5.0) == "worse" and trend(-5.0, 5.0) == "better" and trend(4.9, 5.0) == "unchanged"
+
+
+def test_worsening_bonus_stays_within_the_band() -> None:
+    top_of_band = priority_score(49.9, 1.0, worsening=True)
+    assert priority_score(25.0, 0.0, worsening=True) > priority_score(49.9, 1.0)
+    assert top_of_band < priority_score(50.0, 0.0)
+    assert priority_score(30.0, 0.5, worsening=True) - priority_score(30.0, 0.5) == WORSENING_BONUS
+
+
+def test_follow_up_is_compared_with_the_prior_and_another_person_is_not(
+    tmp_path: Path, sqlite_settings: Settings, sqlite_factory: sessionmaker[Session]
+) -> None:
+    first = patient_study(tmp_path / "first", 10.0, 31, study_date="20240110")
+    score(sqlite_settings, sqlite_factory, tmp_path / "first")
+    before = study_row(sqlite_factory, first["study_instance_uid"])
+    assert before.prior_study_uid is None and before.prior_reason == "no earlier study of this patient scored"
+
+    second = patient_study(tmp_path / "second", 30.0, 32, study_date="20240117")
+    score(sqlite_settings, sqlite_factory, tmp_path / "second")
+    row = study_row(sqlite_factory, second["study_instance_uid"])
+    result = newest_result(sqlite_factory, second["study_instance_uid"])
+    assert row.prior_study_uid == result.prior_study_uid == first["study_instance_uid"]
+    assert row.prior_study_date == "20240110" and row.prior_days == result.prior_days == 7
+    assert row.prior_reason is None
+    assert row.severity_change == pytest.approx(20.0, abs=3.0)
+    assert result.severity_left_change == pytest.approx(20.0, abs=3.0)
+    assert result.severity_right_change == pytest.approx(0.0, abs=2.0)
+    assert result.lesion_volume_change_ml is not None and result.lesion_volume_change_ml > 0
+    assert trend(row.severity_change, sqlite_settings.trend_points) == "worse"
+    # worse than at the prior: first within its band (CT-2), by the bonus
+    assert row.severity_band == 2 and row.priority is not None
+    assert row.priority == pytest.approx(priority_score(row.severity, None, worsening=True))
+    # scoring the later study left the earlier one as it was
+    after = study_row(sqlite_factory, first["study_instance_uid"])
+    assert (after.prior_study_uid, after.prior_reason, after.priority) == (None, before.prior_reason, before.priority)
+
+    other = patient_study(tmp_path / "other", 20.0, 33, study_date="20240120", birth_date="19851224")
+    score(sqlite_settings, sqlite_factory, tmp_path / "other")
+    unmatched = study_row(sqlite_factory, other["study_instance_uid"])
+    assert unmatched.prior_study_uid is None and unmatched.severity_change is None
+    assert unmatched.prior_reason == "same patient ID, different birth date"
+    assert newest_result(sqlite_factory, other["study_instance_uid"]).prior_reason == unmatched.prior_reason
+
+
+def test_a_prior_scored_late_fills_in_the_comparison(
+    tmp_path: Path, sqlite_settings: Settings, sqlite_factory: sessionmaker[Session]
+) -> None:
+    settings = sqlite_settings.model_copy(update={"priority_worsening_first": False})
+    new = patient_study(tmp_path / "new", 10.0, 34, study_date="20240301")
+    score(settings, sqlite_factory, tmp_path / "new")
+    assert study_row(sqlite_factory, new["study_instance_uid"]).prior_study_uid is None
+    old = patient_study(tmp_path / "old", 30.0, 35, study_date="20240220")  # retrieved late
+    score(settings, sqlite_factory, tmp_path / "old")
+    row = study_row(sqlite_factory, new["study_instance_uid"])
+    assert row.prior_study_uid == old["study_instance_uid"] and row.prior_days == 10
+    assert row.severity_change == pytest.approx(-20.0, abs=3.0)
+    assert trend(row.severity_change, settings.trend_points) == "better"
+    assert row.priority == pytest.approx(priority_score(row.severity, None))
