@@ -9,12 +9,15 @@ from typing import Any
 
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.main import create_app
 from app.assembly import queue_settled_studies
 from app.db.models import Result, Study, utcnow
 from app.priors import trend
+from app.security import Role, create_api_key
 from app.settings import Settings
 from models.priority import WORSENING_BONUS, priority_score
 from tests.conftest import store_study_files, write_phantom_study
@@ -119,3 +122,41 @@ def test_a_prior_scored_late_fills_in_the_comparison(
     assert row.severity_change == pytest.approx(-20.0, abs=3.0)
     assert trend(row.severity_change, settings.trend_points) == "better"
     assert row.priority == pytest.approx(priority_score(row.severity, None))
+
+
+def test_api_worklist_patient_studies_and_csv_carry_the_comparison(
+    tmp_path: Path, sqlite_settings: Settings, sqlite_factory: sessionmaker[Session]
+) -> None:
+    first = patient_study(tmp_path / "first", 10.0, 36, study_date="20240110")
+    second = patient_study(tmp_path / "second", 30.0, 37, study_date="20240112")
+    for folder in ("first", "second"):
+        score(sqlite_settings, sqlite_factory, tmp_path / folder)
+    with sqlite_factory.begin() as session:
+        reader = {"X-API-Key": create_api_key(session, "reader", Role.radiologist)}
+        admin = {"X-API-Key": create_api_key(session, "boss", Role.admin)}
+    client = TestClient(create_app(sqlite_settings, sqlite_factory, None))
+
+    items = {i["study_uid"]: i for i in client.get("/api/worklist", headers=reader).json()["items"]}
+    new, old = items[second["study_instance_uid"]], items[first["study_instance_uid"]]
+    assert (new["trend"], new["prior_study_uid"], new["prior_days"]) == ("worse", first["study_instance_uid"], 2)
+    assert new["severity_change"] == pytest.approx(20.0, abs=3.0)
+    assert (old["trend"], old["prior_reason"]) == (None, "no earlier study of this patient scored")
+
+    detail = client.get(f"/api/studies/{second['study_instance_uid']}", headers=reader).json()
+    assert detail["trend"] == "worse" and detail["results"][-1]["prior_study_uid"] == first["study_instance_uid"]
+    assert detail["results"][-1]["lesion_volume_change_ml"] > 0
+
+    assert client.get(f"/api/patients/{PATIENT}/studies").status_code == 401
+    history = client.get(f"/api/patients/{PATIENT}/studies", headers=reader).json()
+    assert history["patient_id"] == PATIENT
+    assert [s["study_uid"] for s in history["studies"]] == [first["study_instance_uid"], second["study_instance_uid"]]
+    assert [s["trend"] for s in history["studies"]] == [None, "worse"]
+    assert history["studies"][1]["severity"] - history["studies"][0]["severity"] == pytest.approx(
+        history["studies"][1]["severity_change"], abs=0.01)
+    assert client.get("/api/patients/NOBODY/studies", headers=reader).status_code == 404
+
+    csv_text = client.get("/api/admin/export.csv", headers=admin).text
+    header, *lines = csv_text.splitlines()
+    assert "prior_study_uid" in header.split(",") and "lesion_volume_change_ml" in header.split(",")
+    [line] = [line for line in lines if line.startswith(second["study_instance_uid"])]
+    assert first["study_instance_uid"] in line
