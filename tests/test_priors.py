@@ -3,25 +3,36 @@ the worker's own path, the trend and the worsening rule, and the patient's studi
 
 from __future__ import annotations
 
+import subprocess
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import highdicom as hd
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.main import create_app
 from app.assembly import queue_settled_studies
-from app.db.models import Result, Study, utcnow
+from app.db.models import ExportKind, Result, Study, utcnow
 from app.priors import trend
 from app.security import Role, create_api_key
 from app.settings import Settings
+from models.phantom import PhantomSpec, phantom_volume
+from models.phantom_dicom import phantom_datasets
 from models.priority import WORSENING_BONUS, priority_score
 from tests.conftest import store_study_files, write_phantom_study
+from worker.export_common import LESION_VOLUME_CHANGE, SEVERITY_CHANGE, TIME_SINCE_PRIOR, ExportScores, NewInstance
+from worker.export_sr import measurement_report
 from worker.jobs import run_job
+
+DCIODVFY = Path("/usr/bin/dciodvfy")
 
 #: Small but scorable (324 mm of coverage): a scoring takes a second or two on one core.
 TINY = {"slices": 36, "rows": 96, "columns": 96, "pixel_spacing": 3.6, "slice_spacing": 9.0}
@@ -160,3 +171,41 @@ def test_api_worklist_patient_studies_and_csv_carry_the_comparison(
     assert "prior_study_uid" in header.split(",") and "lesion_volume_change_ml" in header.split(",")
     [line] = [line for line in lines if line.startswith(second["study_instance_uid"])]
     assert first["study_instance_uid"] in line
+
+
+def test_sr_carries_the_comparison(tmp_path: Path) -> None:
+    """The SR of a scoring with a prior: the prior's Study Instance UID and every change, valid
+    for dciodvfy; one without a prior has no comparison group."""
+    spec = PhantomSpec(severity_left=30.0, severity_right=5.0, seed=38, **TINY)  # type: ignore[arg-type]
+    sources = phantom_datasets(phantom_volume(spec), spec)
+    result = SimpleNamespace(
+        series_uid=str(sources[0].SeriesInstanceUID), method="threshold", model_version="threshold-2.0",
+        identification=None, details={}, severity=30.0, severity_left=30.0, severity_right=5.0,
+        lung_volume_left_ml=2000.0, lung_volume_right_ml=2200.0, lesion_volume_left_ml=600.0,
+        lesion_volume_right_ml=110.0, prior_study_uid="1.2.826.0.1.3680043.8.498.1", prior_days=7,
+        severity_change=20.1, severity_left_change=20.1, severity_right_change=-0.2, lesion_volume_change_ml=367.5)
+    sr = measurement_report(sources, ExportScores.of(result), NewInstance(ExportKind.sr, str(generate_uid())))
+    [uid] = hd.sr.utils.find_content_items(sr, name=codes.DCM.StudyInstanceUID, recursive=True)
+    assert uid.UID == "1.2.826.0.1.3680043.8.498.1"
+    changes = {}
+    for item in hd.sr.utils.find_content_items(sr, value_type=hd.sr.ValueTypeValues.NUM, recursive=True):
+        concept = item.ConceptNameCodeSequence[0].CodeValue
+        sides = [c.ConceptCodeSequence[0].CodeMeaning
+                 for c in (hd.sr.utils.find_content_items(item, name=codes.SCT.Laterality, recursive=True)
+                           if "ContentSequence" in item else [])]
+        changes[(concept, *sides)] = float(item.MeasuredValueSequence[0].NumericValue)
+    assert changes[(SEVERITY_CHANGE.value,)] == pytest.approx(20.1)
+    assert changes[(SEVERITY_CHANGE.value, "Right")] == pytest.approx(-0.2)
+    assert changes[(SEVERITY_CHANGE.value, "Left")] == pytest.approx(20.1)
+    assert changes[(LESION_VOLUME_CHANGE.value,)] == pytest.approx(367.5)
+    assert changes[(TIME_SINCE_PRIOR.value,)] == 7
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    if DCIODVFY.exists():
+        run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
+        assert [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")] == []
+
+    alone = measurement_report(sources, ExportScores.of(SimpleNamespace(**{**vars(result), "prior_study_uid": None})),
+                               NewInstance(ExportKind.sr, str(generate_uid())))
+    assert hd.sr.utils.find_content_items(alone, name=codes.DCM.StudyInstanceUID, recursive=True) == []
+    assert hd.sr.utils.find_content_items(alone, name=TIME_SINCE_PRIOR, recursive=True) == []
