@@ -10,7 +10,8 @@ candidate is left the study says so in ``prior_reason``. Studies of one day are 
 transaction. It compares that study with its prior, and the patient's later studies with theirs:
 a prior retrieved and scored after the new study fills in the new study's comparison then, while
 scoring a later study never changes an earlier one's. Only the newest result of each study is
-(re)written, and the study row only while that result is the one it shows.
+(re)written, and the study row only while that result is the one it shows. A study left without
+a prior may have one looked for on the PACS (``app.prior_lookups``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import Result, Study, StudyState
+from app.prior_lookups import request_lookup
 from app.settings import Settings
 from models.priority import priority_score
 
@@ -127,23 +129,24 @@ def find_comparison(session: Session, study: Study, result: Result) -> Compariso
     return Comparison(prior_reason=blocked or "no earlier study of this patient scored")
 
 
-def _write_comparison(session: Session, study: Study, settings: Settings) -> None:
+def _write_comparison(session: Session, study: Study, settings: Settings) -> Comparison | None:
     """Compare the study's newest result with its prior; the study row too while it shows that
     result, with the priority's worsening rule applied."""
     result = _newest_result(session, study.id)
     if result is None:
-        return
+        return None
     comparison = find_comparison(session, study, result)
     values = asdict(comparison)
     session.execute(update(Result).where(Result.id == result.id).values(**values))
     if study.state != StudyState.scored.value or study.scored_at != result.created_at or study.severity is None:
-        return
+        return comparison
     worsening = (settings.priority_worsening_first
                  and trend(comparison.severity_change, settings.trend_points) == "worse")
     priority = priority_score(study.severity, study.identification, settings.severity_band_edges,
                               lower_bound=study.severity_lower_bound, worsening=worsening)
     session.execute(update(Study).where(Study.id == study.id, Study.scored_at == result.created_at)
                     .values(priority=priority, **{name: values[name] for name in STUDY_COLUMNS}))
+    return comparison
 
 
 def compare_with_prior(session: Session, study_id: int, settings: Settings) -> None:
@@ -153,7 +156,9 @@ def compare_with_prior(session: Session, study_id: int, settings: Settings) -> N
     study = session.execute(
         select(Study).where(Study.id == study_id).execution_options(populate_existing=True)
     ).scalar_one()
-    _write_comparison(session, study, settings)
+    comparison = _write_comparison(session, study, settings)
+    if comparison is not None and comparison.prior_study_uid is None:
+        request_lookup(session, study, settings)  # the PACS may hold one (CTTRIAGE_PRIORS_*)
     day = study_day(study.study_date)
     if not study.patient_id or day is None:
         return

@@ -287,6 +287,33 @@ class Result(Base):
     study: Mapped[Study] = relationship(back_populates="results")
 
 
+class PriorLookupState(str, enum.Enum):
+    pending = "pending"  # to be looked up
+    running = "running"  # querying the PACS or retrieving
+    retrieved = "retrieved"  # the prior was sent here; it is scored like any study, after new ones
+    none = "none"  # the PACS holds no earlier CT study of the patient in the period
+    skipped = "skipped"  # not looked up (the daily limit, or the prior is already here)
+    failed = "failed"  # the PACS could not be queried or did not send; the reason says why
+
+
+class PriorLookup(Base):
+    """A look for a study's prior on the PACS (``app.prior_lookups``): one per study at most."""
+
+    __tablename__ = "prior_lookups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=PriorLookupState.pending.value)
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: The prior found on the PACS; its scoring job is queued after new studies (app.priority).
+    prior_study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_prior_lookups_state", "state"),)
+
+
 class ExportKind(str, enum.Enum):
     sr = "sr"  # Structured Report with the scores
     seg = "seg"  # Segmentation: right lung, left lung, lesions

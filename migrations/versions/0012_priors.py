@@ -1,6 +1,7 @@
 """Comparison with the patient's prior study (app.priors): studies.issuer_of_patient_id and
 studies.patient_birth_date (who the patient is), and the comparison on results (every scoring's)
-and on studies (the current scoring's, for the worklist)
+and on studies (the current scoring's, for the worklist); prior_lookups: looks for a study's prior
+on the PACS, with their state and reason
 
 Revision ID: 0012
 Revises: 0011
@@ -42,9 +43,28 @@ def upgrade() -> None:
     with op.batch_alter_table("results") as batch:
         for name, kind in (*RESULT_ONLY, *COMPARISON):
             batch.add_column(sa.Column(name, kind, nullable=True))
+    op.create_table(
+        "prior_lookups",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("study_id", sa.Integer(), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("prior_study_uid", sa.String(length=64), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(["study_id"], ["studies.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("study_id"),
+    )
+    op.create_index("ix_prior_lookups_state", "prior_lookups", ["state"])
+    op.create_index("ix_prior_lookups_prior_study_uid", "prior_lookups", ["prior_study_uid"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_prior_lookups_prior_study_uid", table_name="prior_lookups")
+    op.drop_index("ix_prior_lookups_state", table_name="prior_lookups")
+    op.drop_table("prior_lookups")
     with op.batch_alter_table("results") as batch:
         for name, _ in (*RESULT_ONLY, *COMPARISON):
             batch.drop_column(name)
