@@ -20,9 +20,13 @@ from app.priority import NORMAL, RETRIEVED_PRIOR, queue_priority
 from models.phantom import PhantomSpec
 from models.phantom_dicom import write_phantom
 from tests.conftest import dcmtk_storescu, free_port
-from tests.service_process import API, embedded_service, wait_for_state, wait_until
+from tests import test_browser
+from tests.service_process import ADMIN_KEY, API, embedded_service, wait_for_state, wait_until
+from tests.test_browser import new_page
 from tests.test_end_to_end import SMALL, study_files
 
+#: Headless Chromium (tests/test_browser.py's), for the admin page.
+browser = test_browser.browser
 ORTHANC = Path("/usr/sbin/Orthanc")
 ORTHANC_AET = "ORTHANC"
 
@@ -85,7 +89,8 @@ def test_retrieved_priors_wait_behind_new_studies() -> None:
     assert queue_priority("settled", 4, retrieved_prior=True) == RETRIEVED_PRIOR
 
 
-def test_prior_is_found_retrieved_scored_and_compared(orthanc_and_port: tuple[Orthanc, int], tmp_path: Path) -> None:
+def test_prior_is_found_retrieved_scored_and_compared(orthanc_and_port: tuple[Orthanc, int], browser: Any,
+                                                      tmp_path: Path) -> None:
     orthanc, port = orthanc_and_port
     prior = write_visit(tmp_path / "prior", "PACS-PRIOR-1", 10.0, 51, "20240110")
     stored = dcmtk_storescu(study_files(tmp_path / "prior"), orthanc.dicom_port, called_aet=ORTHANC_AET)
@@ -128,3 +133,19 @@ def test_prior_is_found_retrieved_scored_and_compared(orthanc_and_port: tuple[Or
                             "the lookup failed", logs=logs)
         assert "no association" in failed["reason"], failed
         assert "PACS-PRIOR" not in logs()  # no patient ID in the logs
+
+        context, page, errors = new_page(browser)  # the admin page lists both lookups with their outcome
+        try:
+            page.goto(f"{service.api}/admin")
+            page.fill("#signin-key", ADMIN_KEY)
+            page.click("#signin button[type=submit]")
+            page.wait_for_selector("#prior-lookups tr[data-state=failed]")
+            rows = page.locator("#prior-lookups tr").all_inner_texts()
+            assert any("failed" in r and "no association" in r for r in rows), rows
+            assert any("retrieved" in r and prior["study_instance_uid"] in r for r in rows), rows
+            admin_png = tmp_path / "admin-prior-lookups.png"
+            page.screenshot(path=str(admin_png), full_page=True)
+            print(f"\nadmin screenshot: {admin_png}")
+            assert errors == []
+        finally:
+            context.close()

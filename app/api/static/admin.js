@@ -102,7 +102,7 @@
       dataset: { state: p.state } },
       el("td", {}, el("a", { href: CT.studyUrl(p.study_uid), text: p.accession_number || p.study_uid })),
       el("td", {}, el("span", { class: `state ${p.state === "failed" ? "failed" : ""}`, text: p.state })),
-      el("td", { class: "wrap" }, el("span", { class: "reason", text: p.reason || CT.DASH })),
+      el("td", { class: "wrap" }, el("span", { class: p.state === "failed" ? "reason" : "muted", text: p.reason || CT.DASH })),
       el("td", { class: "wrap muted", text: p.prior_study_uid || CT.DASH }),
       el("td", { text: CT.dateTime(p.created_at, { seconds: true }) }),
       el("td", { text: CT.dateTime(p.finished_at, { seconds: true }) }))) : [empty(6, "No prior looked up yet.")]));
