@@ -4,6 +4,7 @@ the worker's own path, the trend and the worsening rule, and the patient's studi
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,12 +16,13 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.main import create_app
 from app.assembly import queue_settled_studies
-from app.db.models import ExportKind, Result, Study, utcnow
+from app.db.models import Export, ExportKind, Instance, Job, PriorLookup, Result, Series, Study, utcnow
+from app.db.session import make_engine
 from app.priors import trend
 from app.security import Role, create_api_key
 from app.settings import Settings
@@ -37,6 +39,24 @@ DCIODVFY = Path("/usr/bin/dciodvfy")
 #: Small but scorable (324 mm of coverage): a scoring takes a second or two on one core.
 TINY = {"slices": 36, "rows": 96, "columns": 96, "pixel_spacing": 3.6, "slice_spacing": 9.0}
 PATIENT = "PRIOR-001"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def factory(request: pytest.FixtureRequest, sqlite_settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """The database on SQLite or on PostgreSQL (its database shared by the run: emptied around)."""
+    url = sqlite_settings.sqlalchemy_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    engine = make_engine(url)
+    made = sessionmaker(engine, expire_on_commit=False)
+
+    def empty() -> None:
+        with made.begin() as session:
+            for model in (PriorLookup, Export, Result, Job, Instance, Series, Study):
+                session.execute(delete(model))
+
+    empty()
+    yield made
+    empty()
+    engine.dispose()
 
 
 def patient_study(folder: Path, severity: float, seed: int, *, study_date: str, birth_date: str = "19600301",
@@ -85,17 +105,17 @@ def test_worsening_bonus_stays_within_the_band() -> None:
 
 
 def test_follow_up_is_compared_with_the_prior_and_another_person_is_not(
-    tmp_path: Path, sqlite_settings: Settings, sqlite_factory: sessionmaker[Session]
+    tmp_path: Path, sqlite_settings: Settings, factory: sessionmaker[Session]
 ) -> None:
     first = patient_study(tmp_path / "first", 10.0, 31, study_date="20240110")
-    score(sqlite_settings, sqlite_factory, tmp_path / "first")
-    before = study_row(sqlite_factory, first["study_instance_uid"])
+    score(sqlite_settings, factory, tmp_path / "first")
+    before = study_row(factory, first["study_instance_uid"])
     assert before.prior_study_uid is None and before.prior_reason == "no earlier study of this patient scored"
 
     second = patient_study(tmp_path / "second", 30.0, 32, study_date="20240117")
-    score(sqlite_settings, sqlite_factory, tmp_path / "second")
-    row = study_row(sqlite_factory, second["study_instance_uid"])
-    result = newest_result(sqlite_factory, second["study_instance_uid"])
+    score(sqlite_settings, factory, tmp_path / "second")
+    row = study_row(factory, second["study_instance_uid"])
+    result = newest_result(factory, second["study_instance_uid"])
     assert row.prior_study_uid == result.prior_study_uid == first["study_instance_uid"]
     assert row.prior_study_date == "20240110" and row.prior_days == result.prior_days == 7
     assert row.prior_reason is None
@@ -108,15 +128,15 @@ def test_follow_up_is_compared_with_the_prior_and_another_person_is_not(
     assert row.severity_band == 2 and row.priority is not None
     assert row.priority == pytest.approx(priority_score(row.severity, None, worsening=True))
     # scoring the later study left the earlier one as it was
-    after = study_row(sqlite_factory, first["study_instance_uid"])
+    after = study_row(factory, first["study_instance_uid"])
     assert (after.prior_study_uid, after.prior_reason, after.priority) == (None, before.prior_reason, before.priority)
 
     other = patient_study(tmp_path / "other", 20.0, 33, study_date="20240120", birth_date="19851224")
-    score(sqlite_settings, sqlite_factory, tmp_path / "other")
-    unmatched = study_row(sqlite_factory, other["study_instance_uid"])
+    score(sqlite_settings, factory, tmp_path / "other")
+    unmatched = study_row(factory, other["study_instance_uid"])
     assert unmatched.prior_study_uid is None and unmatched.severity_change is None
     assert unmatched.prior_reason == "same patient ID, different birth date"
-    assert newest_result(sqlite_factory, other["study_instance_uid"]).prior_reason == unmatched.prior_reason
+    assert newest_result(factory, other["study_instance_uid"]).prior_reason == unmatched.prior_reason
 
 
 def test_a_prior_scored_late_fills_in_the_comparison(

@@ -19,8 +19,8 @@ from app.dicom.push import push_files
 from app.priority import NORMAL, RETRIEVED_PRIOR, queue_priority
 from models.phantom import PhantomSpec
 from models.phantom_dicom import write_phantom
-from tests.conftest import dcmtk_storescu, free_port
 from tests import test_browser
+from tests.conftest import dcmtk_storescu, free_port
 from tests.service_process import ADMIN_KEY, API, embedded_service, wait_for_state, wait_until
 from tests.test_browser import new_page
 from tests.test_end_to_end import SMALL, study_files
