@@ -108,8 +108,9 @@ def look_up_one(session_factory: sessionmaker[Session], settings: Settings) -> b
         with session_factory() as session:
             here = session.execute(select(Study.state).where(Study.study_uid == prior.study_uid)).scalar_one_or_none()
         if here is not None:
+            # not recorded as retrieved: that would queue the study's own scorings after new studies
             _finish(session_factory, lookup_id, PriorLookupState.skipped,
-                    f"the prior of {prior.study_date} is already here ({here})", prior.study_uid)
+                    f"the prior of {prior.study_date} is already here ({here})")
             return True
         with session_factory.begin() as session:  # before the move: its scoring job sees it is a prior
             session.execute(update(PriorLookup).where(PriorLookup.id == lookup_id)

@@ -14,9 +14,16 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
+from app import prior_lookups
+from app.db.models import PriorLookup, Study
 from app.dicom.push import push_files
+from app.dicom.query_retrieve import FoundStudy
+from app.prior_lookups import look_up_one, request_lookup
 from app.priority import NORMAL, RETRIEVED_PRIOR, queue_priority
+from app.settings import Settings
 from models.phantom import PhantomSpec
 from models.phantom_dicom import write_phantom
 from tests import test_browser
@@ -149,3 +156,48 @@ def test_prior_is_found_retrieved_scored_and_compared(orthanc_and_port: tuple[Or
             assert errors == []
         finally:
             context.close()
+
+
+def test_lookup_outcomes_without_a_pacs(monkeypatch: pytest.MonkeyPatch, sqlite_settings: Settings,
+                                        sqlite_factory: sessionmaker[Session]) -> None:
+    """Each outcome of a lookup, the PACS calls replaced: nothing earlier found, the prior already
+    here, the daily limit, and only one lookup per study (never one for a retrieved prior)."""
+    settings = sqlite_settings.model_copy(update={"priors_enabled": True, "priors_host": "127.0.0.1",
+                                                  "priors_max_per_day": 1})
+    with sqlite_factory.begin() as session:
+        studies = [Study(study_uid=f"1.2.3.{n}", patient_id="P", study_date="20240301", state="scored")
+                   for n in range(4)]
+        session.add_all(studies)
+        session.flush()
+        for study in studies[:3]:
+            request_lookup(session, study, settings)
+            request_lookup(session, study, settings)  # once only
+    answers: list[list[FoundStudy]] = [
+        [FoundStudy("1.2.3.0", "20240301"), FoundStudy("9.9", "20240305")],  # itself and a later one only
+        [FoundStudy("1.2.3.3", "20240201")],  # a study cttriage has
+        [FoundStudy("7.7", "20240101"), FoundStudy("7.8", "20240210")],  # retrieved: the most recent
+    ]
+    moved: list[str] = []
+    monkeypatch.setattr(prior_lookups, "find_ct_studies", lambda *_args: answers.pop(0))
+    monkeypatch.setattr(prior_lookups, "move_study", lambda _node, uid, _aet: moved.append(uid) or 40)
+    assert [look_up_one(sqlite_factory, settings) for _ in range(4)] == [True, True, True, False]
+    with sqlite_factory() as session:
+        rows = session.execute(select(PriorLookup).order_by(PriorLookup.id)).scalars().all()
+        assert [(r.state, r.prior_study_uid) for r in rows] == [
+            ("none", None), ("skipped", None), ("retrieved", "7.8")]
+        assert "already here" in (rows[1].reason or "") and moved == ["7.8"]
+        retrieved = Study(study_uid="7.8", patient_id="P", study_date="20240210", state="scored")
+        session.add(retrieved)
+        session.flush()
+        request_lookup(session, retrieved, settings)  # a retrieved prior looks for none of its own
+        fourth = session.get(Study, studies[3].id)
+        assert fourth is not None
+        request_lookup(session, fourth, settings)
+        session.commit()
+    monkeypatch.setattr(prior_lookups, "find_ct_studies", lambda *_args: [FoundStudy("6.6", "20240101")])
+    assert look_up_one(sqlite_factory, settings)
+    with sqlite_factory() as session:
+        last = session.execute(select(PriorLookup).order_by(PriorLookup.id.desc())).scalars().first()
+        assert last is not None and last.study_id == studies[3].id
+        assert (last.state, last.prior_study_uid) == ("skipped", None) and "daily limit of 1" in (last.reason or "")
+        assert session.execute(select(func.count()).select_from(PriorLookup)).scalar_one() == 4
