@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from typing import Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db.models import Result, Study, StudyState
@@ -156,6 +156,10 @@ def compare_with_prior(session: Session, study_id: int, settings: Settings) -> N
     study = session.execute(
         select(Study).where(Study.id == study_id).execution_options(populate_existing=True)
     ).scalar_one()
+    if study.patient_id and session.get_bind().dialect.name == "postgresql":
+        # One patient's scorings compare one after the other: two studies scored at once would
+        # each miss the other's uncommitted result. Held until the result's transaction ends.
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:patient))"), {"patient": study.patient_id})
     comparison = _write_comparison(session, study, settings)
     if comparison is not None and comparison.prior_study_uid is None:
         request_lookup(session, study, settings)  # the PACS may hold one (CTTRIAGE_PRIORS_*)
