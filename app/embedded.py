@@ -24,6 +24,7 @@ from app.assembly import Enqueue, EnqueueExport, release_running_jobs, run_assem
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
 from app.parent_watch import exit_with_parent, parent_pid_from_env
+from app.prior_lookups import start_prior_lookups
 from app.security import check_configured_key, ensure_bootstrap_admin
 from app.settings import Settings
 from app.supervision import SupervisedProcess, child_environment
@@ -135,6 +136,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], object] | None = N
         worker.start()
         listeners.start()
         assembler.start()
+        start_prior_lookups(session_factory, settings, stop)
         log.info("cttriage embedded service started", extra={
             "dicom": f"{settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}",
             "http": f"http://{settings.api_host}:{settings.api_port}/"})
@@ -176,11 +178,13 @@ def serve_dicom(settings: Settings, processes: int | None = None) -> None:
     stop = threading.Event()
     try:
         listeners.start()
+        start_prior_lookups(session_factory, settings, stop)
         run_assembler(session_factory, make_broker_hooks(settings)[0], settings, stop, make_export_hook(settings))
     except KeyboardInterrupt:
         pass
     finally:
         _set_stop_handlers(signal.SIG_IGN)
+        stop.set()
         listeners.shutdown()
 
 

@@ -33,6 +33,7 @@ from app.db.models import Instance, Job, JobState, JobTrigger, Result, Series, S
 from app.db.upsert import insert_ignore
 from app.errors import REJECTED, reason_code, study_state
 from app.ingest import CREATED_BY
+from app.priors import compare_with_prior
 from app.score_details import flags_of, lower_bound_of
 from app.series_selection import SeriesCriteria, SeriesSelection, select_series
 from app.settings import Settings
@@ -254,7 +255,8 @@ def finish_scored(session: Session, job: Job, row: dict[str, Any], flags: list[d
                   settings: Settings, now: datetime) -> None:
     """Write the result ``row`` (SCORE_COLUMNS, timings, details) and mark job and study scored.
     A lower-bound severity floors the band and the priority (``models.priority``); the flags go on
-    the study row with the scores, replacing the previous scoring's."""
+    the study row with the scores, replacing the previous scoring's. The comparison with the
+    patient's prior study (``app.priors``) is written with them."""
     severity = row["severity"]
     priority = priority_score(severity, row["identification"], settings.severity_band_edges, lower_bound=lower_bound)
     band = effective_band(severity, lower_bound, settings.severity_band_edges)
@@ -272,6 +274,7 @@ def finish_scored(session: Session, job: Job, row: dict[str, Any], flags: list[d
                              model_version=row["model_version"], chosen_series_uid=row["series_uid"], flags=flags,
                              severity_lower_bound=lower_bound)
     )
+    compare_with_prior(session, job.study_id, settings)
 
 
 def reusable_result(session_factory: sessionmaker[Session], job: Job, slices: list[SliceHeader],
