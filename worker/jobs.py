@@ -21,27 +21,34 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import EnqueueExport
 from app.db.models import Instance, Job, JobState, JobTrigger, Result, Series, Study, StudyState, utcnow
-from app.db.upsert import insert_ignore
 from app.errors import REJECTED, reason_code, study_state
 from app.ingest import CREATED_BY
+from app.lifecycle import (
+    add_exports,
+    beat_job,
+    claim_job,
+    finish_scored,
+    finish_with_error,
+    release_job,
+    study_of,
+)
+from app.outbox import hand_over_exports
 from app.score_details import flags_of, lower_bound_of
 from app.series_selection import SeriesCriteria, SeriesSelection, select_series
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from models.predictor import predictor_for
-from models.priority import effective_band, priority_score
 from models.severity import LungSeverity
 from worker.derived import save_derived
-from worker.exports import EnqueueExport, add_exports, queue_exports
 from worker.pipeline import StudyScore, score_study
 
 if TYPE_CHECKING:
@@ -64,72 +71,6 @@ class JobOutcome:
     job_id: int
     status: str  # scored, reused, rejected, failed, skipped, retry
     reason: str | None = None
-
-
-def study_of(job: Job) -> Any:
-    """An UPDATE of the job's study that lands only while the study is still at the job's version:
-    a late instance or a rescore makes every write of an outdated job a no-op."""
-    return (update(Study).where(Study.id == job.study_id, Study.version == job.study_version)
-            .execution_options(synchronize_session=False))
-
-
-def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, *, max_attempts: int,
-              heartbeat_timeout_seconds: float | None = None, now: datetime | None = None) -> Job | None:
-    """Mark the job running and its study processing; None when there is nothing to do.
-
-    The claim is the lock: a job ``running`` whose holder's heartbeat is younger than
-    ``heartbeat_timeout_seconds`` is left alone (a second delivery, say Celery's restored
-    unacknowledged task next to the assembler's re-send, stops here); one whose heartbeat is older,
-    or was let go (none), is taken over as a new attempt. A job already tried ``max_attempts``
-    times fails its study instead: each attempt ended without an outcome (the worker was killed,
-    ran out of memory or timed out), and one more would only hold a worker up again.
-    """
-    now = now or utcnow()
-    with session_factory.begin() as session:
-        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
-        if job is None or job.state in FINISHED:
-            return None
-        if (job.state == JobState.running.value and job.heartbeat_at is not None
-                and heartbeat_timeout_seconds is not None
-                and job.heartbeat_at > now - timedelta(seconds=heartbeat_timeout_seconds)):
-            log.info("job held by a live worker: this delivery stops",
-                     extra={"job_id": job_id, "holder": job.worker, "attempt": job.attempts})
-            return None
-        if job.attempts >= max_attempts:
-            reason = (f"gave up after {job.attempts} attempts that ended without a result (worker lost, out of "
-                      f"memory or timed out); last: {job.error or 'no error recorded'}")
-            job.state, job.error, job.finished_at = JobState.failed.value, reason, utcnow()
-            session.execute(study_of(job).values(state=StudyState.failed.value, reason=reason,
-                                                 reason_code="AttemptsExhausted"))
-            log.warning("job failed: attempts exhausted", extra={"job_id": job_id, "attempts": job.attempts})
-            return None
-        # One statement that checks the version and moves the study: a late instance may reopen the
-        # study (a new version, back to receiving) at any moment, and a check read before this write
-        # would let it be overwritten with `processing` by a job whose result no longer applies,
-        # leaving the study stuck there, never settled and never scored.
-        moved = session.execute(study_of(job).values(state=StudyState.processing.value)).rowcount
-        if not moved:
-            job.state = JobState.superseded.value
-            job.finished_at = utcnow()
-            return None
-        job.state = JobState.running.value
-        job.attempts += 1
-        job.started_at = job.heartbeat_at = now
-        job.worker = worker
-        session.flush()
-        session.expunge(job)
-    log.info("job claimed", extra={"job_id": job_id, "worker": worker, "attempt": job.attempts})
-    return job
-
-
-def beat_job(session_factory: sessionmaker[Session], job: Job, *, alive: bool = True) -> bool:
-    """Renew the claim of ``job`` (this attempt of it, while running); ``alive=False`` lets it go
-    (a transient error: the task's retry may take it over at once). False: the claim was lost."""
-    with session_factory.begin() as session:
-        return bool(session.execute(
-            update(Job).where(Job.id == job.id, Job.state == JobState.running.value, Job.attempts == job.attempts)
-            .values(heartbeat_at=utcnow() if alive else None)
-        ).rowcount)
 
 
 class JobHeartbeat:
@@ -182,16 +123,6 @@ def out_of_memory(exc: BaseException) -> bool:
     return True
 
 
-def release_job(session_factory: sessionmaker[Session], job: Job, reason: str) -> None:
-    """Hand a running job back to the outbox with the reason its attempt ended; the dispatcher
-    queues it again and :func:`claim_job` counts the attempts."""
-    with session_factory.begin() as session:
-        session.execute(
-            update(Job).where(Job.id == job.id, Job.state == JobState.running.value)
-            .values(state=JobState.pending.value, error=reason)
-        )
-
-
 def study_slices(session_factory: sessionmaker[Session], study_id: int) -> tuple[list[SliceHeader], dict[str, Path]]:
     """The study's slice headers and files; our own objects sent back are left out (their series
     keep the reason ingest gave them, "created by cttriage (...)")."""
@@ -225,16 +156,6 @@ def record_selection(session_factory: sessionmaker[Session], job: Job, selection
         session.execute(study_of(job).values(chosen_series_uid=selection.chosen))
 
 
-def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: StudyState, reason: str,
-                      reason_code: str) -> None:
-    with session_factory.begin() as session:
-        session.execute(
-            update(Job).where(Job.id == job.id).values(state=JobState.failed.value if state is StudyState.failed
-                                                       else JobState.done.value, error=reason, finished_at=utcnow())
-        )
-        session.execute(study_of(job).values(state=state.value, reason=reason, reason_code=reason_code))
-
-
 def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyScore, settings: Settings) -> None:
     """The result row, and the study's current scores when the job is still its current version;
     its exports are added with it."""
@@ -248,30 +169,6 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
                       now)
         if settings.export_enabled:  # with the result, or a worker lost in between would leave it unsent
             add_exports(session, job.id, now, settings.export_hold_seconds)
-
-
-def finish_scored(session: Session, job: Job, row: dict[str, Any], flags: list[dict[str, Any]], lower_bound: bool,
-                  settings: Settings, now: datetime) -> None:
-    """Write the result ``row`` (SCORE_COLUMNS, timings, details) and mark job and study scored.
-    A lower-bound severity floors the band and the priority (``models.priority``); the flags go on
-    the study row with the scores, replacing the previous scoring's."""
-    severity = row["severity"]
-    priority = priority_score(severity, row["identification"], settings.severity_band_edges, lower_bound=lower_bound)
-    band = effective_band(severity, lower_bound, settings.severity_band_edges)
-    insert_ignore(session, Result, {**row, "study_id": job.study_id, "job_id": job.id,
-                                    "study_version": job.study_version, "created_at": now}, "job_id")
-    session.execute(
-        update(Job).where(Job.id == job.id)
-        .values(state=JobState.done.value, finished_at=now, timings=row["timings"], error=None)
-    )
-    session.execute(
-        study_of(job).values(state=StudyState.scored.value, reason=None, reason_code=None, scored_at=now,
-                             identification=row["identification"], severity=severity,
-                             severity_left=row["severity_left"], severity_right=row["severity_right"],
-                             severity_band=band, priority=priority, method=row["method"],
-                             model_version=row["model_version"], chosen_series_uid=row["series_uid"], flags=flags,
-                             severity_lower_bound=lower_bound)
-    )
 
 
 def reusable_result(session_factory: sessionmaker[Session], job: Job, slices: list[SliceHeader],
@@ -378,7 +275,7 @@ def _run_claimed(job: Job, session_factory: sessionmaker[Session], settings: Set
     score = replace(score, details={**score.details, INSTANCES_SHA256: instances_sha256(slices, score.series_uid)})
     write_result(session_factory, job, score, settings)
     if settings.export_enabled and export is not None:
-        queue_exports(session_factory, job.id, export)  # never raises
+        hand_over_exports(session_factory, job.id, export)  # never raises
     log.info("study scored", extra={"job_id": job_id, "severity": round(score.severity.severity, 2),
                                     "seconds": score.timings.get("total")})
     return JobOutcome(job_id, "scored")
