@@ -1,4 +1,4 @@
-"""Running one scoring job against the database: claim, score, write the result once.
+"""Running one scoring job against the database: claim, select, record, load, predict, save, finish.
 
 This is the body of the Celery task, kept free of Celery so it can be called directly.
 Delivery is at-least-once (late acks), so every step tolerates being run again: a job already
@@ -19,7 +19,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,11 +49,14 @@ from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from models.predictor import predictor_for
 from models.severity import LungSeverity
+from models.timing import StepTimer
 from worker.derived import save_derived
-from worker.pipeline import StudyScore, score_study
+from worker.pipeline import StudyScore, load_series, score_volume
 
 if TYPE_CHECKING:
     from models.inference import TriageNetworks
+    from models.predictor import Predictor
+    from models.volume import CtVolume
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +176,10 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
 
 
 def reusable_result(session_factory: sessionmaker[Session], job: Job, slices: list[SliceHeader],
-                    criteria: SeriesCriteria) -> tuple[Result, SeriesSelection] | None:
+                    selection: SeriesSelection) -> Result | None:
     """The study's latest result when this job would score exactly its instances again; None
     otherwise, and always for an admin's rescore."""
-    if job.trigger == JobTrigger.rescore.value:
+    if job.trigger == JobTrigger.rescore.value or selection.chosen is None:
         return None
     with session_factory() as session:
         latest = session.execute(
@@ -183,27 +187,25 @@ def reusable_result(session_factory: sessionmaker[Session], job: Job, slices: li
         ).scalar_one_or_none()
     if latest is None or not (latest.details or {}).get(INSTANCES_SHA256):
         return None
-    selection = select_series(slices, criteria)
     if selection.chosen != latest.series_uid:
         return None
     if instances_sha256(slices, selection.chosen) != latest.details[INSTANCES_SHA256]:
         return None
-    return latest, selection
+    return latest
 
 
-def reuse_result(session_factory: sessionmaker[Session], job: Job, previous: Result, selection: SeriesSelection,
-                 settings: Settings) -> None:
+def reuse_result(session_factory: sessionmaker[Session], job: Job, previous: Result, settings: Settings) -> JobOutcome:
     """Finish the job with a copy of ``previous`` for its version; no exports (the PACS has them)."""
-    record_selection(session_factory, job, selection)
     row = {name: getattr(previous, name) for name in SCORE_COLUMNS}
     details = {**(previous.details or {}), REUSED_RESULT_ID: previous.id}
     row.update(timings={}, details=details)
     with session_factory.begin() as session:
         finish_scored(session, job, row, flags_of(details), lower_bound_of(details), settings, utcnow())
+    log.info("same instances as the latest result: reused", extra={"job_id": job.id})
+    return JobOutcome(job.id, "reused")
 
 
-def with_derived_files(score: StudyScore, session_factory: sessionmaker[Session], job: Job,
-                       settings: Settings) -> StudyScore:
+def save_files(score: StudyScore, session_factory: sessionmaker[Session], job: Job, settings: Settings) -> StudyScore:
     """Save masks and pictures; a failure here costs the pictures, never the scores."""
     if score.masks is None:
         return score
@@ -217,65 +219,93 @@ def with_derived_files(score: StudyScore, session_factory: sessionmaker[Session]
     return replace(score, details={**score.details, "files": files})
 
 
+def finish(session_factory: sessionmaker[Session], job: Job, score: StudyScore, slices: list[SliceHeader],
+           settings: Settings, export: EnqueueExport | None) -> JobOutcome:
+    """Write the result (its input's hash with it) and hand its exports to the broker."""
+    score = replace(score, details={**score.details, INSTANCES_SHA256: instances_sha256(slices, score.series_uid)})
+    write_result(session_factory, job, score, settings)
+    if settings.export_enabled and export is not None:
+        hand_over_exports(session_factory, job.id, export)  # never raises
+    log.info("study scored", extra={"job_id": job.id, "severity": round(score.severity.severity, 2),
+                                    "seconds": score.timings.get("total")})
+    return JobOutcome(job.id, "scored")
+
+
+def fail(session_factory: sessionmaker[Session], job: Job, exc: Exception) -> JobOutcome:
+    """The outcome of an error while scoring: rejected (the images, by app.errors' table), handed
+    back (out of memory), or failed (anything else: visibly, the data kept)."""
+    if study_state(exc) == REJECTED:  # the images cannot be scored: no retry
+        log.info("study rejected", extra={"job_id": job.id, "reason_type": reason_code(exc)})
+        finish_with_error(session_factory, job, StudyState.rejected, str(exc), reason_code(exc))
+        return JobOutcome(job.id, "rejected", str(exc))
+    if out_of_memory(exc):  # maybe only this worker's moment: try again, up to job_max_attempts
+        reason = "out of memory while scoring" + (" (GPU)" if not isinstance(exc, MemoryError) else "")
+        log.warning("scoring ran out of memory", extra={"job_id": job.id, "attempt": job.attempts})
+        release_job(session_factory, job, reason)
+        return JobOutcome(job.id, "retry", reason)
+    reason = f"scoring failed: {type(exc).__name__}: {exc}"
+    log.exception("scoring failed", extra={"job_id": job.id})
+    finish_with_error(session_factory, job, StudyState.failed, reason, reason_code(exc))
+    return JobOutcome(job.id, "failed", reason)
+
+
+def configured_predictor(networks: Callable[[], TriageNetworks | None] | None, settings: Settings) -> Predictor:
+    """The configured method; the networks are asked for inside the job, so unusable configured
+    weights (or no memory for them) end the job with their reason before any series is loaded."""
+    return predictor_for(networks() if networks is not None else None, settings.inplane_spacing_mm)
+
+
+def predict(series_uid: str, volume: CtVolume, predictor: Predictor, criteria: SeriesCriteria,
+            timer: StepTimer) -> StudyScore:
+    """Score the loaded series; ``timer`` holds the steps before (select, load)."""
+    return score_volume(series_uid, volume, predictor, criteria=criteria, timer=timer)
+
+
+@contextmanager
+def held(session_factory: sessionmaker[Session], job: Job, settings: Settings) -> Iterator[None]:
+    """While the job runs its claim is renewed (:class:`JobHeartbeat`); a database error lets it
+    go, so the task's retry takes it over at once, and propagates."""
+    try:
+        with JobHeartbeat(session_factory, job, settings.job_heartbeat_interval_seconds,
+                          settings.processing_timeout_seconds):
+            yield
+    except DBAPIError:
+        let_go(session_factory, job)
+        raise
+
+
 def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Settings,
             worker: str | None = None, networks: Callable[[], TriageNetworks | None] | None = None,
             export: EnqueueExport | None = None) -> JobOutcome:
-    """Score the study of ``job_id``. Database errors propagate (the task retries them).
+    """Score the study of ``job_id``: claim, select, record, load, predict, save, finish.
+    Database errors propagate (the task retries them); any other error while scoring ends the job
+    by :func:`fail`.
 
-    ``networks`` gives the worker process's loaded networks (None: threshold method); it is
-    called inside the job, so unusable configured weights fail the job with their reason.
+    ``networks`` gives the worker process's loaded networks (None: threshold method).
     ``export`` hands a result to the export queue (results back to the PACS, when enabled).
     """
     job = claim_job(session_factory, job_id, worker or socket.gethostname(), max_attempts=settings.job_max_attempts,
                     heartbeat_timeout_seconds=settings.job_heartbeat_timeout_seconds)
     if job is None:
         return JobOutcome(job_id, "skipped")
-    try:
-        with JobHeartbeat(session_factory, job, settings.job_heartbeat_interval_seconds,
-                          settings.processing_timeout_seconds):
-            return _run_claimed(job, session_factory, settings, networks, export)
-    except DBAPIError:
-        let_go(session_factory, job)
-        raise
-
-
-def _run_claimed(job: Job, session_factory: sessionmaker[Session], settings: Settings,
-                 networks: Callable[[], TriageNetworks | None] | None, export: EnqueueExport | None) -> JobOutcome:
-    """The body of :func:`run_job` once the job is claimed (its heartbeat runs meanwhile)."""
-    job_id = job.id
-    try:
-        slices, paths = study_slices(session_factory, job.study_id)
-        criteria = SeriesCriteria.from_settings(settings)
-        reusable = reusable_result(session_factory, job, slices, criteria)
-        if reusable is not None:
-            reuse_result(session_factory, job, *reusable, settings)
-            log.info("same instances as the latest result: reused", extra={"job_id": job_id})
-            return JobOutcome(job_id, "reused")
-        predictor = predictor_for(networks() if networks is not None else None, settings.inplane_spacing_mm)
-        score = score_study(slices, paths, predictor, criteria=criteria,
-                            on_selection=lambda selection: record_selection(session_factory, job, selection))
-    except DBAPIError:
-        raise  # transient: the task retries, the study stays processing
-    except Exception as exc:
-        if study_state(exc) == REJECTED:  # the images cannot be scored: no retry (app.errors' table)
-            log.info("study rejected", extra={"job_id": job_id, "reason_type": reason_code(exc)})
-            finish_with_error(session_factory, job, StudyState.rejected, str(exc), reason_code(exc))
-            return JobOutcome(job_id, "rejected", str(exc))
-        if out_of_memory(exc):  # maybe only this worker's moment: try again, up to job_max_attempts
-            reason = "out of memory while scoring" + (" (GPU)" if not isinstance(exc, MemoryError) else "")
-            log.warning("scoring ran out of memory", extra={"job_id": job_id, "attempt": job.attempts})
-            release_job(session_factory, job, reason)
-            return JobOutcome(job_id, "retry", reason)
-        # A bug or an input we did not foresee: fail visibly, keep the data.
-        reason = f"scoring failed: {type(exc).__name__}: {exc}"
-        log.exception("scoring failed", extra={"job_id": job_id})
-        finish_with_error(session_factory, job, StudyState.failed, reason, reason_code(exc))
-        return JobOutcome(job_id, "failed", reason)
-    score = with_derived_files(score, session_factory, job, settings)
-    score = replace(score, details={**score.details, INSTANCES_SHA256: instances_sha256(slices, score.series_uid)})
-    write_result(session_factory, job, score, settings)
-    if settings.export_enabled and export is not None:
-        hand_over_exports(session_factory, job.id, export)  # never raises
-    log.info("study scored", extra={"job_id": job_id, "severity": round(score.severity.severity, 2),
-                                    "seconds": score.timings.get("total")})
-    return JobOutcome(job_id, "scored")
+    criteria, timer = SeriesCriteria.from_settings(settings), StepTimer()
+    with held(session_factory, job, settings):
+        try:
+            slices, paths = study_slices(session_factory, job.study_id)
+            with timer.step("select"):
+                selection = select_series(slices, criteria)
+            record_selection(session_factory, job, selection)  # before a rejection too: each series' reason
+            previous = reusable_result(session_factory, job, slices, selection)
+            if previous is not None:
+                return reuse_result(session_factory, job, previous, settings)
+            predictor = configured_predictor(networks, settings)
+            chosen = selection.require()
+            with timer.step("load"):
+                volume = load_series(chosen, slices, paths)
+            score = predict(chosen, volume, predictor, criteria, timer)
+        except DBAPIError:
+            raise  # transient: the task retries, the study stays processing
+        except Exception as exc:
+            return fail(session_factory, job, exc)
+        score = save_files(score, session_factory, job, settings)
+        return finish(session_factory, job, score, slices, settings, export)
