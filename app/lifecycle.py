@@ -388,6 +388,3 @@ def reset_export(session_factory: sessionmaker[Session], export_id: int) -> Expo
         session.flush()
         session.expunge(row)
         return row
-
-
-# --- building ---------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ def backoff_seconds(attempts: int, settings: Settings) -> float:
     return float(min(settings.export_backoff_seconds * 2 ** max(attempts - 1, 0), settings.export_backoff_max_seconds))
 
 
+# --- building ---------------------------------------------------------------------------------
+
+
 #: Type 2 attributes every object copies from its sources (patient and study modules). Type 2
 #: means present, maybe empty; anonymised or unscheduled studies often leave them out altogether,
 #: and highdicom then cannot build the SR or SEG at all.

@@ -1,11 +1,11 @@
 """The DICOM listener: a pynetdicom Storage + Verification SCP, modelled on ``apps/storescp``.
 
 One handler per DIMSE service (C-ECHO, C-STORE) plus one that reports what an association
-delivered when its connection closes. ``handle_store`` writes the dataset exactly as the peer
-encoded it (``event.encoded_dataset()``, never decoded and re-encoded), durably, records it in
-the database, and only then answers success. Every failure is turned into a C-STORE status in
-one place (:func:`handle_store`): typed errors answer their ``dicom_status``, anything else
-answers 0xC000 and the listener keeps serving.
+delivered when its connection closes. ``handle_store`` hands the dataset exactly as the peer
+encoded it (never decoded and re-encoded) to :func:`app.receive.receive_instance`, the receive
+sequence the upload shares, and answers success once it is durable and recorded. Every failure
+is turned into a C-STORE status in one place (:func:`handle_store`, by ``app.errors.dicom_status``):
+typed errors answer their own status, anything else answers 0xC000 and the listener keeps serving.
 
 Logs are structured (``extra``) and carry no patient data: calling AE titles, statuses and
 counts at info, study/series UIDs at debug only.
