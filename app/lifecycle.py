@@ -9,6 +9,9 @@ Job: ``pending`` (the outbox, :mod:`app.outbox` hands it to the broker) -> ``enq
 ``running`` (claimed; back to ``pending`` by :func:`release_job`, :func:`release_running_jobs`,
 :func:`requeue_stale_jobs`) -> ``done``, ``failed`` or ``superseded`` (a newer version was queued).
 
+Files: a finished study's files go after the retention period (:func:`mark_files_purged`, then
+``app.retention`` removes them); a new instance brings the study back to ``receiving``.
+
 Export: ``pending`` (:func:`add_exports`, with its result; :func:`reset_export`, an admin's retry)
 -> ``sent`` or ``failed`` (:mod:`worker.exports`), or ``superseded`` by a newer result.
 
@@ -45,6 +48,8 @@ from models.priority import effective_band, priority_score
 log = logging.getLogger(__name__)
 
 FINISHED = (JobState.done.value, JobState.superseded.value, JobState.failed.value)
+#: Study states whose files retention may remove (``app.retention``); failed studies wait for an admin.
+PURGEABLE = (StudyState.scored.value, StudyState.rejected.value)
 
 # Receiving: the study statements of app.ingest's record_instance, run with its parameters (sid,
 # now, by). A plain re-send keeps a study that is still arriving from settling; one that has
@@ -220,6 +225,18 @@ def requeue_stale_jobs(session_factory: sessionmaker[Session], timeout_seconds: 
     if resent:
         log.warning("unclaimed enqueued jobs handed to the broker again", extra={"count": resent})
     return dead + resent
+
+
+def mark_files_purged(session: Session, study_id: int, cutoff: datetime, now: datetime) -> bool:
+    """Retention's claim of a study before its files go: only if it is still finished and quiet
+    since ``cutoff`` (a late instance reopens the study and keeps its files; a rescore since
+    keeps them too). False: leave the files."""
+    return bool(session.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.state.in_(PURGEABLE), Study.last_received_at <= cutoff,
+               or_(Study.scored_at.is_(None), Study.scored_at <= cutoff))
+        .values(files_purged_at=now, instance_count=0)
+    ).rowcount)
 
 
 # --- running ----------------------------------------------------------------------------------
