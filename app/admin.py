@@ -213,11 +213,14 @@ def failures(session: Session, limit: int, offset: int) -> tuple[int, list[dict[
 
 # --- export of every score, for audit ----------------------------------------------------------
 
+#: Each scoring against the patient's prior study (app.priors), as the result stores it.
+PRIOR_COLUMNS = ("prior_study_uid", "prior_study_date", "prior_days", "severity_change", "severity_left_change",
+                 "severity_right_change", "lesion_volume_change_ml", "prior_reason")
 EXPORT_COLUMNS = (
     "study_uid", "accession_number", "study_date", "state", "reason_code", "first_received_at",
     "last_received_at", "result_id", "study_version", "trigger", "scored_at", "latest", "method",
     "model_version", "series_uid", "identification", "severity", "severity_left", "severity_right",
-    "severity_band", "severity_lower_bound", "flags", *DESCRIPTOR_COLUMNS,
+    "severity_band", "severity_lower_bound", "flags", *DESCRIPTOR_COLUMNS, *PRIOR_COLUMNS,
 )
 
 
@@ -234,6 +237,7 @@ def export_query(states: Sequence[str] | None, received_from: date | None, recei
             Result.id.label("result_id"), Result.study_version, Job.trigger, Result.created_at.label("scored_at"),
             Result.method, Result.model_version, Result.series_uid, Result.identification, Result.severity,
             Result.severity_left, Result.severity_right, Result.details,
+            *(getattr(Result, column) for column in PRIOR_COLUMNS),
         )
         .outerjoin(Result, Result.study_id == Study.id)
         .outerjoin(Job, Job.id == Result.job_id)

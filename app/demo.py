@@ -43,8 +43,9 @@ def run_demo(settings: Settings, timeout_seconds: float = 600.0) -> dict | None:
               f"{truth['severity']:.1f} %) to {settings.ae_title}@{host}:{settings.dicom_port}", flush=True)
         statuses = push_files(files, host=host, port=settings.dicom_port, called_aet=settings.ae_title,
                               calling_aet="CTTRIAGE_DEMO")
-    print(f"[demo] {sum(s == 0 for s in statuses)}/{len(statuses)} instances stored; the study is queued "
-          f"after {settings.settle_seconds:.0f} s without new instances", flush=True)
+    print(f"[demo] {sum(s == 0 for s in statuses)}/{len(statuses)} instances stored; the series is complete, so "
+          f"the study is queued {settings.settle_after_release_seconds:g} s after the association's release "
+          f"(an incomplete one waits {settings.settle_seconds:.0f} s without new instances)", flush=True)
     study_url = f"{base}/api/studies/{truth['study_instance_uid']}"
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:

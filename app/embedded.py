@@ -25,6 +25,7 @@ from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
 from app.lifecycle import release_running_jobs
 from app.parent_watch import exit_with_parent, parent_pid_from_env
+from app.prior_lookups import start_prior_lookups
 from app.security import check_configured_key, ensure_bootstrap_admin
 from app.settings import Settings
 from app.supervision import SupervisedProcess, child_environment
@@ -84,7 +85,7 @@ def _set_stop_handlers(handler: Callable[[int, object], None] | int) -> None:
             signal.signal(signum, handler)
 
 
-def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+def serve_embedded(settings: Settings, on_ready: Callable[[], object] | None = None) -> None:
     """Run everything on this machine until SIGINT or SIGTERM.
 
     uvicorn takes both signals while it runs, drains, then raises them again: with the default
@@ -119,6 +120,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], None] | None = Non
         worker.start()
         listeners.start()
         assembler.start()
+        start_prior_lookups(session_factory, settings, stop)
         log.info("cttriage embedded service started", extra={
             "dicom": f"{settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}",
             "http": f"http://{settings.api_host}:{settings.api_port}/"})
@@ -160,11 +162,13 @@ def serve_dicom(settings: Settings, processes: int | None = None) -> None:
     stop = threading.Event()
     try:
         listeners.start()
+        start_prior_lookups(session_factory, settings, stop)
         run_assembler(session_factory, Broker(settings), settings, stop)
     except KeyboardInterrupt:
         pass
     finally:
         _set_stop_handlers(signal.SIG_IGN)
+        stop.set()
         listeners.shutdown()
 
 

@@ -43,7 +43,7 @@ def read_series(folder: Path) -> list[Dataset]:
     """
     if not folder.is_dir():
         raise VolumeError(f"{folder} is not a folder of DICOM files")
-    datasets = []
+    datasets: list[Dataset] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path)

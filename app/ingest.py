@@ -62,6 +62,8 @@ class ReceivedInstance:
     headers: list[dict[str, Any]]
     patient_name: str | None = None
     patient_id: str | None = None
+    issuer_of_patient_id: str | None = None
+    patient_birth_date: str | None = None
     #: "SR", "SEG" or "SC" when cttriage itself wrote it (``app.dicom.own_objects``).
     created_by: str | None = None
 
@@ -134,6 +136,8 @@ def describe_instance(ds: Dataset, transfer_syntax_uid: str) -> ReceivedInstance
         created_by=created_by,
         patient_name=_text(ds, "PatientName", 128),
         patient_id=_text(ds, "PatientID", 64),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+        patient_birth_date=_text(ds, "PatientBirthDate", 8),
     )
 
 
@@ -240,6 +244,8 @@ def record_instance(
                 "patient_sex": received.patient_sex,
                 "patient_name": received.patient_name,
                 "patient_id": received.patient_id,
+                "issuer_of_patient_id": received.issuer_of_patient_id,
+                "patient_birth_date": received.patient_birth_date,
                 "state": StudyState.receiving.value,
                 "version": 1,
                 "first_received_at": now,

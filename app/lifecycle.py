@@ -42,6 +42,7 @@ from app.db.models import (
     utcnow,
 )
 from app.db.upsert import insert_ignore
+from app.priors import compare_with_prior
 from app.settings import Settings
 from models.priority import effective_band, priority_score
 
@@ -332,7 +333,8 @@ def finish_scored(session: Session, job: Job, row: dict[str, Any], flags: list[d
                   settings: Settings, now: datetime) -> None:
     """Write the result ``row`` (SCORE_COLUMNS, timings, details) and mark job and study scored.
     A lower-bound severity floors the band and the priority (``models.priority``); the flags go on
-    the study row with the scores, replacing the previous scoring's."""
+    the study row with the scores, replacing the previous scoring's. The comparison with the
+    patient's prior study (``app.priors``) is written with them."""
     severity = row["severity"]
     priority = priority_score(severity, row["identification"], settings.severity_band_edges, lower_bound=lower_bound)
     band = effective_band(severity, lower_bound, settings.severity_band_edges)
@@ -350,6 +352,7 @@ def finish_scored(session: Session, job: Job, row: dict[str, Any], flags: list[d
                              model_version=row["model_version"], chosen_series_uid=row["series_uid"], flags=flags,
                              severity_lower_bound=lower_bound)
     )
+    compare_with_prior(session, job.study_id, settings)
 
 
 # --- exports ----------------------------------------------------------------------------------

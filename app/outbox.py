@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import Enqueue, EnqueueExport
 from app.db.models import Export, ExportState, Job, JobState, Result, Study, utcnow
+from app.prior_lookups import retrieved_as_prior
 from app.priority import queue_priority
 
 log = logging.getLogger(__name__)
@@ -25,16 +26,16 @@ def dispatch_pending_jobs(session_factory: sessionmaker[Session], enqueue: Enque
     """Hand pending jobs to the broker (the outbox relay). Returns how many were handed over."""
     with session_factory() as session:
         pending = session.execute(
-            select(Job.id, Job.trigger, Study.severity_band)
+            select(Job.id, Job.trigger, Study.severity_band, retrieved_as_prior())
             .join(Study, Study.id == Job.study_id)
             .where(Job.state == JobState.pending.value)
             .order_by(Job.id)
             .limit(limit)
         ).all()
     sent = 0
-    for job_id, trigger, previous_band in pending:
+    for job_id, trigger, previous_band, retrieved_prior in pending:
         try:
-            task_id = enqueue(job_id, queue_priority(trigger, previous_band))
+            task_id = enqueue(job_id, queue_priority(trigger, previous_band, retrieved_prior))
         except Exception as exc:  # broker down: leave the job pending for the next pass
             log.warning("broker unavailable, job left pending", extra={"job_id": job_id, "error": type(exc).__name__})
             break

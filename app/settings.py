@@ -157,6 +157,32 @@ class Settings(BaseSettings):
     # --- priority: Moscow CT-0..CT-4 severity bands (percent of the worse lung) ---
     severity_band_edges: list[float] = Field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0])
 
+    # --- comparison with the patient's prior study (app.priors) ---
+    #: A change of max-lung severity of at least this many points since the prior is a trend
+    #: (worse or better); a smaller one is "unchanged".
+    trend_points: float = Field(default=5.0, gt=0.0)
+    #: A patient worse than at the prior goes first within its band (models.priority: a bonus that
+    #: never crosses bands).
+    priority_worsening_first: bool = True
+
+    # --- priors from the PACS (app.prior_lookups; off by default) ---
+    #: A study scored without a prior has the patient's most recent earlier CT study found on the
+    #: query/retrieve node (C-FIND, Study Root) and sent here (C-MOVE to ae_title), scored after new
+    #: studies (app.priority). A failed lookup is shown on the admin page; it never holds up a scoring.
+    priors_enabled: bool = False
+    priors_host: str | None = None
+    priors_port: int = 104
+    priors_ae_title: str = "PACS"
+    #: Our AE title when calling it, and the C-MOVE destination (the node must know it); default ae_title.
+    priors_calling_ae_title: str | None = None
+    #: How far back before the study's date a prior may be.
+    priors_days_back: int = Field(default=365, ge=1)
+    #: Retrievals started in any 24 hours, at most; lookups beyond it are skipped with that reason.
+    priors_max_per_day: int = Field(default=50, ge=0)
+    priors_timeout_seconds: float = Field(default=30.0, gt=0.0)
+    #: How often pending lookups are looked for.
+    priors_interval_seconds: float = Field(default=2.0, gt=0.0)
+
     #: Registered as the admin key on first start if no key exists (else one is generated and
     #: printed once). For automated deployments and tests.
     bootstrap_admin_key: str | None = None
@@ -201,6 +227,8 @@ class Settings(BaseSettings):
     def _export_needs_a_host(self) -> Settings:
         if self.export_enabled and not self.export_host:
             raise ValueError("CTTRIAGE_EXPORT_HOST is required when CTTRIAGE_EXPORT_ENABLED is true")
+        if self.priors_enabled and not self.priors_host:
+            raise ValueError("CTTRIAGE_PRIORS_HOST is required when CTTRIAGE_PRIORS_ENABLED is true")
         return self
 
     def viewer_url(self, study_uid: str, accession: str | None) -> str | None:
@@ -220,6 +248,10 @@ class Settings(BaseSettings):
     @property
     def export_calling_aet(self) -> str:
         return self.export_calling_ae_title or self.ae_title
+
+    @property
+    def priors_calling_aet(self) -> str:
+        return self.priors_calling_ae_title or self.ae_title
 
     @cached_property
     def storage_root(self) -> Path:

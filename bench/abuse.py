@@ -18,40 +18,42 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pydicom  # noqa: E402
-import redis  # noqa: E402
-from pynetdicom import AE  # noqa: E402
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
-from sqlalchemy.pool import NullPool  # noqa: E402
+import pydicom
+from pynetdicom import AE
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.pool import NullPool
 
-from app.db.migrate import upgrade_to_head  # noqa: E402
-from app.db.models import Instance, Job, Result, Series, Study  # noqa: E402
-from app.dicom.push import push_files  # noqa: E402
-from tests.conftest import PG_ADMIN_URL, write_phantom_study  # noqa: E402
-from tests.deployment import Deployment, start_deployment  # noqa: E402
-from tests.service_process import wait_for_state, wait_until  # noqa: E402
-from tests.test_faults import (  # noqa: E402
+from app.db.models import Instance, Job, Result, Series, Study
+from app.dicom.push import push_files
+from tests.conftest import write_phantom_study
+from tests.deployment import Deployment, start_deployment
+from tests.harness_servers import (
+    ensure_servers,
+    flushed_redis,
+    postgres_ctl,
+    redis_down,
+    redis_up,
+    scratch_database,
+)
+from tests.service_process import wait_for_state, wait_until
+from tests.test_faults import (
     HEARTBEAT,
     SLOW,
     SMALL,
     files_of,
     job_log_lines,
     push_like_a_pacs,
-    redis_down,
-    redis_up,
 )
 
 REDIS_DB = 13
@@ -236,7 +238,7 @@ class Bench:
         for t in senders:
             t.start()
         time.sleep(0.5)
-        postgres_restart_immediate()
+        postgres_ctl("restart", "-m", "immediate")  # a crash, as issue 12 ran it (test_faults: -m fast)
         fault = time.monotonic()
         for t in senders:
             t.join()
@@ -244,7 +246,7 @@ class Bench:
             raise errors[0]
         studies = self.wait_scored(uids)
         row.recovery_s = time.monotonic() - fault
-        complete = sum(s["instance_count"] == t["files"] for s, (_, t) in zip(studies, made))
+        complete = sum(s["instance_count"] == t["files"] for s, (_, t) in zip(studies, made, strict=True))
         row.outcome = ", ".join(s["state"] for s in studies) + f"; {complete}/3 complete"
         row.ok = all(s["state"] == "scored" for s in studies) and complete == 3
         self.finish(row, uids, set(acked))
@@ -270,7 +272,7 @@ class Bench:
             for s in silent:
                 s.close()
         acked = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                 for p, status in zip(files_of(folder), statuses) if status == 0}
+                 for p, status in zip(files_of(folder), statuses, strict=True) if status == 0}
         row.recovery_s = seconds
         row.outcome = (f"{established}/10 idle held; {truth['files']}-instance study pushed in {seconds:.1f} s, "
                        f"{len(acked)} ok")
@@ -381,30 +383,12 @@ class Bench:
         row.scorings = "-"
 
 
-def postgres_restart_immediate() -> None:
-    """As tests/test_faults.postgres_restart, but `-m immediate` (a crash, as issue 12 ran it)."""
-    cluster = os.listdir("/etc/postgresql")[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart", "-m", "immediate"],
-                   check=True, capture_output=True, timeout=120)
-
-
-def ensure_services() -> None:
-    try:
-        redis.Redis(host="127.0.0.1", socket_timeout=2).ping()
-    except Exception:
-        redis_up()
-    if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], capture_output=True).returncode != 0:
-        cluster = os.listdir("/etc/postgresql")[0]
-        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "start"],
-                       capture_output=True, timeout=120)
-
-
 def print_table(rows: list[Row]) -> None:
     head = ("case", "ok", "outcome", "recovery s", "acked", "lost", "scorings")
     body = [(r.case, "yes" if r.ok else "NO", r.outcome, "-" if r.recovery_s is None else f"{r.recovery_s:.1f}",
              str(r.acknowledged), str(r.lost), r.scorings) for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    line = "| " + " | ".join("{:<%d}" % w for w in widths) + " |"
+    line = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     print(line.format(*head))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for b in body:
@@ -412,35 +396,17 @@ def print_table(rows: list[Row]) -> None:
     print(f"total acknowledged {sum(r.acknowledged for r in rows)}, lost {sum(r.lost for r in rows)}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=1, help="times each fault is injected (default 1)")
-    parser.add_argument("--out", type=Path, help="keep the deployment's logs and storage here (default: a temp dir)")
-    args = parser.parse_args()
-    root = args.out.resolve() if args.out else Path(tempfile.mkdtemp(prefix="cttriage-abuse-"))
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"cttriage_abuse_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    deployment: Deployment | None = None
-    bench: Bench | None = None
-    started = time.monotonic()
+def run_cases(root: Path, pg_url: str, redis_url: str, rounds: int) -> Bench:
+    """Every fault ``rounds`` times, then the abuse cases, on one deployment (stopped at the end)."""
+    (root / "deployment").mkdir(exist_ok=True)
+    # Every sender here is 127.0.0.1, one peer: its limit is raised to the total (64) so the
+    # idle, silent and 50-sender cases measure the listener, not the per-peer allowance (16).
+    deployment = start_deployment(root / "deployment", pg_url, redis_url, workers=2, **HEARTBEAT,
+                                  max_instance_bytes=str(MAX_INSTANCE_BYTES), dicom_max_associations_per_peer="64")
+    bench = Bench(deployment, root / "studies")
     try:
-        ensure_services()
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        pg_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        upgrade_to_head(pg_url)
-        redis.Redis.from_url(redis_url).flushdb()
-        (root / "deployment").mkdir(exist_ok=True)
-        # Every sender here is 127.0.0.1, one peer: its limit is raised to the total (64) so the
-        # idle, silent and 50-sender cases measure the listener, not the per-peer allowance (16).
-        deployment = start_deployment(root / "deployment", pg_url, redis_url, workers=2, **HEARTBEAT,
-                                      max_instance_bytes=str(MAX_INSTANCE_BYTES),
-                                      dicom_max_associations_per_peer="64")
-        bench = Bench(deployment, root / "studies")
-        for r in range(1, args.rounds + 1):
-            suffix = f" #{r}" if args.rounds > 1 else ""
+        for r in range(1, rounds + 1):
+            suffix = f" #{r}" if rounds > 1 else ""
             bench.run("listener kill -9 mid-transfer" + suffix, bench.listener_kill)
             bench.run("worker kill -9 mid-scoring" + suffix, bench.worker_kill)
             bench.run("Redis down while studies arrive" + suffix, bench.redis_outage)
@@ -451,19 +417,27 @@ def main() -> int:
         bench.run("PixelSpacing 25 mm", bench.pixel_spacing_25)
         bench.run("5 MB instance, 2 MB limit", bench.oversize_instance)
     finally:
-        if deployment is not None:
-            deployment.stop()
-        ensure_services()
-        if bench is not None:
-            bench.engine.dispose()
-        try:
-            with admin.connect() as conn:
-                conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-            redis.Redis.from_url(redis_url).flushdb()
-        except Exception as exc:  # cleanup only
-            print(f"cleanup: {exc}", file=sys.stderr)
-        admin.dispose()
+        deployment.stop()
+        ensure_servers()  # a fault case may have left Redis or PostgreSQL down: the cleanup needs them
+        bench.engine.dispose()
+    return bench
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=1, help="times each fault is injected (default 1)")
+    parser.add_argument("--out", type=Path, help="keep the deployment's logs and storage here (default: a temp dir)")
+    args = parser.parse_args()
+    root = args.out.resolve() if args.out else Path(tempfile.mkdtemp(prefix="cttriage-abuse-"))
+    root.mkdir(parents=True, exist_ok=True)
+    bench: Bench | None = None
+    started = time.monotonic()
+    ensure_servers()
+    try:
+        with scratch_database("cttriage_abuse") as pg_url, flushed_redis(REDIS_DB) as redis_url:
+            bench = run_cases(root, pg_url, redis_url, args.rounds)
+    finally:
+        ensure_servers()
         if not args.out:
             shutil.rmtree(root, ignore_errors=True)
     rows = bench.rows if bench else []

@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -51,11 +48,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # run as a script: `python bench/ingest.py`
+    sys.path.insert(0, str(ROOT))
 
 import pydicom  # noqa: E402
 from pynetdicom import AE, _config  # noqa: E402
-from pynetdicom.sop_class import Verification  # noqa: E402
+
+from bench.common import wait_echo, write_study  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.harness_cpu import process_cpu_seconds  # noqa: E402
+from tests.service_process import ServiceProcess  # noqa: E402
 
 CALLED_AET = "BENCH_SCP"
 CALLING_AET = "BENCH_SCU"
@@ -75,25 +77,14 @@ OUR_LISTENER = textwrap.dedent(
 )
 
 
-# --- the study -----------------------------------------------------------------------------
+# --- the study and the servers ------------------------------------------------------------
 
 
-def write_study(out_dir: Path, slices: int) -> list[Path]:
+def phantom_files(out_dir: Path, slices: int) -> list[Path]:
     """The benchmark study: one axial series of the project's chest phantom."""
     from models.phantom import PhantomSpec
-    from models.phantom_dicom import write_phantom
 
-    write_phantom(out_dir, PhantomSpec(slices=slices, rows=512, columns=512))
-    return sorted(out_dir.glob("*.dcm"))
-
-
-# --- servers -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return write_study(out_dir, PhantomSpec(slices=slices, rows=512, columns=512)).paths
 
 
 @dataclass(frozen=True)
@@ -140,52 +131,19 @@ SERVERS = (
 
 @contextmanager
 def running(server: Server, work: Path, max_pdu: int) -> Iterator[tuple[int, int]]:
+    """The server on a free port, answering C-ECHO; yields the port and its process id."""
     port = free_port()
     command, env = server.command(port, work, max_pdu)
-    log_path = work / "server.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)
+    process = ServiceProcess(command, env, work / "server.log").start()
     try:
-        _wait_until_listening(port, proc, log_path)
-        yield port, proc.pid
+        wait_echo(port, CALLED_AET, process)
+        assert process.proc is not None
+        yield port, process.proc.pid
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_until_listening(port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> None:
-    ae = AE(ae_title=CALLING_AET)
-    ae.add_requested_context(Verification)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        assoc = ae.associate("127.0.0.1", port, ae_title=CALLED_AET)
-        if assoc.is_established:
-            assoc.release()
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"server on port {port} did not start in {timeout:.0f} s")
+        process.stop()
 
 
 # --- the measurement -----------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux ``/proc``; None elsewhere).
-
-    On a small shared VM the wall-clock figures drift by 10-20 % between repeats; the server's
-    CPU time per instance is much steadier and tells whether a change made the server cheaper.
-    """
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def send_study(port: int, paths: list[Path], associations: int = 1) -> float:
@@ -235,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cttriage-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         started = time.perf_counter()
-        paths = write_study(workdir / "study", args.slices)
-        warmup = write_study(workdir / "warmup", args.warmup) if args.warmup else []
+        paths = phantom_files(workdir / "study", args.slices)
+        warmup = phantom_files(workdir / "warmup", args.warmup) if args.warmup else []
         os.sync()  # no dirty pages left over to slow down the first server's fsyncs
         total_mb = sum(p.stat().st_size for p in paths) / 1e6
         print(f"study: {len(paths)} instances, {total_mb:.1f} MB (written in {time.perf_counter() - started:.1f} s), "
@@ -253,9 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                     if warmup:
                         send_study(port, warmup)
                         os.sync()
-                    cpu_before = cpu_seconds(pid)
+                    # On a small shared VM the wall-clock figures drift by 10-20 % between repeats; the
+                    # server's CPU time per instance is much steadier: did a change make it cheaper?
+                    cpu_before = process_cpu_seconds(pid)
                     times[server.name].append(send_study(port, paths, args.associations))
-                    cpu_after = cpu_seconds(pid)
+                    cpu_after = process_cpu_seconds(pid)
                 if cpu_before is not None and cpu_after is not None:
                     cpu[server.name].append(cpu_after - cpu_before)
                 os.sync()  # the baseline does not fsync: flush its writes outside the next timing

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,49 +41,32 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # run as a script: `python bench/latency.py`
+    sys.path.insert(0, str(ROOT))
 
+from bench.common import wait_echo, write_study  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.harness_servers import truncate_all  # noqa: E402
 from tests.service_process import API, ServiceProcess, cttriage, embedded_service  # noqa: E402
 
 CALLED_AET = "CTTRIAGE"
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
-ECHOSCU = "/usr/bin/echoscu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_studies(out: Path, count: int, slices: int) -> list[list[Path]]:
     """``count`` phantom studies of ``slices`` 512 x 512 slices each (5 mm apart: a whole chest)."""
-    from models.phantom import PhantomSpec, write_phantom
+    from models.phantom import PhantomSpec
 
-    studies = []
-    for i in range(count):
-        folder = out / f"study{i}"
-        write_phantom(folder, PhantomSpec(slices=slices, rows=512, columns=512, pixel_spacing=0.7,
-                                          slice_spacing=max(5.0, 300.0 / slices), seed=i,
-                                          severity_left=10.0 + i, severity_right=5.0))
-        studies.append(sorted(folder.glob("*.dcm")))
-    return studies
+    return [write_study(out / f"study{i}", PhantomSpec(slices=slices, rows=512, columns=512, pixel_spacing=0.7,
+                                                       slice_spacing=max(5.0, 300.0 / slices), seed=i,
+                                                       severity_left=10.0 + i, severity_right=5.0)).paths
+            for i in range(count)]
 
 
 def storescu(files: list[Path], port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([STORESCU, "-aec", CALLED_AET, "127.0.0.1", str(port), *map(str, files)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def wait_echo(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = subprocess.run([ECHOSCU, "-aec", CALLED_AET, "127.0.0.1", str(port)], capture_output=True)
-        if done.returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing answers C-ECHO on port {port}")
 
 
 def seconds(a: str | None, b: str | None) -> float | None:
@@ -102,7 +84,7 @@ def latency_once(work: Path, files: list[Path], study_uid: str, rule: str) -> di
     if rule == "settle only":
         settings["CTTRIAGE_SETTLE_AFTER_RELEASE_SECONDS"] = "1000000"
     with embedded_service(work, **settings) as service:
-        wait_echo(service.dicom_port)
+        wait_echo(service.dicom_port, CALLED_AET, service.process)
         sender = storescu(files, service.dicom_port)
         _, err = sender.communicate(timeout=600)
         if sender.returncode != 0:
@@ -165,7 +147,7 @@ def _process(command: list[str], env: dict[str, str], log: Path, port: int) -> I
     log.parent.mkdir(parents=True, exist_ok=True)
     process = ServiceProcess(command, env, log).start()
     try:
-        wait_echo(port)
+        wait_echo(port, CALLED_AET, process)
         time.sleep(2.0)  # every child of a multi-process listener up, not only the first
         yield
     finally:
@@ -190,21 +172,12 @@ def cttriage_dicom(processes: int, database_url: str | None) -> Callable[[Path, 
                "CTTRIAGE_DICOM_HOST": "127.0.0.1", "CTTRIAGE_SETTLE_SECONDS": "3600"}
         if database_url:
             env["CTTRIAGE_DATABASE_URL"] = database_url
-        migrate = subprocess.run(cttriage("migrate"), env={**os.environ, **env}, capture_output=True)
+        migrate = subprocess.run(cttriage("migrate"), cwd=ROOT, env={**os.environ, **env}, capture_output=True)
         if migrate.returncode != 0:
             raise RuntimeError(migrate.stderr.decode(errors="replace")[-500:])
         return _process(cttriage("dicom", "--processes", str(processes)), env, work / "dicom.log", port)
 
     return launch
-
-
-def truncate(database_url: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(database_url)
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE instances, series, studies, jobs, listeners, event_counts CASCADE"))
-    engine.dispose()
 
 
 def ingest_once(launch: Callable[[Path, int], Any], work: Path, studies: list[list[Path]]) -> float:
@@ -237,7 +210,7 @@ def run_ingest(work: Path, slices: int, repeat: int, database_url: str | None) -
             for associations, studies in ((1, one), (4, four)):
                 print(f"  ingest: {name}, {associations} association(s), run {i + 1}", file=sys.stderr, flush=True)
                 if database_url and name.startswith("cttriage"):
-                    truncate(database_url)
+                    truncate_all(database_url)
                 run_dir = work / f"run-{i}-{name.replace(' ', '_')}-{associations}"
                 rates.setdefault((name, associations), []).append(ingest_once(launch, run_dir, studies))
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -268,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="ingest: cttriage on this database (default: SQLite)")
     parser.add_argument("--workdir", help="where studies and servers' files go (default: a temporary folder)")
     args = parser.parse_args(argv)
-    for tool in (STORESCU, STORESCP, ECHOSCU):
+    for tool in (STORESCU, STORESCP):
         if not Path(tool).exists():
             parser.error(f"{tool} is missing: apt-get install dcmtk")
     with tempfile.TemporaryDirectory(prefix="cttriage-latency-", dir=args.workdir) as tmp:

@@ -123,7 +123,7 @@ def implant_cases(base: Case, predictor: Predictor) -> list[Case]:
             name = f"A0001-L + GGO {fraction:.0%} {lung}"
             start = time.perf_counter()
             result = implant_series(datasets, lung=lung, fraction=fraction, seed=0)
-            case = run_case(name, lambda r=result: score_volume(name, hu_volume(r.datasets), predictor))
+            case = run_case(name, lambda r=result, n=name: score_volume(n, hu_volume(r.datasets), predictor))
             case.seconds = time.perf_counter() - start
             case.truth_rise = result.implant.truth.severity_rise
             if case.score is not None and base.score is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.datasets import CANONICAL_AXCODES, IMAGE_DIR, LESIONS_DIR, LUNGS_DIR
+from models.datasets import CANONICAL_AXCODES, IMAGE_DIR, LESIONS_DIR, LUNGS_DIR, load_spatial_image
 from models.phantom_cohorts import COVID, OTHER
 
 MOSMED_CLASSES = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
@@ -126,9 +126,7 @@ def _nifti_files(folder: Path) -> list[Path]:
 
 def _header_shape(path: Path, verify: bool) -> tuple[int, ...]:
     """The 3D shape from the header (reading every voxel if ``verify``); raises on an unreadable file."""
-    import nibabel as nib
-
-    image = nib.load(str(path))
+    image = load_spatial_image(path)
     shape = tuple(int(n) for n in image.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -143,7 +141,7 @@ def _write_mask_like(reference: Path, mask: np.ndarray, dst: Path) -> None:
     """``mask`` (in the reference file's voxel order) as uint8 NIfTI with the reference's geometry."""
     import nibabel as nib
 
-    ref = nib.load(str(reference))
+    ref = load_spatial_image(reference)
     image = nib.Nifti1Image(mask.astype(np.uint8), ref.affine)
     image.set_qform(ref.affine, code=1)
     image.set_sform(ref.affine, code=1)
@@ -151,9 +149,7 @@ def _write_mask_like(reference: Path, mask: np.ndarray, dst: Path) -> None:
 
 
 def _read_voxels(path: Path) -> np.ndarray:
-    import nibabel as nib
-
-    data = np.asanyarray(nib.load(str(path)).dataobj)
+    data: np.ndarray = np.asanyarray(load_spatial_image(path).dataobj)
     return data[..., 0] if data.ndim == 4 else data
 
 

@@ -22,12 +22,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.phantom import PhantomSpec
 from models.phantom_cohorts import COHORTS, COVID, OTHER, cohort_phantom
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 IMAGE_DIR, LUNGS_DIR, LESIONS_DIR = "images", "lungs", "lesions"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -135,12 +138,22 @@ def _series_id(path: Path) -> str:
     return name
 
 
-def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A NIfTI volume reoriented to canonical order, with its spacing (mm) along each axis."""
+def load_spatial_image(path: Path) -> SpatialImage:
+    """The image file at ``path`` (NIfTI and the like: voxels with an affine); raises otherwise."""
     import nibabel as nib
-    from nibabel import orientations as ornt
+    from nibabel.spatialimages import SpatialImage
 
     image = nib.load(str(path))
+    if not isinstance(image, SpatialImage):
+        raise DatasetError(f"{path}: not a volume with voxels and an affine ({type(image).__name__})")
+    return image
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A NIfTI volume reoriented to canonical order, with its spacing (mm) along each axis."""
+    from nibabel import orientations as ornt
+
+    image = load_spatial_image(path)
     data = np.asanyarray(image.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -176,13 +189,15 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, tuple[float, float, flo
 
 def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A mask file in canonical orientation, checked against the image shape."""
+    mask: np.ndarray
     if path.name.endswith(".npy"):
         mask = np.load(path)
     else:
         mask, _ = read_nifti(path)
     if mask.shape != shape:
         raise DatasetError(f"{path}: mask shape {mask.shape} differs from the image's {shape}")
-    return np.rint(mask).astype(np.uint8)
+    labels: np.ndarray = np.rint(mask).astype(np.uint8)
+    return labels
 
 
 #: LUNA16 seg-lungs labels: 3 and 4 the lungs, 5 the trachea and main bronchi (not lung).

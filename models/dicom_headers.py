@@ -97,12 +97,14 @@ def functional_group_item(ds: Dataset, frame: int, keyword: str) -> Dataset | No
     if per_frame is not None and frame < len(per_frame):
         seq = per_frame[frame].get(keyword)
         if seq:
-            return seq[0]
+            item: Dataset = seq[0]
+            return item
     shared = ds.get("SharedFunctionalGroupsSequence")
     if shared:
         seq = shared[0].get(keyword)
         if seq:
-            return seq[0]
+            shared_item: Dataset = seq[0]
+            return shared_item
     return None
 
 
@@ -136,6 +138,7 @@ def slice_headers(ds: Dataset) -> list[SliceHeader]:
     }
     # Where each frame's geometry lives: the top level for classic instances, the per-frame or
     # shared functional groups for multi-frame ones.
+    sources: list[tuple[int | None, Dataset | None, Dataset | None, Dataset | None]]
     if is_multiframe(ds):
         n_frames = declared_frames(ds) or len(_attr(ds, "PerFrameFunctionalGroupsSequence") or [])
         sources = [

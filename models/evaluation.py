@@ -182,10 +182,11 @@ def summarize(
     for cohort in NEGATIVE_COHORTS:
         keep = positive | (cohorts == cohort)
         aucs[cohort] = roc_auc(positive[keep], score[keep]) if (cohorts == cohort).any() else float("nan")
-    pos = [o for o in scored if o.covid and o.severity_true is not None]
-    rho = spearman_rho(np.array([o.severity_true for o in pos]), np.array([o.severity for o in pos])) \
-        if len(pos) >= 2 else float("nan")
-    mae = float(np.mean([abs(o.severity - o.severity_true) for o in pos])) if pos else float("nan")
+    # (true, scored) severity of each COVID-19 study with a reference severity
+    pairs = [(true, o.severity) for o in scored if o.covid and (true := o.severity_true) is not None]
+    rho = spearman_rho(np.array([t for t, _ in pairs]), np.array([s for _, s in pairs])) \
+        if len(pairs) >= 2 else float("nan")
+    mae = float(np.mean([abs(s - t) for t, s in pairs])) if pairs else float("nan")
     priority = np.array([priority_score(o.severity, o.identification, band_edges) for o in scored])
     severe = np.array([bool(o.covid) and (o.severity_true or 0.0) >= severe_percent for o in scored])
     lesion_dices = [o.lesion_dice for o in scored if o.lesion_dice is not None]

@@ -112,7 +112,8 @@ def source_grid_lung_labels(hu: np.ndarray, spacing: tuple[float, float, float],
 
 def ground_glass_weight(hu: np.ndarray) -> np.ndarray:
     """Share of the texture each voxel gets: 1 for aerated parenchyma, tapering to 0 at -400 HU."""
-    return np.clip((TAPER_TOP_HU - hu.astype(np.float32)) / TAPER_WIDTH_HU, 0.0, 1.0)
+    weight: np.ndarray = np.clip((TAPER_TOP_HU - hu.astype(np.float32)) / TAPER_WIDTH_HU, 0.0, 1.0)
+    return weight
 
 
 def already_dense(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

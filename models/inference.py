@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +48,8 @@ from models.torch_preprocessing import resample_inplane_torch, window_torch
 from models.unet import ResBlock2d
 
 log = logging.getLogger(__name__)
+
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
 
 SYNTHETIC_NOTE = (
     "WEIGHTS TRAINED ON SYNTHETIC PHANTOMS, NOT ON CLINICAL DATA: identification and severity "
@@ -102,14 +104,19 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     in place, for inference only. The pre-activation BN before ``conv1`` cannot be folded
     (a ReLU sits between it and the convolution)."""
     for block in module.modules():
-        if not isinstance(block, ResBlock2d) or isinstance(block.bn2, nn.Identity):
-            continue
+        if not isinstance(block, ResBlock2d) or not isinstance(block.bn2, nn.BatchNorm2d):
+            continue  # not a residual block, or folded already (bn2 is then an nn.Identity)
         conv, bn = block.conv1, block.bn2
-        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=True)
+        mean, var = bn.running_mean, bn.running_var
+        assert mean is not None and var is not None, "ResBlock2d's BatchNorm tracks running statistics"
+        scale = bn.weight.detach() / torch.sqrt(var + bn.eps)
+        kernel_h, kernel_w = conv.kernel_size
+        padding = conv.padding if isinstance(conv.padding, str) else (conv.padding[0], conv.padding[1])
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, (kernel_h, kernel_w), padding=padding, bias=True)
         fused.weight.data = conv.weight.detach() * scale[:, None, None, None]
-        bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        fused.bias.data = (bias - bn.running_mean) * scale + bn.bias.detach()
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(mean)
+        assert fused.bias is not None  # built with bias=True
+        fused.bias.data = (bias - mean) * scale + bn.bias.detach()
         block.conv1 = fused.to(conv.weight.device)
         block.bn2 = nn.Identity()
     return module
@@ -148,12 +155,14 @@ class TriageNetworks:
         lungs: LoadedCheckpoint | None,
         options: InferenceOptions = InferenceOptions(),
     ) -> None:
-        if multitask.metadata.kind != KIND_MULTITASK or not isinstance(multitask.module, MultitaskNet):
+        multitask_net = multitask.module
+        if multitask.metadata.kind != KIND_MULTITASK or not isinstance(multitask_net, MultitaskNet):
             raise CheckpointError(f"{multitask.path} is not a multitask network")
-        if lungs is not None and (
-            lungs.metadata.kind != KIND_LUNGS or not isinstance(lungs.module, LungSegmentationNet)
-        ):
-            raise CheckpointError(f"{lungs.path} is not a lungs network")
+        lungs_net: LungSegmentationNet | None = None
+        if lungs is not None:
+            if lungs.metadata.kind != KIND_LUNGS or not isinstance(lungs.module, LungSegmentationNet):
+                raise CheckpointError(f"{lungs.path} is not a lungs network")
+            lungs_net = lungs.module
         self.options = options
         self.device = torch.device(options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -162,8 +171,8 @@ class TriageNetworks:
             torch.set_num_threads(options.threads or default_threads())
         self.multitask_checkpoint = multitask
         self.lungs_checkpoint = lungs
-        self.multitask = self._prepare(multitask.module)
-        self.lungs = self._prepare(lungs.module) if lungs is not None else None
+        self.multitask = self._prepare(multitask_net)
+        self.lungs = self._prepare(lungs_net) if lungs_net is not None else None
         self._multitask_slices: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = (
             self.multitask.slice_features
         )
@@ -233,7 +242,7 @@ class TriageNetworks:
 
     # --- setup --------------------------------------------------------------------------------
 
-    def _prepare(self, module: nn.Module) -> nn.Module:
+    def _prepare(self, module: _ModuleT) -> _ModuleT:
         import copy
 
         module = copy.deepcopy(module).eval()
@@ -241,7 +250,8 @@ class TriageNetworks:
             fold_batchnorm(module)
         module = module.to(self.device)
         if self.options.channels_last:
-            module = module.to(memory_format=torch.channels_last)
+            # torch's stubs omit Module.to(memory_format=...), which it accepts and documents.
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         for p in module.parameters():
             p.requires_grad_(False)
         return module

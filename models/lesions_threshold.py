@@ -163,7 +163,8 @@ def parenchyma_baseline(smooth: np.ndarray, parenchyma: np.ndarray, row_mm: floa
     intercept = _weighted_median(q - slope * y, w)
     top = min(y.min(), y.max(), key=lambda v: slope * v)  # the least dependent height
     intercept -= max(0.0, intercept + slope * top - params.level_max_hu)
-    return (intercept + slope * np.arange(rows) * row_mm).astype(np.float32)
+    level_per_row: np.ndarray = (intercept + slope * np.arange(rows) * row_mm).astype(np.float32)
+    return level_per_row
 
 
 def _rim(lungs: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

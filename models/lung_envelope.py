@@ -115,7 +115,8 @@ def _convex_hull(mask: np.ndarray) -> np.ndarray:
         inside &= a * rows + b * cols + offset <= 1e-6
     out = np.zeros(mask.shape, dtype=bool)
     out[r0:r1, c0:c1] = inside
-    return out | mask
+    filled: np.ndarray = out | mask
+    return filled
 
 
 def _dependent_half_start(lung: np.ndarray) -> int:

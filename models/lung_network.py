@@ -56,7 +56,8 @@ class LungSegmentationNet(nn.Module):
         self.head = PreActivationHead(self.backbone.top_channels, 1)
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(slices)[0])
+        logits: torch.Tensor = self.head(self.backbone(slices)[0])
+        return logits
 
 
 def lung_mask_from_probabilities(

@@ -96,6 +96,7 @@ def split_lungs(lung_mask: np.ndarray, spacing: tuple[float, float, float]) -> n
     comp, n = ndimage.label(lung_mask)
     sizes = np.bincount(comp.ravel())[1:]
     order = np.argsort(sizes)[::-1]
+    seeds: np.ndarray | None
     if n >= 2 and sizes[order[1]] >= SPLIT_MIN_SHARE * (sizes[order[0]] + sizes[order[1]]):
         seeds = np.zeros(lung_mask.shape, dtype=np.uint8)
         first, second = order[0] + 1, order[1] + 1
@@ -121,13 +122,15 @@ def _touches_inplane_border(mask: np.ndarray) -> np.ndarray:
     lookup = np.zeros(int(comp.max()) + 1, dtype=bool)
     lookup[border] = True
     lookup[0] = False
-    return lookup[comp]
+    touching: np.ndarray = lookup[comp]
+    return touching
 
 
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     """``mask`` plus what it encloses in each axial slice (vessels, nodules, enclosed lesions)."""
     background = ~mask
-    return mask | (background & ~_touches_inplane_border(background))
+    filled: np.ndarray = mask | (background & ~_touches_inplane_border(background))
+    return filled
 
 
 def _large_airways(hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -198,7 +201,8 @@ def _closing(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: f
     padded = np.pad(mask, [(p, p) for p in pad])
     dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
     closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
-    return closed[pad[0] : -pad[0], pad[1] : -pad[1], pad[2] : -pad[2]] | mask
+    result: np.ndarray = closed[pad[0] : -pad[0], pad[1] : -pad[1], pad[2] : -pad[2]] | mask
+    return result
 
 
 # --- splitting steps ------------------------------------------------------------------------
@@ -297,7 +301,8 @@ def mediastinum(lung_labels: np.ndarray) -> np.ndarray:
     right_end = np.where(lung_labels == RIGHT_LUNG, cols, -1).max(axis=2)
     left_start = np.where(lung_labels == LEFT_LUNG, cols, lung_labels.shape[2]).min(axis=2)
     gap = (right_end >= 0) & (left_start < lung_labels.shape[2]) & (right_end < left_start)
-    return gap[..., None] & (cols > right_end[..., None]) & (cols < left_start[..., None])
+    between: np.ndarray = gap[..., None] & (cols > right_end[..., None]) & (cols < left_start[..., None])
+    return between
 
 
 def distance_to_mediastinum(lung_labels: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

@@ -138,7 +138,8 @@ class ClassificationHead(nn.Module):
         """(N, features) pooled vectors -> logits (N,): the two fully connected layers."""
         h = self.dropout(pooled)
         h = self.dropout(F.relu(self.fc1(h)))
-        return self.fc2(h).squeeze(1)
+        logits: torch.Tensor = self.fc2(h).squeeze(1)
+        return logits
 
 
 class SegmentationHead(nn.Module):
@@ -150,7 +151,8 @@ class SegmentationHead(nn.Module):
         self.out = PreActivationHead(channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.block(x))
+        logits: torch.Tensor = self.out(self.block(x))
+        return logits
 
 
 def stack_slices(per_slice: torch.Tensor, series: int) -> torch.Tensor:
@@ -184,7 +186,8 @@ class MultitaskNet(nn.Module):
 
     def classify(self, volume_features: torch.Tensor) -> torch.Tensor:
         """(N, C, D, h, w) stacked shared maps -> identification logits (N,)."""
-        return self.cls_head(volume_features)
+        logits: torch.Tensor = self.cls_head(volume_features)
+        return logits
 
     def identify(self, shared: torch.Tensor) -> torch.Tensor:
         """(C, D, h, w) shared maps of every slice of one series -> its identification logit (1,),

@@ -169,7 +169,7 @@ class _Lung:
         return ellipse & above_dome & (s > 0)
 
 
-def _lung_profile(t: np.ndarray) -> np.ndarray:
+def _lung_profile(t: np.ndarray | np.floating[Any]) -> np.ndarray:
     """Cross-section scale at relative height t: flat-cut base, widest at LUNG_WIDEST_AT, apex at 1."""
     below = 1.0 - ((LUNG_WIDEST_AT - t) / (LUNG_WIDEST_AT + LUNG_BASE_EXTENT)) ** 2
     above = 1.0 - ((t - LUNG_WIDEST_AT) / (1.0 - LUNG_WIDEST_AT)) ** 2
@@ -320,7 +320,10 @@ def _segment_distance(
     denom = float(ab @ ab) or 1e-9
     t = ((z - a[0]) * ab[0] + (y - a[1]) * ab[1] + (x - a[2]) * ab[2]) / denom
     t = np.clip(t, 0.0, 1.0)
-    return np.sqrt((z - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2 + (x - a[2] - t * ab[2]) ** 2)
+    distance: np.ndarray = np.sqrt(
+        (z - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2 + (x - a[2] - t * ab[2]) ** 2
+    )
+    return distance
 
 
 def _tube_box(grid: PhantomGrid, a: np.ndarray, b: np.ndarray, radius: float) -> tuple[slice, slice, slice] | None:
@@ -454,7 +457,9 @@ def _place_lesions(
 
 def _ellipsoid(z: np.ndarray, y: np.ndarray, x: np.ndarray, centre: np.ndarray, semi: np.ndarray) -> np.ndarray:
     """Grid points (broadcast coordinate arrays, mm) inside an axis-aligned ellipsoid."""
-    return ((z - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2 + ((x - centre[2]) / semi[2]) ** 2 <= 1.0
+    radius2 = ((z - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2 + ((x - centre[2]) / semi[2]) ** 2
+    inside: np.ndarray = radius2 <= 1.0
+    return inside
 
 
 def _add_noise(hu: np.ndarray, spec: PhantomSpec, outside_fov: np.ndarray) -> None:

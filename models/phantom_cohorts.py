@@ -68,7 +68,8 @@ def _random_lung_point(
     if lower_half:
         z_mid = (idx[:, 0].min() + idx[:, 0].max()) / 2
         idx = idx[idx[:, 0] <= z_mid]
-    return idx[int(rng.integers(len(idx)))].astype(float)
+    point: np.ndarray = idx[int(rng.integers(len(idx)))].astype(float)
+    return point
 
 
 def _paint(

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     EnhancedCTImageStorage,
     ExplicitVRBigEndian,
@@ -59,8 +60,8 @@ def _base_dataset(
     """Patient, study, series and equipment modules shared by every phantom instance."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta.ImplementationVersionName = "CTTRIAGE_PHANTOM"
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -117,7 +118,7 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, transfer_syntax: str) -> None:
                 "install an encoder plugin (pylibjpeg-openjpeg for JPEG 2000) or use another syntax"
             ) from exc
         return
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     dtype = ">i2" if transfer_syntax == ExplicitVRBigEndian else "<i2"
     ds.PixelData = np.ascontiguousarray(stored, dtype=dtype).tobytes()
     ds["PixelData"].VR = "OW"
@@ -131,7 +132,7 @@ def _stored(hu_slice: np.ndarray, outside_fov: np.ndarray, flip_lr: bool) -> np.
 
 def _axial_series(
     hu: np.ndarray,
-    z_positions: Sequence[float],
+    z_positions: Sequence[float] | np.ndarray,
     thickness: float,
     spec: PhantomSpec,
     study: PhantomStudy,

@@ -17,10 +17,15 @@ band is the band: it is what the study row stores, what the band filter matches 
 priority sorts on; the pages mark it as floored. :func:`effective_band` is the one place that
 decides it.
 
-``priority = band * 1000 + identification * 100 + severity / 100`` keeps the three levels apart
-(identification * 100 <= 100 < 1000; severity / 100 <= 1), so a single indexed float column
-sorts the worklist. Studies without scores have no priority and sort after scored ones, oldest
-first.
+Worsening first (``worsening``, configurable: ``CTTRIAGE_PRIORITY_WORSENING_FIRST``): a patient
+whose max-lung severity rose since the prior study by at least the trend threshold
+(``CTTRIAGE_TREND_POINTS``, decided in ``app.priors``) goes first within its band, whatever its
+identification: ``WORSENING_BONUS`` is added inside the band's 1000-point range.
+
+``priority = band * 1000 + worsening * 500 + identification * 100 + severity / 100`` keeps the
+levels apart (identification * 100 <= 100 < 500; 500 + 100 + 1 < 1000, so the bonus never
+crosses bands), and a single indexed float column sorts the worklist. Studies without scores
+have no priority and sort after scored ones, oldest first.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ UNKNOWN_IDENTIFICATION = 0.5
 #: The least band of a study whose severity is a lower bound (the severity may under-read it).
 LOWER_BOUND_MIN_BAND = 3
 DEFAULT_EDGES = (0.0, 25.0, 50.0, 75.0)
+#: Added within the band for a patient worse than at the prior study (below 1000 - 101).
+WORSENING_BONUS = 500.0
 
 
 def severity_band(severity_percent: float, edges: Sequence[float] = DEFAULT_EDGES) -> int:
@@ -57,8 +64,11 @@ def priority_score(
     edges: Sequence[float] = DEFAULT_EDGES,
     *,
     lower_bound: bool = False,
+    worsening: bool = False,
 ) -> float:
-    """The worklist's sort key (see the module docstring); ``lower_bound``: the severity is one."""
+    """The worklist's sort key (see the module docstring); ``lower_bound``: the severity is one;
+    ``worsening``: worse than at the prior study (first within the band)."""
     band = effective_band(severity_percent, lower_bound, edges)
     ident = UNKNOWN_IDENTIFICATION if identification is None else min(max(identification, 0.0), 1.0)
-    return band * 1000.0 + ident * 100.0 + min(max(severity_percent, 0.0), 100.0) / 100.0
+    bonus = WORSENING_BONUS if worsening else 0.0
+    return band * 1000.0 + bonus + ident * 100.0 + min(max(severity_percent, 0.0), 100.0) / 100.0

@@ -22,7 +22,8 @@ def _gray(image: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def _blend(rgb: np.ndarray, mask_or_alpha: np.ndarray, color: np.ndarray, strength: float) -> np.ndarray:
     alpha = np.clip(mask_or_alpha.astype(np.float32), 0.0, 1.0)[..., None] * strength
-    return rgb * (1.0 - alpha) + color * alpha
+    blended: np.ndarray = rgb * (1.0 - alpha) + color * alpha
+    return blended
 
 
 def _square_pixels(rgb: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:

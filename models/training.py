@@ -250,7 +250,9 @@ def train_lungs(
         report.losses.append(value)
         _log_step(progress, options, step, report, start)
         if _validation_due(step, options):
-            result = validate_lungs(model, val, device) if val else {"metric": "last_step", "value": float(step)}
+            result: dict[str, Any] = (
+                validate_lungs(model, val, device) if val else {"metric": "last_step", "value": float(step)}
+            )
             _check_finite(f"the validation {result['metric']}", result["value"], step)
             keep_if_best(model, result, step, options, target, report, progress)
     report.seconds = time.perf_counter() - start
@@ -361,7 +363,9 @@ def train_multitask(
         report.cls_losses.append(cls.item())
         _log_step(progress, options, step, report, start)
         if _validation_due(step, options):
-            result = validate_multitask(model, val, device) if val else {"metric": "last_step", "value": float(step)}
+            result: dict[str, Any] = (
+                validate_multitask(model, val, device) if val else {"metric": "last_step", "value": float(step)}
+            )
             _check_finite(f"the validation {result['metric']}", result["value"], step)
             keep_if_best(model, result, step, options, target, report, progress)
     report.seconds = time.perf_counter() - start

@@ -75,8 +75,7 @@ def prepare_series(
     lesions = resample_mask(data.lesions, data.spacing) if data.lesions is not None else None
     image = window(hu)
     if crop_to_lungs:
-        use_mask = lungs is not None and not prefer_lung_source
-        box = lung_bounding_box(lungs if use_mask else lung_source(hu, spacing))
+        box = lung_bounding_box(lungs if lungs is not None and not prefer_lung_source else lung_source(hu, spacing))
         image = image[box]
         lungs = lungs[box] if lungs is not None else None
         lesions = lesions[box] if lesions is not None else None
@@ -102,7 +101,8 @@ def pad_stack(arrays: Sequence[np.ndarray], fill: float = 0.0) -> np.ndarray:
     shape = np.max([a.shape for a in arrays], axis=0)
     out = np.full((len(arrays), *shape), fill, dtype=np.result_type(*arrays))
     for i, a in enumerate(arrays):
-        out[(i, *(slice(0, n) for n in a.shape))] = a
+        index: tuple[int | slice, ...] = (i, *(slice(0, n) for n in a.shape))
+        out[index] = a
     return out
 
 

@@ -42,7 +42,8 @@ class UNetConfig:
 
     def channels(self, level: int) -> int:
         """Channels inside level ``level`` (1-based)."""
-        return min(self.base_channels * 2 ** (level - 1), self.max_channels)
+        factor: int = 2 ** (level - 1)
+        return min(self.base_channels * factor, self.max_channels)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,7 +56,8 @@ class ResBlock2d(nn.Module):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        # an nn.Identity once models.inference.fold_batchnorm has folded it into conv1
+        self.bn2: nn.BatchNorm2d | nn.Identity = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.shortcut: nn.Module = (
             nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1, bias=False)
@@ -64,7 +66,8 @@ class ResBlock2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.relu(self.bn1(x)))
         h = self.conv2(F.relu(self.bn2(h)))
-        return h + self.shortcut(x)
+        out: torch.Tensor = h + self.shortcut(x)
+        return out
 
 
 class PreActivationHead(nn.Module):
@@ -76,7 +79,8 @@ class PreActivationHead(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.relu(self.bn(x)))
+        logits: torch.Tensor = self.conv(F.relu(self.bn(x)))
+        return logits
 
 
 class UNet2d(nn.Module):

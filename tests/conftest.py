@@ -10,16 +10,13 @@ import copy
 import json
 import socket
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_engine
@@ -55,21 +52,15 @@ def sqlite_factory(sqlite_settings: Settings) -> sessionmaker[Session]:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test run, migrated to head, dropped afterwards."""
-    name = f"cttriage_test_{uuid.uuid4().hex[:10]}"
-    # No pooled connection may outlive a PostgreSQL restart (the fault tests restart it).
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    from tests.harness_servers import create_database, drop_database
+
     try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = create_database("cttriage_test", migrate=False)
     except Exception as exc:  # pragma: no cover - environment problem, reported loudly
         pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required (run scripts/services.sh): {exc}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     upgrade_to_head(url)
     yield url
-    with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    drop_database(url)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import httpx
 
 from tests.conftest import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
 #: Registered by the services under test as their first admin key (CTTRIAGE_BOOTSTRAP_ADMIN_KEY).
 ADMIN_KEY = "ctt_test-admin-key-not-for-production-0123456789"
 #: An HTTP client that authenticates as that admin.
@@ -36,7 +38,8 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         self._log = self.log_path.open("ab")
         env = {**os.environ, "CTTRIAGE_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY, **self.env}
-        self.proc = subprocess.Popen(self.args, env=env, stdout=self._log,
+        # From the repository root, so that ``python -m app.cli`` runs this checkout's code.
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
@@ -48,6 +51,8 @@ class ServiceProcess:
             os.killpg(self.proc.pid, sig)
 
     def stop(self) -> None:
+        """SIGTERM to the process group, then SIGKILL to whatever is left in it (prefork children,
+        a hung parent): nothing a test or benchmark started outlives it."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -55,10 +60,15 @@ class ServiceProcess:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(10)
         if self._log:
             self._log.close()
+            self._log = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -82,6 +92,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
     tail = logs()[-4000:] if logs else ""
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})\n{tail}")
+
+
+def wait_started(process: ServiceProcess, ready: Callable[[], Any], timeout: float, what: str) -> None:
+    """Until ``ready()`` is true; fails at once, with its log, if ``process`` exits meanwhile."""
+    wait_until(lambda: not process.alive() or ready(), timeout, what, interval=0.2, logs=process.log)
+    if not process.alive():
+        raise RuntimeError(f"{process.log_path.name}: exited while starting:\n{process.log()[-2000:]}")
+
+
+def wait_listening(port: int, process: ServiceProcess, timeout: float = 60.0) -> None:
+    """Until something accepts TCP connections on ``port`` (a listener that is up)."""
+
+    def accepting() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
+    wait_started(process, accepting, timeout, f"a listener on port {port}")
 
 
 def wait_healthy(base_url: str, timeout: float = 60.0, logs: Callable[[], str] | None = None) -> None:

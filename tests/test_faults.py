@@ -6,10 +6,8 @@ and one study sent twice at once. Nothing acknowledged may be lost; every study 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +15,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import redis
 from pynetdicom import AE
 from sqlalchemy import create_engine, func, select
 
@@ -25,6 +22,7 @@ from app.db.models import Instance, Result, Study
 from app.dicom.push import push_files
 from tests.conftest import write_phantom_study
 from tests.deployment import Deployment, start_deployment
+from tests.harness_servers import postgres_ctl, redis_down, redis_up
 from tests.service_process import API, wait_for_state, wait_until
 
 SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
@@ -173,18 +171,6 @@ def test_worker_killed_mid_scoring_is_scored_once_by_another(deployment: Deploym
     deployment.start("worker-replacement", "worker", "--device", "cpu")
 
 
-def redis_down() -> None:
-    subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"], capture_output=True)
-    wait_until(lambda: subprocess.run(["redis-cli", "-h", "127.0.0.1", "ping"], capture_output=True).returncode != 0,
-               20, "Redis to stop")
-
-
-def redis_up() -> None:
-    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "",
-                    "--appendonly", "no"], check=True, capture_output=True)
-    wait_until(lambda: redis.Redis(host="127.0.0.1").ping(), 20, "Redis to start")
-
-
 def test_redis_down_while_studies_arrive(deployment: Deployment, tmp_path: Path) -> None:
     truths = [write_phantom_study(tmp_path / str(i), severity_left=5.0 + 20 * i, severity_right=3.0, seed=50 + i,
                                   **SMALL) for i in range(2)]
@@ -207,19 +193,13 @@ def test_redis_down_while_studies_arrive(deployment: Deployment, tmp_path: Path)
         assert abs(study["severity_left"] - truth["severity_left"]) <= 3.0
 
 
-def postgres_restart() -> None:
-    cluster = os.listdir("/etc/postgresql")[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart", "-m", "fast"],
-                   check=True, capture_output=True, timeout=120)
-
-
 def test_postgres_restart_under_load_loses_nothing_acknowledged(deployment: Deployment, tmp_path: Path) -> None:
     truths = [write_phantom_study(tmp_path / str(i), severity_left=10.0, severity_right=15.0 + 10 * i, seed=60 + i,
                                   **SMALL) for i in range(3)]
 
     def restart() -> None:
         time.sleep(0.5)
-        postgres_restart()
+        postgres_ctl("restart", "-m", "fast")
 
     acknowledged = push_at_once([tmp_path / str(i) for i in range(3)], deployment.dicom_port, restart)
     assert len(acknowledged) == sum(t["files"] for t in truths)

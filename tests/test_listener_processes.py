@@ -17,7 +17,7 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import create_engine, func, select
 
-from app.db.models import Instance
+from app.db.models import Instance, Listener
 from tests.conftest import write_phantom_study
 from tests.deployment import Deployment, start_deployment
 from tests.service_process import wait_for_state, wait_until
@@ -154,7 +154,15 @@ def test_a_listener_stopped_cleanly_leaves_the_others_serving(deployment: Deploy
         return now if len(now) == 2 and victim not in now else None
 
     survivors = wait_until(replaced, 30, "the stopped listener to be replaced")
-    time.sleep(1.0)  # the new child's imports
+    engine = create_engine(deployment.env["CTTRIAGE_DATABASE_URL"])
+
+    def serving() -> bool:  # its heartbeat row is written once its server runs: imports are over
+        with engine.connect() as conn:
+            names = conn.execute(select(Listener.name)).scalars().all()
+        return {int(name.rsplit(":", 1)[1]) for name in names} >= survivors
+
+    wait_until(serving, 60, "the new listener to serve")
+    engine.dispose()
     before = {pid: cpu_seconds(pid) for pid in survivors}
     time.sleep(3.0)
     spent = {pid: cpu_seconds(pid) - before[pid] for pid in survivors}

@@ -115,7 +115,7 @@ def test_bf16_training_autocast_matches_fp32() -> None:
         net = MultitaskNet(TINY).train()
         conv_dtypes: set[torch.dtype] = set()
         first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-        first_conv.register_forward_hook(lambda _m, _i, out: conv_dtypes.add(out.dtype))
+        first_conv.register_forward_hook(lambda _m, _i, out, seen=conv_dtypes: seen.add(out.dtype))
         with torch.no_grad(), training_autocast(options(autocast=autocast), CPU):
             seg, logits = net.eval()(b.images, b.extents)
         probabilities = torch.cat([torch.sigmoid(seg.float()).flatten(), torch.sigmoid(logits.float())])

@@ -23,6 +23,9 @@ from app.logging_setup import configure_logging
 def restored_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    # An earlier test that ran the CLI in this process (configure_logging) left warnings captured
+    # with its own test's recorder saved: captureWarnings(True) would then do nothing here.
+    logging.captureWarnings(False)
     yield
     logging.captureWarnings(False)
     root.handlers[:] = handlers

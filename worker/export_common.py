@@ -39,6 +39,13 @@ Quality flags and lesion descriptors (``models.findings``) have no standard code
   share of lesion volume", CTT008 "Consolidation share of lesion volume" (UCUM "%" of that lung's
   lesion volume; absent without lesions) and CTT009 "Number of lesion foci" (UCUM "1");
 - CTT010 "Bilateral lesions": Yes / No in the study group (both lungs at least 1 % affected).
+
+The comparison with the patient's prior study (``app.priors``), when one was matched, is its own
+group (tracking identifier "comparison with prior"): the prior's Study Instance UID (DCM 110180,
+UIDREF), CTT011 "Change in percent of lung volume affected since prior" (UCUM "%", in percentage
+points: this study minus the prior; derivation Maximum for the worse lung, and once per lung with
+its laterality), CTT012 "Change in lesion volume since prior" (ml, both lungs) and CTT013 "Time
+since prior study" (UCUM "d", between the study dates).
 """
 
 from __future__ import annotations
@@ -81,9 +88,32 @@ GROUND_GLASS_SHARE = hd.sr.CodedConcept("CTT007", PRIVATE_SCHEME, "Ground-glass 
 CONSOLIDATION_SHARE = hd.sr.CodedConcept("CTT008", PRIVATE_SCHEME, "Consolidation share of lesion volume")
 LESION_FOCI = hd.sr.CodedConcept("CTT009", PRIVATE_SCHEME, "Number of lesion foci")
 BILATERAL_LESIONS = hd.sr.CodedConcept("CTT010", PRIVATE_SCHEME, "Bilateral lesions")
+SEVERITY_CHANGE = hd.sr.CodedConcept("CTT011", PRIVATE_SCHEME, "Change in percent of lung volume affected since prior")
+LESION_VOLUME_CHANGE = hd.sr.CodedConcept("CTT012", PRIVATE_SCHEME, "Change in lesion volume since prior")
+TIME_SINCE_PRIOR = hd.sr.CodedConcept("CTT013", PRIVATE_SCHEME, "Time since prior study")
 MILLILITER = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+DAY = hd.sr.CodedConcept("d", "UCUM", "day")
 LUNG = codes.SCT.Lung
 RIGHT, LEFT = codes.SCT.Right, codes.SCT.Left
+
+
+@dataclass(frozen=True)
+class PriorChange:
+    """The scoring against the patient's prior study (``app.priors``): this minus the prior."""
+
+    prior_study_uid: str
+    prior_days: int
+    severity_change: float
+    severity_left_change: float
+    severity_right_change: float
+    lesion_volume_change_ml: float
+
+    @classmethod
+    def of(cls, result: Any) -> PriorChange | None:
+        """From a ``Result`` row; None when it has no prior."""
+        if getattr(result, "prior_study_uid", None) is None:
+            return None
+        return cls(**{name: getattr(result, name) for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -97,6 +127,7 @@ class ExportScores:
     lungs: LungSeverity
     flags: tuple[ScoreFlag, ...] = ()
     descriptors: LesionDescriptors | None = None
+    prior: PriorChange | None = None
 
     @classmethod
     def of(cls, result: Any) -> ExportScores:
@@ -109,7 +140,7 @@ class ExportScores:
             right=_lung_descriptors(found["right"]), left=_lung_descriptors(found["left"]),
             bilateral=bool(found.get("bilateral")))
         return cls(result.series_uid, result.method, result.model_version, result.identification, lungs, flags,
-                   descriptors)
+                   descriptors, PriorChange.of(result))
 
     @property
     def severity_lower_bound(self) -> bool:

@@ -10,7 +10,10 @@ version) that produced it:
 - the study: max-lung severity (percent affected, derivation Maximum) and the probability of
   COVID-19 (0..1), the latter only when the method estimates it (never for "threshold"); whether
   the severity is a lower bound (Yes/No), each quality flag (its code, with its message as a TEXT
-  child) and, with descriptors, whether the lesions are bilateral (Yes/No).
+  child) and, with descriptors, whether the lesions are bilateral (Yes/No);
+- with a prior study matched (``app.priors``): the comparison, referencing the prior by its Study
+  Instance UID, with the changes of severity (max-lung and per lung, in points), lesion volume and
+  the days between.
 
 The codes are listed and justified in :mod:`worker.export_common`. Every source instance is
 listed as evidence (CurrentRequestedProcedureEvidenceSequence). TID 1500's Image Library is
@@ -35,9 +38,11 @@ from worker.export_common import (
     BILATERAL_LESIONS,
     CONSOLIDATION_SHARE,
     COVID_PROBABILITY,
+    DAY,
     GROUND_GLASS_SHARE,
     LEFT,
     LESION_FOCI,
+    LESION_VOLUME_CHANGE,
     LUNG,
     MANUFACTURER,
     MILLILITER,
@@ -48,10 +53,13 @@ from worker.export_common import (
     QUALITY_FLAG,
     QUALITY_FLAG_REASON,
     RIGHT,
+    SEVERITY_CHANGE,
     SEVERITY_LOWER_BOUND,
+    TIME_SINCE_PRIOR,
     ExportScores,
     NewInstance,
     Predecessor,
+    PriorChange,
     flag_concept,
     label,
 )
@@ -155,7 +163,34 @@ def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | 
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking("study"), method=method, algorithm_id=algorithm, measurements=study_measurements,
         qualitative_evaluations=evaluations))
+    if scores.prior is not None:
+        groups.append(_comparison(scores.prior, tracking("comparison with prior"), method, algorithm))
     return groups
+
+
+def _comparison(prior: PriorChange, tracking: hd.sr.TrackingIdentifier, method: hd.sr.CodedConcept,
+                algorithm: hd.sr.AlgorithmIdentification) -> Group:
+    """The changes since the prior study, and which study that was (a UIDREF child)."""
+    def change(value: float, unit: hd.sr.CodedConcept, name: hd.sr.CodedConcept = SEVERITY_CHANGE,
+               **kwargs: object) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit, **kwargs)  # type: ignore[arg-type]
+
+    measurements = [
+        change(prior.severity_change, codes.UCUM.Percent, derivation=codes.SCT.Maximum,
+               finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG)]),
+        change(prior.severity_right_change, codes.UCUM.Percent,
+               finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG, laterality=RIGHT)]),
+        change(prior.severity_left_change, codes.UCUM.Percent,
+               finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG, laterality=LEFT)]),
+        change(prior.lesion_volume_change_ml, MILLILITER, LESION_VOLUME_CHANGE),
+        change(prior.prior_days, DAY, TIME_SINCE_PRIOR),
+    ]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, method=method, algorithm_id=algorithm, measurements=measurements)
+    group[0].ContentSequence.append(hd.sr.UIDRefContentItem(
+        name=codes.DCM.StudyInstanceUID, value=prior.prior_study_uid,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES))
+    return group
 
 
 def measurement_report(sources: Sequence[Dataset], scores: ExportScores, new: NewInstance,

@@ -84,7 +84,7 @@ def read_headers(paths: Sequence[Path]) -> list[Dataset]:
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} source instances are gone from storage "
                                 "(retention?)")
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    headers: list[Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     step = slice_step_mm(headers)
     for ds in headers:
         for keyword in TYPE2_COPIED:

@@ -81,7 +81,7 @@ class StudyScore:
 
 def read_datasets(paths: Sequence[Path]) -> list[Dataset]:
     """Read the chosen series' files (pixel data decoded later, by hu_volume)."""
-    datasets = []
+    datasets: list[Dataset] = []
     for path in paths:
         try:
             datasets.append(pydicom.dcmread(path))

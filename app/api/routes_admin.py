@@ -17,9 +17,19 @@ from app.api.auth import Admin
 from app.api.deps import BrokerDep, DayZoneDep, Offset, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.rescoring import rescore
 from app.api.schemas import RescoreAccepted
-from app.api.schemas_admin import AuditEventOut, AuditLog, CeleryPing, FailureOut, Failures, LastJob, Overview
+from app.api.schemas_admin import (
+    AuditEventOut,
+    AuditLog,
+    CeleryPing,
+    FailureOut,
+    Failures,
+    LastJob,
+    Overview,
+    PriorLookupOut,
+    PriorLookups,
+)
 from app.broker import Broker
-from app.db.models import AuditEvent, StudyState
+from app.db.models import AuditEvent, PriorLookup, Study, StudyState
 from app.dicom.storage import DERIVED_DIR
 from app.security import record_audit
 from app.settings import Settings
@@ -135,3 +145,16 @@ def get_audit(
     total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
     rows = session.execute(query.order_by(AuditEvent.id.desc()).limit(limit).offset(offset)).scalars().all()
     return AuditLog(items=[AuditEventOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/prior-lookups", response_model=PriorLookups)
+def list_prior_lookups(session: SessionDep, settings: SettingsDep, _principal: Admin,
+                       limit: Annotated[int, Query(ge=1, le=500)] = 50) -> PriorLookups:
+    """Looks for priors on the PACS (CTTRIAGE_PRIORS_*), newest first, each with its state and reason."""
+    rows = session.execute(
+        select(PriorLookup.id, Study.study_uid, Study.accession_number, PriorLookup.state, PriorLookup.reason,
+               PriorLookup.prior_study_uid, PriorLookup.created_at, PriorLookup.finished_at)
+        .join(Study, Study.id == PriorLookup.study_id).order_by(PriorLookup.id.desc()).limit(limit)
+    ).all()
+    return PriorLookups(enabled=settings.priors_enabled,
+                        items=[PriorLookupOut.model_validate(row._mapping) for row in rows])

@@ -21,6 +21,8 @@ from app.api.deps import BrokerDep, DayZoneDep, Offset, SessionDep, SessionFacto
 from app.api.problems import problem
 from app.api.rescoring import rescore
 from app.api.schemas import (
+    PatientStudies,
+    PatientStudyOut,
     QuarantinedOut,
     RescoreAccepted,
     StudyDetail,
@@ -32,6 +34,7 @@ from app.api.schemas import (
 from app.counters import INSTANCES_TOO_LARGE, add_counts
 from app.db.models import QuarantinedFile, Result, Series, Study, StudyState
 from app.errors import InstanceTooLargeError, InvalidDicomError, NotFoundError, QuarantinedError
+from app.priors import patient_studies, trend
 from app.receive import Origin, receive_instance
 from app.security import record_audit
 from app.settings import Settings
@@ -85,7 +88,8 @@ def shown(item: ItemT, settings: Settings, modalities: list[str]) -> ItemT:
     """The item with its modalities (CT first, "CT/SEG/SR") and its viewer link."""
     ordered = sorted(modalities, key=lambda m: (m != "CT", m))
     return item.model_copy(update={"modality": "/".join(ordered) or None,
-                                   "viewer_url": settings.viewer_url(item.study_uid, item.accession_number)})
+                                   "viewer_url": settings.viewer_url(item.study_uid, item.accession_number),
+                                   "trend": trend(item.severity_change, settings.trend_points)})
 
 
 def get_study(study_uid: str, session: SessionDep, settings: SettingsDep, principal: Radiologist) -> StudyDetail:
@@ -121,6 +125,22 @@ def get_study_image(study_uid: str, kind: Literal["axial", "projection"], sessio
     if settings.storage_root.resolve() not in path.parents or not path.is_file():
         raise NotFoundError(f"the {kind} picture of study {study_uid} is gone (retention)")
     return FileResponse(path, media_type="image/png")
+
+
+@router.get("/patients/{patient_id}/studies", response_model=PatientStudies)
+def get_patient_studies(patient_id: str, session: SessionDep, settings: SettingsDep,
+                        principal: Radiologist) -> PatientStudies:
+    """The patient's scored studies, oldest first, each with its change since its prior: the
+    scores over time. A patient ID holding "/" is sent percent-encoded."""
+    studies = patient_studies(session, patient_id)
+    if not studies:
+        raise NotFoundError("no scored study of this patient")
+    items = [PatientStudyOut.model_validate(s) for s in studies]
+    items = [i.model_copy(update={"trend": trend(i.severity_change, settings.trend_points)}) for i in items]
+    for item in items:  # the audit names the studies read; the patient ID stays out of it
+        record_audit(session, principal, "read_study", item.study_uid, "patient's studies")
+    session.commit()
+    return PatientStudies(patient_id=patient_id, studies=items)
 
 
 router.add_api_route("/studies/{study_uid:path}", get_study, methods=["GET"], response_model=StudyDetail)

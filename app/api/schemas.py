@@ -71,6 +71,16 @@ class WorklistItem(Orm):
     severity_lower_bound: bool
     #: "Open in viewer" link (CTTRIAGE_VIEWER_URL_TEMPLATE); None without a template.
     viewer_url: str | None = None
+    # The current scoring against the patient's prior study (app.priors): None without a prior,
+    # when prior_reason says why.
+    prior_study_uid: str | None = None
+    prior_study_date: str | None = None
+    prior_days: int | None = None
+    #: Max-lung severity now minus at the prior, in points.
+    severity_change: float | None = None
+    prior_reason: str | None = None
+    #: "worse" or "better" by at least CTTRIAGE_TREND_POINTS, else "unchanged"; None without a prior.
+    trend: Literal["worse", "better", "unchanged"] | None = None
 
 
 class Worklist(BaseModel):
@@ -134,6 +144,16 @@ class ResultOut(Orm):
     timings: dict[str, Any]
     details: dict[str, Any]
     created_at: datetime
+    # This scoring against the patient's prior study (app.priors); changes are now minus prior.
+    prior_result_id: int | None = None
+    prior_study_uid: str | None = None
+    prior_study_date: str | None = None
+    prior_days: int | None = None
+    severity_change: float | None = None
+    severity_left_change: float | None = None
+    severity_right_change: float | None = None
+    lesion_volume_change_ml: float | None = None
+    prior_reason: str | None = None
 
     # This scoring's own flags and descriptors, read from its details (older results: none).
     @computed_field  # type: ignore[prop-decorator]
@@ -182,6 +202,34 @@ class StudyDetail(WorklistItem):
         with the same time as ``scored_at``; a late result of an outdated version is history only)."""
         current = [r for r in self.results if self.scored_at is not None and r.created_at == self.scored_at]
         return current[-1].descriptors if current else None
+
+
+class PatientStudyOut(Orm):
+    """One scored study of a patient: its scores and its change since the prior."""
+
+    study_uid: str
+    accession_number: str | None
+    study_date: str | None
+    issuer_of_patient_id: str | None
+    scored_at: datetime | None
+    severity: float | None
+    severity_left: float | None
+    severity_right: float | None
+    severity_band: int | None
+    identification: float | None
+    severity_lower_bound: bool
+    prior_study_uid: str | None
+    prior_days: int | None
+    severity_change: float | None
+    prior_reason: str | None
+    trend: Literal["worse", "better", "unchanged"] | None = None
+
+
+class PatientStudies(BaseModel):
+    """A patient's scored studies, oldest first: the scores over time."""
+
+    patient_id: str
+    studies: list[PatientStudyOut]
 
 
 class UploadedFile(BaseModel):

@@ -114,3 +114,21 @@ class AuditLog(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class PriorLookupOut(Orm):
+    """A look for a study's prior on the PACS (app.prior_lookups), with its outcome."""
+
+    id: int
+    study_uid: str
+    accession_number: str | None
+    state: str
+    reason: str | None
+    prior_study_uid: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class PriorLookups(BaseModel):
+    enabled: bool
+    items: list[PriorLookupOut]

@@ -113,6 +113,10 @@ class Study(Base):
     #: Shown to radiologists on the pages only: never logged, counted or put in an error body.
     patient_name: Mapped[str | None] = mapped_column(String(128))
     patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    #: With patient_id, who the patient is (app.priors matches priors on both; never logged).
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    #: DICOM DA (YYYYMMDD): a differing birth date blocks a prior match (app.priors).
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     state: Mapped[str] = mapped_column(String(16), default=StudyState.receiving.value)
     reason: Mapped[str | None] = mapped_column(Text)
     #: The error class behind ``reason`` (a bounded set: metrics group failures by it).
@@ -143,6 +147,12 @@ class Study(Base):
     flags: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
     #: The current severity is a lower bound: severity_band and priority are floored (app.priority).
     severity_lower_bound: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # the current scoring's comparison with the patient's prior study (app.priors; see Result)
+    prior_study_uid: Mapped[str | None] = mapped_column(UID)
+    prior_study_date: Mapped[str | None] = mapped_column(String(8))
+    prior_days: Mapped[int | None] = mapped_column(Integer)
+    severity_change: Mapped[float | None] = mapped_column(Float)
+    prior_reason: Mapped[str | None] = mapped_column(Text)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
@@ -261,8 +271,47 @@ class Result(Base):
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Comparison with the patient's prior study (app.priors): the prior's newest result, its study's
+    # date, days between the study dates, and this minus the prior in points (severity) and mL.
+    # Without a prior these stay None and prior_reason says why.
+    prior_result_id: Mapped[int | None] = mapped_column(Integer)
+    prior_study_uid: Mapped[str | None] = mapped_column(UID)
+    prior_study_date: Mapped[str | None] = mapped_column(String(8))
+    prior_days: Mapped[int | None] = mapped_column(Integer)
+    severity_change: Mapped[float | None] = mapped_column(Float)
+    severity_left_change: Mapped[float | None] = mapped_column(Float)
+    severity_right_change: Mapped[float | None] = mapped_column(Float)
+    lesion_volume_change_ml: Mapped[float | None] = mapped_column(Float)
+    prior_reason: Mapped[str | None] = mapped_column(Text)
 
     study: Mapped[Study] = relationship(back_populates="results")
+
+
+class PriorLookupState(str, enum.Enum):
+    pending = "pending"  # to be looked up
+    running = "running"  # querying the PACS or retrieving
+    retrieved = "retrieved"  # the prior was sent here; it is scored like any study, after new ones
+    none = "none"  # the PACS holds no earlier CT study of the patient in the period
+    skipped = "skipped"  # not looked up (the daily limit, or the prior is already here)
+    failed = "failed"  # the PACS could not be queried or did not send; the reason says why
+
+
+class PriorLookup(Base):
+    """A look for a study's prior on the PACS (``app.prior_lookups``): one per study at most."""
+
+    __tablename__ = "prior_lookups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=PriorLookupState.pending.value)
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: The prior found on the PACS; its scoring job is queued after new studies (app.priority).
+    prior_study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_prior_lookups_state", "state"),)
 
 
 class ExportKind(str, enum.Enum):

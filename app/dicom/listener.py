@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -203,6 +204,12 @@ class SharedSocketServer(ThreadedAssociationServer):
 
     def server_activate(self) -> None:
         """Listening already (the parent called ``listen``)."""
+
+    def shutdown(self) -> None:
+        """Stop accepting and close this process's descriptor. (pynetdicom's own also takes the
+        server off its AE's list, which only ``AE.start_server`` puts servers on.)"""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
     def server_close(self) -> None:
         """Close this process's descriptor only. pynetdicom's ``shutdown(SHUT_RDWR)`` would act on

@@ -96,6 +96,18 @@
       el("td", { class: "wrap muted", text: a.detail || "" }))) : [empty(6, "No audit event yet.")]));
   }
 
+  function renderPriorLookups(data) {
+    document.getElementById("prior-lookups-panel").hidden = !data.enabled && !data.items.length;
+    document.getElementById("prior-lookups").replaceChildren(...(data.items.length ? data.items.map((p) => el("tr", {
+      dataset: { state: p.state } },
+      el("td", {}, el("a", { href: CT.studyUrl(p.study_uid), text: p.accession_number || p.study_uid })),
+      el("td", {}, el("span", { class: `state ${p.state === "failed" ? "failed" : ""}`, text: p.state })),
+      el("td", { class: "wrap" }, el("span", { class: p.state === "failed" ? "reason" : "muted", text: p.reason || CT.DASH })),
+      el("td", { class: "wrap muted", text: p.prior_study_uid || CT.DASH }),
+      el("td", { text: CT.dateTime(p.created_at, { seconds: true }) }),
+      el("td", { text: CT.dateTime(p.finished_at, { seconds: true }) }))) : [empty(6, "No prior looked up yet.")]));
+  }
+
   async function download(format, button) {
     button.disabled = true;
     try {
@@ -121,12 +133,14 @@
 
   const refresh = CT.serial(async () => {
     try {
-      const [overview, failures, audit] = await Promise.all([
+      const [overview, failures, audit, lookups] = await Promise.all([
         CT.api("/api/admin/overview"), CT.api("/api/admin/failures?limit=50"), CT.api("/api/admin/audit?limit=50"),
+        CT.api("/api/admin/prior-lookups?limit=50"),
       ]);
       renderOverview(overview);
       renderFailures(failures);
       renderAudit(audit);
+      renderPriorLookups(lookups);
       alertError("");
       document.getElementById("status").textContent =
         `updated ${CT.dateTime(overview.generated_at, { seconds: true })}`;

@@ -115,6 +115,19 @@ const CT = (() => {
     "CT-3: 50–75 %", "CT-4: 75 % or more"];
   /** A severity that may under-read the disease reads "≥ x %". */
   const severity = (v, lowerBound = false) => (lowerBound && !isNone(v) ? `≥ ${pct(v)}` : pct(v));
+
+  /** Change since the prior in points, signed ("+20.1 pt"). */
+  const points = (v) => (isNone(v) ? DASH : `${v > 0 ? "+" : v < 0 ? "−" : "±"}${Math.abs(Number(v)).toFixed(1)} pt`);
+  const TREND_ARROWS = { worse: "↑", better: "↓", unchanged: "=" };
+  /** The trend against the prior (the server decides it: CTTRIAGE_TREND_POINTS); empty without one. */
+  function trend(s) {
+    if (!s.trend) return el("span", { class: "trend none", title: s.prior_reason || "no prior study" });
+    return el("span", {
+      class: `trend ${s.trend}`, dataset: { trend: s.trend },
+      title: `${s.trend} than the prior of ${dicomDate(s.prior_study_date)} (${s.prior_days} days before)`,
+      text: `${TREND_ARROWS[s.trend]} ${points(s.severity_change)}`,
+    });
+  }
   /** "LungMaskImplausible" → "Lung mask implausible": any code, known or not. */
   const flagName = (code) => String(code).replace(/([a-z0-9])([A-Z])/g, "$1 $2").replace(/ ([A-Z])(?=[a-z])/g,
     (m, c) => ` ${c.toLowerCase()}`);
@@ -290,7 +303,7 @@ const CT = (() => {
   return {
     ApiError, api, el, pct, prob, dateTime, duration, since, between, age, dicomDate, personName, studyLabel,
     viewerLink, bytes, band, state,
-    severity, flagName, flagBadge,
+    severity, flagName, flagBadge, points, trend,
     signIn, handleAuthError, live, serial, typing, saveOrder, loadOrder, studyUrl, DASH,
   };
 })();

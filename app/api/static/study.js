@@ -9,6 +9,7 @@
   const STAGES = ["select", "load", "resample", "lungs", "lesions", "severity"];
   let study = null;
   let pictureOf = null; // result id the pictures were loaded for
+  let comparedWith = null; // "prior uid|result id" the comparison was loaded for
   const blobUrls = [];
 
   const figure = (label, value, cls = "value") => el("div", { class: "figure" },
@@ -23,6 +24,9 @@
       figure("Left lung", CT.pct(s.severity_left)),
       figure("Right lung", CT.pct(s.severity_right)),
       figure("COVID-19 probability", CT.prob(s.identification)),
+      el("div", { class: "figure" }, el("span", { class: "label", text: "Since prior" }),
+        s.trend ? el("span", { class: "value small" }, CT.trend(s)) : el("span", { class: "value small muted",
+          text: s.prior_reason || CT.DASH })),
       el("div", { class: "figure" }, el("span", { class: "label", text: "State" }), CT.state(s.state)),
       figure("Patient", CT.personName(s.patient_name), "value small patient-name"),
       figure("Patient ID", s.patient_id || CT.DASH, "value small patient-id"),
@@ -223,11 +227,12 @@
       el("td", { class: "wrap muted", text: x.sop_instance_uid }))));
   }
 
-  async function loadPicture(kind) {
-    const box = document.getElementById(kind);
+  async function loadPicture(kind, boxId = kind, studyUid = uid) {
+    const box = document.getElementById(boxId);
     const caption = box.querySelector("figcaption");
     try {
-      const blob = await (await CT.api(`/api/studies/${encodeURIComponent(uid)}/images/${kind}.png`, { raw: true })).blob();
+      const path = `/api/studies/${encodeURIComponent(studyUid)}/images/${kind}.png`;
+      const blob = await (await CT.api(path, { raw: true })).blob();
       const url = URL.createObjectURL(blob);
       blobUrls.push(url);
       box.replaceChildren(el("img", { src: url, alt: caption.textContent }), caption);
@@ -248,6 +253,43 @@
     while (blobUrls.length) URL.revokeObjectURL(blobUrls.pop());
     loadPicture("projection");
     loadPicture("axial");
+  }
+
+  /** Both studies' projections side by side, each captioned with its date and scores. */
+  async function renderComparison(s) {
+    const panel = document.getElementById("comparison-panel");
+    const newest = s.results.length ? s.results[s.results.length - 1] : null;
+    panel.hidden = newest === null || (!s.prior_study_uid && !s.prior_reason);
+    if (panel.hidden) return;
+    const text = document.getElementById("comparison-text");
+    const pictures = document.getElementById("comparison-pictures");
+    if (!s.prior_study_uid) {
+      text.textContent = `No prior study compared: ${s.prior_reason}.`;
+      pictures.hidden = true;
+      return;
+    }
+    pictures.hidden = false;
+    const key = `${s.prior_study_uid}|${newest.id}`;
+    if (key === comparedWith) return;
+    comparedWith = key;
+    text.replaceChildren(CT.trend(s), ` since the prior of ${CT.dicomDate(s.prior_study_date)}, `,
+      `${s.prior_days} days before: left ${CT.points(newest.severity_left_change)}, right `,
+      `${CT.points(newest.severity_right_change)}, lesion volume `,
+      `${newest.lesion_volume_change_ml > 0 ? "+" : ""}${Number(newest.lesion_volume_change_ml).toFixed(1)} mL.`);
+    const caption = (id, label, x) => {
+      document.querySelector(`#${id} figcaption`).textContent = `${label} · ${CT.dicomDate(x.study_date)} · `
+        + `max-lung ${CT.severity(x.severity, x.severity_lower_bound)} (left ${CT.pct(x.severity_left)}, `
+        + `right ${CT.pct(x.severity_right)}) · CT-${x.severity_band}`;
+    };
+    caption("current-projection", "This study", s);
+    loadPicture("projection", "current-projection");
+    try {
+      const prior = await CT.api(`/api/studies/${encodeURIComponent(s.prior_study_uid)}`);
+      caption("prior-projection", "Prior study", prior);
+    } catch (error) {
+      if (CT.handleAuthError(error)) return;
+    }
+    loadPicture("projection", "prior-projection", s.prior_study_uid);
   }
 
   const load = CT.serial(async () => {
@@ -271,6 +313,7 @@
     renderJobs(study);
     renderExports(study);
     renderPictures(study);
+    renderComparison(study);
   });
 
   function neighbour(step) {

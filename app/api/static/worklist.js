@@ -77,6 +77,8 @@
     el("td", { class: "num muted", text: index + 1 }),
     el("td", {}, CT.band(item.severity_band, item.severity_lower_bound)),
     severityCell(item),
+    el("td", { class: "num trend-cell" }, CT.trend(item)),
+    el("td", { class: "num prior-days", text: item.prior_days === null ? "" : `${item.prior_days} d` }),
     el("td", { class: "num", text: CT.pct(item.severity_left) }),
     el("td", { class: "num", text: CT.pct(item.severity_right) }),
     el("td", { class: "num", text: CT.prob(item.identification),
