@@ -228,18 +228,6 @@ def requeue_stale_jobs(session_factory: sessionmaker[Session], timeout_seconds: 
     return dead + resent
 
 
-def mark_files_purged(session: Session, study_id: int, cutoff: datetime, now: datetime) -> bool:
-    """Retention's claim of a study before its files go: only if it is still finished and quiet
-    since ``cutoff`` (a late instance reopens the study and keeps its files; a rescore since
-    keeps them too). False: leave the files."""
-    return bool(session.execute(
-        update(Study)
-        .where(Study.id == study_id, Study.state.in_(PURGEABLE), Study.last_received_at <= cutoff,
-               or_(Study.scored_at.is_(None), Study.scored_at <= cutoff))
-        .values(files_purged_at=now, instance_count=0)
-    ).rowcount)
-
-
 # --- running ----------------------------------------------------------------------------------
 
 
@@ -408,3 +396,18 @@ def reset_export(session_factory: sessionmaker[Session], export_id: int) -> Expo
         session.flush()
         session.expunge(row)
         return row
+
+
+# --- retention ---------------------------------------------------------------------------------
+
+
+def mark_files_purged(session: Session, study_id: int, cutoff: datetime, now: datetime) -> bool:
+    """Retention's claim of a study before its files go: only if it is still finished and quiet
+    since ``cutoff`` (a late instance reopens the study and keeps its files; a rescore since
+    keeps them too). False: leave the files."""
+    return bool(session.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.state.in_(PURGEABLE), Study.last_received_at <= cutoff,
+               or_(Study.scored_at.is_(None), Study.scored_at <= cutoff))
+        .values(files_purged_at=now, instance_count=0)
+    ).rowcount)
