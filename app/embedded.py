@@ -13,22 +13,22 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.main import create_app
-from app.assembly import Enqueue, EnqueueExport, release_running_jobs, run_assembler
+from app.assembly import run_assembler
+from app.broker import Broker
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_session_factory
+from app.lifecycle import release_running_jobs
 from app.parent_watch import exit_with_parent, parent_pid_from_env
 from app.prior_lookups import start_prior_lookups
 from app.security import check_configured_key, ensure_bootstrap_admin
 from app.settings import Settings
 from app.supervision import SupervisedProcess, child_environment
-from worker.celery_app import create_celery, enqueue_export, enqueue_scoring, ping_broker
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +58,6 @@ def bootstrap_admin(settings: Settings, session_factory: sessionmaker[Session]) 
     if key:
         print(f"\n*** first start: admin API key (shown once, store it now): {key}\n"
               "*** more keys: cttriage users add NAME --role radiologist|admin\n", flush=True)
-
-
-def make_broker_hooks(settings: Settings) -> tuple[Enqueue, Callable[[], None]]:
-    """The hand-off to the broker and the readiness probe of it, over one Celery app."""
-    celery_app = create_celery(settings)
-    return (lambda job_id, priority: enqueue_scoring(celery_app, settings, job_id, priority),
-            lambda: ping_broker(celery_app))
-
-
-def make_export_hook(settings: Settings) -> EnqueueExport | None:
-    """The exports' hand-off to the broker, for their outbox relay; None while exports are off."""
-    if not settings.export_enabled:
-        return None
-    celery_app = create_celery(settings)
-    return lambda result_id: enqueue_export(celery_app, result_id)
 
 
 def worker_command(settings: Settings, concurrency: int, queues: list[str], device: str = "cpu") -> list[str]:
@@ -115,7 +100,7 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], object] | None = N
     session_factory = make_session_factory(settings)
     bootstrap_admin(settings, session_factory)
     release_running_jobs(session_factory)
-    enqueue, broker_ping = make_broker_hooks(settings)
+    broker = Broker(settings)
     stop = threading.Event()
     worker = SupervisedProcess(
         worker_command(settings, settings.embedded_worker_concurrency, [settings.scoring_queue, "default"]),
@@ -125,11 +110,10 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], object] | None = N
     listeners = ListenerProcesses(settings, settings.listener_processes)
     assembler = threading.Thread(
         target=run_assembler, name="assembler", daemon=True,
-        kwargs={"session_factory": session_factory, "enqueue": enqueue, "settings": settings, "stop": stop,
-                "enqueue_export": make_export_hook(settings)},
+        kwargs={"session_factory": session_factory, "broker": broker, "settings": settings, "stop": stop},
     )
     api = uvicorn.Server(uvicorn.Config(
-        create_app(settings, session_factory, enqueue, broker_ping), host=settings.api_host, port=settings.api_port,
+        create_app(settings, session_factory, broker), host=settings.api_host, port=settings.api_port,
         log_config=None, access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
     worker.stopping = lambda: api.should_exit
     try:  # whatever ends the service (Ctrl-C, the API port in use), the worker child goes with it
@@ -160,7 +144,7 @@ def serve_api(settings: Settings) -> None:
     settings.storage_root.mkdir(parents=True, exist_ok=True)
     session_factory = make_session_factory(settings)
     bootstrap_admin(settings, session_factory)
-    app = create_app(settings, session_factory, *make_broker_hooks(settings))
+    app = create_app(settings, session_factory, Broker(settings))
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
 
@@ -179,7 +163,7 @@ def serve_dicom(settings: Settings, processes: int | None = None) -> None:
     try:
         listeners.start()
         start_prior_lookups(session_factory, settings, stop)
-        run_assembler(session_factory, make_broker_hooks(settings)[0], settings, stop, make_export_hook(settings))
+        run_assembler(session_factory, Broker(settings), settings, stop)
     except KeyboardInterrupt:
         pass
     finally:
@@ -202,12 +186,3 @@ def serve_listener_child(settings: Settings, listen_fd: int) -> None:
         serve_listener(settings, make_session_factory(settings), listening)
     except KeyboardInterrupt:
         pass
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False

@@ -40,7 +40,6 @@ from models.errors import (
 # DICOM C-STORE statuses (PS3.4 B.2.3, PS3.7 C.4.2).
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
@@ -64,6 +63,10 @@ class InvalidDicomError(CtTriageError):
     dicom_status = STATUS_CANNOT_UNDERSTAND
     http_status = 400
     title = "Invalid DICOM"
+
+
+class QuarantinedError(InvalidDicomError):
+    """Unreadable bytes, kept in the quarantine for an admin: answered as :class:`InvalidDicomError`."""
 
 
 class StorageFullError(CtTriageError):
@@ -204,6 +207,15 @@ def imaging_mapping(exc: ImagingError) -> ErrorMapping:
         if cls in IMAGING_ERRORS:
             return IMAGING_ERRORS[cls]
     raise AssertionError("ImagingError is in the table")  # pragma: no cover
+
+
+def dicom_status(exc: BaseException) -> int:
+    """What a C-STORE answers when receiving raised ``exc``; 0xC000 for an error nobody named."""
+    if isinstance(exc, CtTriageError):
+        return exc.dicom_status
+    if isinstance(exc, ImagingError):
+        return imaging_mapping(exc).dicom_status
+    return STATUS_CANNOT_UNDERSTAND
 
 
 def study_state(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from sqlalchemy import Connection, Engine, bindparam, case, func, null, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +35,7 @@ from app.dicom.storage import (
 )
 from app.dicom.text_values import check_identifier, clean_json, clean_optional, clean_text
 from app.errors import DatabaseUnavailableError, InvalidDicomError
+from app.lifecycle import STUDY_TOUCHED, study_changed
 from app.liveness import process_name
 from models.dicom_headers import MAX_FRAMES, declared_frames, slice_headers
 
@@ -79,6 +80,7 @@ CREATED_BY = "created_by"
 @dataclass(frozen=True)
 class StoredInstance:
     study_uid: str
+    series_uid: str
     sop_instance_uid: str
     path: Path
     duplicate: bool
@@ -186,48 +188,9 @@ _RESENT = (
 _SERIES_SHRANK = (
     update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count - 1)
 )
-# A plain re-send keeps a study that is still arriving from settling; one that has settled keeps
-# its "last received" (a PACS forwarding the same study again brings nothing new to show).
-_STUDY_TOUCHED = (
-    update(_STUDIES)
-    .where(_STUDIES.c.id == bindparam("sid"), _STUDIES.c.state == StudyState.receiving.value)
-    .values(last_received_at=bindparam("now"), settle_due_at=null())
-)
 _SERIES_GREW = (
     update(_SERIES).where(_SERIES.c.id == bindparam("seid")).values(instance_count=_SERIES.c.instance_count + 1)
 )
-# A new instance for a study that already left `receiving` reopens it as a new version to score;
-# so does one that moved away to another study; unless it can never be scored (_STUDY_ADDED_TO).
-# (Every SET expression reads the row as it was, on PostgreSQL and SQLite alike.)
-_LEFT_RECEIVING = _STUDIES.c.state != StudyState.receiving.value
-_STUDY_GREW = (
-    update(_STUDIES)
-    .where(_STUDIES.c.id == bindparam("sid"))
-    .values(
-        instance_count=_STUDIES.c.instance_count + bindparam("by"),
-        last_received_at=bindparam("now"),
-        settle_due_at=null(),  # more is arriving: a release settles it again (app.assembly)
-        version=case((_LEFT_RECEIVING, _STUDIES.c.version + 1), else_=_STUDIES.c.version),
-        reason=case((_LEFT_RECEIVING, null()), else_=_STUDIES.c.reason),
-        reason_code=case((_LEFT_RECEIVING, null()), else_=_STUDIES.c.reason_code),
-        state=StudyState.receiving.value,
-        files_purged_at=null(),  # retention removed the earlier files: these are kept again
-    )
-)
-# An instance that cannot change the scoring (ours sent back, not CT): counted, nothing reopened.
-_STUDY_ADDED_TO = (
-    update(_STUDIES)
-    .where(_STUDIES.c.id == bindparam("sid"))
-    .values(instance_count=_STUDIES.c.instance_count + bindparam("by"), last_received_at=bindparam("now"),
-            settle_due_at=null())
-)
-
-
-def _study_changed(received: ReceivedInstance) -> Any:
-    """The study update for one instance more or less: reopening only when it may change the scoring."""
-    return _STUDY_GREW if received.never_scored_reason is None else _STUDY_ADDED_TO
-
-
 def _row_id(session: Connection | Session, lookup: Any, uid: str, insert: Callable[[], object]) -> int:
     """The id of the row keyed by ``uid``, inserting it first when it is new."""
     found = session.execute(lookup, {"uid": uid}).scalar_one_or_none()
@@ -261,6 +224,7 @@ def record_instance(
         "headers": received.headers,
         "received_by": process_name(),
     }
+    changed = study_changed(never_scored=received.never_scored_reason is not None)
     statement = _insert_into_known_series(dialect_name(session))
     known = session.execute(
         statement, {**instance, "study_uid": received.study_uid, "series_uid": received.series_uid}
@@ -309,14 +273,14 @@ def record_instance(
             session, Instance, {**instance, "study_id": study_id, "series_id": series_id}, "sop_instance_uid"
         )
         if not inserted:
-            return _record_resend(session, instance, study_id, series_id, now, _study_changed(received))
+            return _record_resend(session, instance, study_id, series_id, now, changed)
     session.execute(_SERIES_GREW, {"seid": series_id})
-    session.execute(_study_changed(received), {"sid": study_id, "now": now, "by": 1})
+    session.execute(changed, {"sid": study_id, "now": now, "by": 1})
     return False
 
 
 def _record_resend(session: Connection | Session, instance: dict[str, Any], study_id: int, series_id: int,
-                   now: datetime, study_changed: Any) -> bool:
+                   now: datetime, changed: Any) -> bool:
     """A SOP instance received before: refresh its row. Filed where it was, that is all (a retry,
     no rescore); filed under another study or series now, it moves there, and both studies are
     reopened to be scored on what they now hold. Returns True for a plain re-send."""
@@ -327,12 +291,12 @@ def _record_resend(session: Connection | Session, instance: dict[str, Any], stud
         "headers": instance["headers"], "received_by": instance["received_by"],
     })
     if (old_study_id, old_series_id) == (study_id, series_id):
-        session.execute(_STUDY_TOUCHED, {"sid": study_id, "now": now})
+        session.execute(STUDY_TOUCHED, {"sid": study_id, "now": now})
         return True
     session.execute(_SERIES_SHRANK, {"seid": old_series_id})
-    session.execute(study_changed, {"sid": old_study_id, "now": now, "by": -1})
+    session.execute(changed, {"sid": old_study_id, "now": now, "by": -1})
     session.execute(_SERIES_GREW, {"seid": series_id})
-    session.execute(study_changed, {"sid": study_id, "now": now, "by": 1})
+    session.execute(changed, {"sid": study_id, "now": now, "by": 1})
     return False
 
 
@@ -357,7 +321,7 @@ def store_instance(
     path = instance_path(storage_root, received.study_uid, received.series_uid, received.sop_instance_uid)
     if received.created_by is not None and own_objects == "drop":
         log.debug("own object sent back, dropped", extra={"kind": received.created_by})
-        return StoredInstance(received.study_uid, received.sop_instance_uid, path, duplicate=True)
+        return StoredInstance(received.study_uid, received.series_uid, received.sop_instance_uid, path, duplicate=True)
     engine: Engine = session_factory.kw["bind"]
     try:
         with engine.begin() as connection:
@@ -381,7 +345,7 @@ def store_instance(
         log.warning("database unavailable while recording an instance", extra={"error": type(exc).__name__})
         raise DatabaseUnavailableError("the database could not record the instance; retry later") from exc
     incoming.keep()
-    return StoredInstance(received.study_uid, received.sop_instance_uid, path, duplicate)
+    return StoredInstance(received.study_uid, received.series_uid, received.sop_instance_uid, path, duplicate)
 
 
 def quarantine_bytes(

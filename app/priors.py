@@ -6,12 +6,13 @@ means the ID was reused for another person: that candidate is never the prior, a
 candidate is left the study says so in ``prior_reason``. Studies of one day are not compared
 (without the study time, which one came first is a guess).
 
-:func:`compare_with_prior` is called once where a result is saved (``worker.jobs``), in its
-transaction. It compares that study with its prior, and the patient's later studies with theirs:
-a prior retrieved and scored after the new study fills in the new study's comparison then, while
-scoring a later study never changes an earlier one's. Only the newest result of each study is
-(re)written, and the study row only while that result is the one it shows. A study left without
-a prior may have one looked for on the PACS (``app.prior_lookups``).
+:func:`compare_with_prior` is called once where a result is saved
+(``app.lifecycle.finish_scored``), in its transaction. It compares that study with its prior,
+and the patient's later studies with theirs: a prior retrieved and scored after the new study
+fills in the new study's comparison then, while scoring a later study never changes an earlier
+one's. Only the newest result of each study is (re)written, and the study row only while that
+result is the one it shows. A study left without a prior may have one looked for on the PACS
+(``app.prior_lookups``).
 """
 
 from __future__ import annotations

@@ -15,12 +15,12 @@ from pathlib import Path
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Instance, QuarantinedFile, Series, Study, StudyState, utcnow
+from app.db.models import Instance, QuarantinedFile, Series, Study, utcnow
 from app.dicom.storage import derived_study_dir, storage_name
+from app.lifecycle import PURGEABLE, mark_files_purged
 
 log = logging.getLogger(__name__)
 
-PURGEABLE = (StudyState.scored.value, StudyState.rejected.value)
 
 
 def purge_expired_studies(session_factory: sessionmaker[Session], storage_root: Path, retention_days: float,
@@ -38,14 +38,7 @@ def purge_expired_studies(session_factory: sessionmaker[Session], storage_root: 
     purged = 0
     for study_id, study_uid in expired:
         with session_factory.begin() as session:
-            # Only if still finished and quiet: a late instance reopens the study and keeps its files.
-            claimed = session.execute(
-                update(Study)
-                .where(Study.id == study_id, Study.state.in_(PURGEABLE), Study.last_received_at <= cutoff,
-                       or_(Study.scored_at.is_(None), Study.scored_at <= cutoff))  # not rescored meanwhile
-                .values(files_purged_at=now, instance_count=0)
-            ).rowcount
-            if claimed:
+            if mark_files_purged(session, study_id, cutoff, now):
                 # The instance rows only index files: they go with them. An instance sent again
                 # later is then new, reopens the study (a new version, files_purged_at cleared) and
                 # is scored on what is on disk, never on rows whose files are gone.

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.admin import percentile
 from app.api.main import create_app
+from app.broker import Broker
 from app.db.migrate import upgrade_to_head
 from app.db.models import (
     ApiKey,
@@ -99,9 +99,12 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
         enqueued.append((job_id, priority))
         return f"task-{job_id}"
 
+    broker = Broker(settings)
+    broker.enqueue_scoring = enqueue  # type: ignore[method-assign]
+
     now = utcnow()
     seed(factory, settings.storage_root, now)
-    client = TestClient(create_app(settings, factory, enqueue))
+    client = TestClient(create_app(settings, factory, broker))
     yield Setup(client, factory, settings, {"Authorization": f"Bearer {admin_key}"},
                 {"X-API-Key": reader_key}, enqueued, now)
     with factory.begin() as session:
@@ -315,12 +318,11 @@ def test_celery_ping_through_redis(tmp_path: Path, redis_url: str) -> None:
     workers on the same Redis database may answer too), and that a broker is down."""
     from app.api.routes_admin import _celery_ping
 
-    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace()))
-    ping = _celery_ping(request, Settings(data_dir=tmp_path, broker_url=redis_url))  # type: ignore[arg-type]
+    reachable = Settings(data_dir=tmp_path, broker_url=redis_url)
+    ping = _celery_ping(Broker(reachable), reachable)
     assert ping.checked is True and isinstance(ping.responding, list) and ping.note is None
     unreachable = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:1/0")
-    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace()))
-    down = _celery_ping(request, unreachable)  # type: ignore[arg-type]
+    down = _celery_ping(Broker(unreachable), unreachable)
     assert down.checked is False and "unreachable" in (down.note or "")
 
 

@@ -10,21 +10,15 @@ import pytest
 from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import (
-    dispatch_overdue_exports,
-    dispatch_pending_jobs,
-    queue_settled_studies,
-    release_running_jobs,
-    request_rescore,
-    requeue_stale_jobs,
-)
 from app.db.models import Export, ExportState, Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
 from app.db.session import make_engine
 from app.ingest import ReceivedInstance, record_instance
+from app.lifecycle import claim_job, queue_settled_studies, release_running_jobs, request_rescore, requeue_stale_jobs
+from app.outbox import dispatch_overdue_exports, dispatch_pending_jobs
 from app.settings import Settings
 from models.findings import LUNG_MASK_IMPLAUSIBLE, PARTIAL_COVERAGE, ScoreFlag
 from tests.conftest import scored
-from worker.jobs import claim_job, run_job, write_result
+from worker.jobs import run_job, write_result
 
 
 def received(study: str, sop: str, series: str = "1.2.3.1") -> ReceivedInstance:

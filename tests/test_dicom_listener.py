@@ -32,6 +32,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import receive
 from app.db.models import Base, Instance, QuarantinedFile, Series, Study
 from app.db.session import make_session_factory
 from app.dicom import listener, storage
@@ -466,7 +467,7 @@ def test_unexpected_error_fails_and_keeps_serving(
         raise RuntimeError(f"boom {PATIENT_NAME}")
 
     with monkeypatch.context() as patch:
-        patch.setattr(listener, "store_instance", broken)
+        patch.setattr(receive, "store_instance", broken)
         with caplog.at_level(logging.ERROR, logger=listener.__name__):
             assert listener_.store(series[:1]) == [STATUS_CANNOT_UNDERSTAND]
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]

@@ -33,9 +33,9 @@ from pynetdicom import AE, evt
 from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.orm import Session
 
-from app.assembly import queue_settled_studies
 from app.db.models import Export, ExportKind, ExportState, Result, Study, utcnow
 from app.dicom.push import push_files
+from app.lifecycle import queue_settled_studies
 from models.findings import LUNG_MASK_IMPLAUSIBLE, ScoreFlag, describe_lesions
 from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
 from models.phantom import PhantomSpec, PhantomVolume, phantom_volume
@@ -533,7 +533,7 @@ def score_twice(settings: Any, factory: Any, folder: Path, between: Any = None) 
     """A study scored, ``between()`` run, then rescored (a study reopened by its second part, or
     an admin's rescore: each a new scoring with its own result). Returns the study UID and the
     result ids, oldest first."""
-    from app.assembly import request_rescore
+    from app.lifecycle import request_rescore
 
     truth = write_phantom_study(folder, severity_left=25.0, severity_right=6.0, seed=84, slices=36, rows=96,
                                 columns=96, pixel_spacing=3.6, slice_spacing=9.0)
@@ -615,7 +615,7 @@ def test_a_rescore_within_the_hold_sends_only_the_newest_result(
     """With export_hold_seconds, a study reopened and rescored inside the hold sends its newest
     scoring only; the older result's objects are superseded, never sent, and an admin's retry
     does not send them either."""
-    from worker.exports import reset_export
+    from app.lifecycle import reset_export
 
     pacs = InProcessPacs(tmp_path / "pacs")
     try:

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import queue_settled_studies
 from app.db.models import Study, StudyState, utcnow
+from app.lifecycle import queue_settled_studies
 from app.series_selection import SeriesCriteria, select_series
 from app.settings import Settings
 from models.errors import (

@@ -20,9 +20,9 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.main import create_app
-from app.assembly import queue_settled_studies
 from app.db.models import Export, ExportKind, Instance, Job, PriorLookup, Result, Series, Study, utcnow
 from app.db.session import make_engine
+from app.lifecycle import queue_settled_studies
 from app.priors import trend
 from app.security import Role, create_api_key
 from app.settings import Settings

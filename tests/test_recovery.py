@@ -13,18 +13,15 @@ import pytest
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import (
-    assembler_pass,
-    dispatch_pending_jobs,
-    queue_settled_studies,
-    requeue_stale_jobs,
-    settle_clock_start,
-)
+from app.assembly import assembler_pass, settle_clock_start
+from app.broker import Broker
 from app.db.models import Job, JobState, Listener, StudyState, utcnow
+from app.lifecycle import beat_job, claim_job, queue_settled_studies, requeue_stale_jobs
 from app.liveness import ListenerHeartbeat, beat
+from app.outbox import dispatch_pending_jobs
 from app.settings import Settings
 from tests.test_assembly import add, factory, received, study  # noqa: F401 - factory is a fixture
-from worker.jobs import JobHeartbeat, beat_job, claim_job
+from worker.jobs import JobHeartbeat
 
 PROCESSING_TIMEOUT = 1800.0
 HEARTBEAT_TIMEOUT = 45.0
@@ -150,9 +147,11 @@ def test_settling_restarts_its_clock_after_the_assemblers_own_database_outage(
         factory: sessionmaker[Session]) -> None:  # noqa: F811
     settings = Settings(settle_seconds=30)
     add(factory, received("1.8.6", "1.8.6.1"), when_offset=-100)  # quiet for 100 s, through the outage
-    assembler_pass(factory, lambda j, p: "t", settings, resumed_at=utcnow() - timedelta(seconds=5))
+    broker = Broker(settings)
+    broker.enqueue_scoring = lambda _job_id, _priority: "t"  # type: ignore[method-assign]
+    assembler_pass(factory, broker, settings, resumed_at=utcnow() - timedelta(seconds=5))
     assert study(factory, "1.8.6").state == StudyState.receiving.value
-    assembler_pass(factory, lambda j, p: "t", settings, resumed_at=utcnow() - timedelta(seconds=31))
+    assembler_pass(factory, broker, settings, resumed_at=utcnow() - timedelta(seconds=31))
     assert study(factory, "1.8.6").state == StudyState.queued.value
 
 

@@ -12,7 +12,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import queue_settled_studies
 from app.db.models import Instance, Study, StudyState, utcnow
 from app.db.session import make_engine
 from app.dicom.storage import (
@@ -26,6 +25,7 @@ from app.dicom.storage import (
 )
 from app.errors import StorageWriteError
 from app.ingest import ReceivedInstance, quarantine_bytes, store_instance
+from app.lifecycle import queue_settled_studies
 from app.retention import purge_expired_studies
 from app.settings import Settings
 from worker.jobs import study_slices

@@ -20,11 +20,11 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import queue_settled_studies, request_rescore
 from app.db.models import Export, ExportState, Instance, Job, Result, Series, Study, StudyState, utcnow
 from app.db.session import make_engine
 from app.dicom.listener import start_listener
 from app.dicom.push import push_datasets
+from app.lifecycle import queue_settled_studies, request_rescore
 from app.settings import Settings
 from tests.conftest import store_study_files, write_phantom_study
 from tests.test_exports import DCIODVFY, dciodvfy_errors

@@ -2,7 +2,7 @@
 seconds after the release; anything else waits the full settle time.
 
 The rule itself against a database (:func:`app.assembly.mark_released`, then
-:func:`app.assembly.queue_settled_studies`), then through the real interface: ``cttriage serve``
+:func:`app.lifecycle.queue_settled_studies`), then through the real interface: ``cttriage serve``
 with two listener processes, studies sent over DICOM associations, the job's trigger and timing
 read back from the API.
 """
@@ -19,9 +19,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import mark_released, queue_settled_studies, seconds_to_next_pass
+from app.assembly import mark_released, seconds_to_next_pass
 from app.db.models import Instance, Job, JobTrigger, Study, StudyState, utcnow
 from app.dicom.push import push_files
+from app.lifecycle import queue_settled_studies
 from app.series_selection import SeriesCriteria
 from app.settings import Settings
 from tests.conftest import store_study_files, write_phantom_study

@@ -16,8 +16,8 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import queue_settled_studies
 from app.db.models import Result, Study, utcnow
+from app.lifecycle import queue_settled_studies
 from app.settings import Settings
 from models.checkpoint import SYNTHETIC_TRAINING_DATA, load_checkpoint
 from models.commands import DataSource, train_command

@@ -16,16 +16,13 @@ from celery import Celery, Task
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import EXPORT_TASK, SCORE_TASK, Broker, build_celery
 from app.db.session import make_session_factory
 from app.settings import Settings
 
 if TYPE_CHECKING:
     from models.inference import TriageNetworks
 
-SCORE_TASK = "cttriage.score_study"
-#: Results back to the PACS: light work, on the default queue (not the GPU one).
-EXPORT_TASK = "cttriage.export_results"
-EXPORT_QUEUE = "default"
 #: Retries of a task that hit a transient error (database or broker), with exponential backoff.
 MAX_TRANSIENT_RETRIES = 8
 
@@ -62,33 +59,10 @@ class WorkerResources:
 
 
 def create_celery(settings: Settings, resources: WorkerResources | None = None) -> Celery:
-    """The app, with its tasks bound to ``resources`` (the worker entry point passes the ones it
-    warms up at start; elsewhere tasks are only sent, and these are never built)."""
-    app = Celery("cttriage", broker=settings.celery_broker_url)
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_ignore_result=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue="default",
-        task_routes={SCORE_TASK: {"queue": settings.scoring_queue}, EXPORT_TASK: {"queue": EXPORT_QUEUE}},
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=3,
-        # Publishing must fail fast when the broker is down: the job stays in the outbox.
-        task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2},
-        # Redis redelivers an unacknowledged task after this long; it must outlast a scoring.
-        # Priorities 0 (first) .. 9 emulated with one Redis list per step (see app.priority).
-        broker_transport_options=(
-            {} if settings.embedded_broker else {
-                "visibility_timeout": int(settings.processing_timeout_seconds) + 60,
-                "priority_steps": list(range(10)),
-                "sep": ":",
-                "queue_order_strategy": "priority",
-                **({"global_keyprefix": settings.broker_key_prefix} if settings.broker_key_prefix else {}),
-            }
-        ),
-        worker_hijack_root_logger=False,
-    )
+    """The worker's app, with its tasks bound to ``resources`` (the worker entry point passes the
+    ones it warms up at start)."""
+    app = build_celery(settings)
+    broker = Broker(settings, app)
     resources = resources or WorkerResources(settings)
 
     @app.task(name=SCORE_TASK, bind=True, max_retries=MAX_TRANSIENT_RETRIES)
@@ -98,7 +72,7 @@ def create_celery(settings: Settings, resources: WorkerResources | None = None) 
         try:
             outcome = run_job(job_id, resources.session_factory, resources.settings, worker=self.request.hostname,
                               networks=lambda: resources.networks,
-                              export=lambda result_id: enqueue_export(app, result_id))
+                              export=broker.enqueue_export)
         except DBAPIError as exc:
             raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 60)) from exc
         return {"job_id": outcome.job_id, "status": outcome.status}
@@ -118,17 +92,3 @@ def create_celery(settings: Settings, resources: WorkerResources | None = None) 
         return {"result_id": result_id, "sent": run.sent, "failed": run.failed}
 
     return app
-
-
-def enqueue_scoring(app: Celery, settings: Settings, job_id: int, priority: int) -> str:
-    return str(app.send_task(SCORE_TASK, args=[job_id], queue=settings.scoring_queue, priority=priority).id)
-
-
-def enqueue_export(app: Celery, result_id: int) -> str:
-    return str(app.send_task(EXPORT_TASK, args=[result_id], queue=EXPORT_QUEUE).id)
-
-
-def ping_broker(app: Celery) -> None:
-    """Raise when the broker cannot be reached within a couple of seconds."""
-    with app.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=1, timeout=2)

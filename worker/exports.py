@@ -1,14 +1,14 @@
 """Results back to the PACS: which objects to send for a result, sending them, and every
 attempt's outcome in the ``exports`` table.
 
-After a scoring (export enabled), :func:`queue_exports` writes one pending row per object (SR
-always; SEG and secondary capture where the masks and the projection were saved) and hands the
-result to the broker; the export task runs :func:`run_export`, which builds the pending objects
-(the pure writers, :mod:`worker.export_sr` etc.) and sends them over one association. A network
-failure or a non-success status keeps an object pending with the error, for a retry after an
-exponential backoff, until ``export_max_attempts``; then it is failed, and an admin may retry it
-(:func:`reset_export`). An object that cannot be built fails at once: trying again would fail
-the same way.
+After a scoring (export enabled), :func:`app.lifecycle.add_exports` writes one pending row per
+object (SR always; SEG and secondary capture where the masks and the projection were saved) and
+:mod:`app.outbox` hands the result to the broker; the export task runs :func:`run_export`, which
+builds the pending objects (the pure writers, :mod:`worker.export_sr` etc.) and sends them over
+one association. A network failure or a non-success status keeps an object pending with the
+error, for a retry after an exponential backoff, until ``export_max_attempts``; then it is
+failed, and an admin may retry it (:func:`app.lifecycle.reset_export`). An object that cannot be
+built fails at once: trying again would fail the same way.
 
 Amendments. Every scoring of a study is exported into the same three series (SR, SEG, SC), whose
 UIDs are derived from the study UID (:func:`worker.export_common.study_series_uid`), each object
@@ -25,16 +25,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
-from pydicom.uid import Comprehensive3DSRStorage, generate_uid
-from sqlalchemy import func, select, update
+from pydicom.uid import Comprehensive3DSRStorage
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import EnqueueExport
 from app.db.models import Export, ExportKind, ExportState, Instance, Result, Series, Study, utcnow
 from app.dicom.push import NOT_ACCEPTED, push_datasets
 from app.settings import Settings
@@ -65,71 +64,6 @@ class ExportRun:
 def backoff_seconds(attempts: int, settings: Settings) -> float:
     """Wait after the ``attempts``-th failed send: the base doubling, capped."""
     return float(min(settings.export_backoff_seconds * 2 ** max(attempts - 1, 0), settings.export_backoff_max_seconds))
-
-
-def add_exports(session: Session, job_id: int, now: datetime, hold_seconds: float = 0.0) -> int | None:
-    """Pending rows for the result of ``job_id`` (kinds it already has are kept), due after
-    ``hold_seconds``, in the caller's transaction: the scoring writes them with its result, so no
-    result is ever left without its exports. Pending rows of the study's older results are
-    superseded: the newest scoring is the one that counts, and an older one sent after it would
-    only bury it. Returns the result id, None when the job has no result."""
-    result = session.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none()
-    if result is None:
-        return None
-    session.execute(
-        update(Export)
-        .where(Export.study_id == result.study_id, Export.result_id < result.id,
-               Export.state == ExportState.pending.value)
-        .values(state=ExportState.superseded.value, next_attempt_at=None,
-                last_error=f"superseded by result {result.id}, a newer scoring of the study; not sent")
-        .execution_options(synchronize_session=False)
-    )
-    files = (result.details or {}).get("files") or {}
-    kinds = [ExportKind.sr]
-    if files.get("masks"):
-        kinds.append(ExportKind.seg)
-    if files.get("projection"):
-        kinds.append(ExportKind.sc)
-    existing = set(session.execute(select(Export.kind).where(Export.result_id == result.id)).scalars())
-    for kind in kinds:
-        if kind.value not in existing:
-            session.add(Export(study_id=result.study_id, result_id=result.id, kind=kind.value,
-                               sop_instance_uid=str(generate_uid()), state=ExportState.pending.value,
-                               attempts=0, created_at=now,
-                               next_attempt_at=now + timedelta(seconds=max(hold_seconds, 0.0))))
-    return result.id
-
-
-def queue_exports(session_factory: sessionmaker[Session], job_id: int, enqueue: EnqueueExport) -> None:
-    """The hook after a scoring: hand the result's pending exports to the broker. Never raises:
-    the scores and the export rows are written already, and rows left pending go to the broker
-    again with the outbox relay (:func:`app.assembly.dispatch_overdue_exports`)."""
-    try:
-        with session_factory() as session:
-            result_id = session.execute(select(Result.id).where(Result.job_id == job_id)).scalar_one_or_none()
-        if result_id is not None:
-            enqueue(result_id)
-    except Exception:
-        log.exception("could not queue the export of a result", extra={"job_id": job_id})
-
-
-def reset_export(session_factory: sessionmaker[Session], export_id: int) -> Export | None:
-    """An admin's retry: the export is pending again with a fresh set of attempts (its last
-    error stays visible until an attempt succeeds). A superseded export stays so: a newer scoring
-    of the study counts. None when there is no such export."""
-    with session_factory.begin() as session:
-        row = session.get(Export, export_id)
-        if row is None:
-            return None
-        if row.state == ExportState.superseded.value:  # a newer scoring counts: never send an older one
-            session.expunge(row)
-            return row
-        row.state = ExportState.pending.value
-        row.attempts = 0
-        row.next_attempt_at = utcnow()
-        session.flush()
-        session.expunge(row)
-        return row
 
 
 # --- building ---------------------------------------------------------------------------------

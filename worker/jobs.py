@@ -1,4 +1,4 @@
-"""Running one scoring job against the database: claim, score, write the result once.
+"""Running one scoring job against the database: claim, select, record, load, predict, save, finish.
 
 This is the body of the Celery task, kept free of Celery so it can be called directly.
 Delivery is at-least-once (late acks), so every step tolerates being run again: a job already
@@ -19,34 +19,44 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import EnqueueExport
 from app.db.models import Instance, Job, JobState, JobTrigger, Result, Series, Study, StudyState, utcnow
-from app.db.upsert import insert_ignore
 from app.errors import REJECTED, reason_code, study_state
 from app.ingest import CREATED_BY
-from app.priors import compare_with_prior
+from app.lifecycle import (
+    add_exports,
+    beat_job,
+    claim_job,
+    finish_scored,
+    finish_with_error,
+    release_job,
+    study_of,
+)
+from app.outbox import hand_over_exports
 from app.score_details import flags_of, lower_bound_of
 from app.series_selection import SeriesCriteria, SeriesSelection, select_series
 from app.settings import Settings
 from models.dicom_headers import SliceHeader
 from models.predictor import predictor_for
-from models.priority import effective_band, priority_score
 from models.severity import LungSeverity
+from models.timing import StepTimer
 from worker.derived import save_derived
-from worker.exports import EnqueueExport, add_exports, queue_exports
-from worker.pipeline import StudyScore, score_study
+from worker.pipeline import StudyScore, load_series, score_volume
 
 if TYPE_CHECKING:
     from models.inference import TriageNetworks
+    from models.predictor import Predictor
+    from models.volume import CtVolume
 
 log = logging.getLogger(__name__)
 
@@ -65,72 +75,6 @@ class JobOutcome:
     job_id: int
     status: str  # scored, reused, rejected, failed, skipped, retry
     reason: str | None = None
-
-
-def study_of(job: Job) -> Any:
-    """An UPDATE of the job's study that lands only while the study is still at the job's version:
-    a late instance or a rescore makes every write of an outdated job a no-op."""
-    return (update(Study).where(Study.id == job.study_id, Study.version == job.study_version)
-            .execution_options(synchronize_session=False))
-
-
-def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, *, max_attempts: int,
-              heartbeat_timeout_seconds: float | None = None, now: datetime | None = None) -> Job | None:
-    """Mark the job running and its study processing; None when there is nothing to do.
-
-    The claim is the lock: a job ``running`` whose holder's heartbeat is younger than
-    ``heartbeat_timeout_seconds`` is left alone (a second delivery, say Celery's restored
-    unacknowledged task next to the assembler's re-send, stops here); one whose heartbeat is older,
-    or was let go (none), is taken over as a new attempt. A job already tried ``max_attempts``
-    times fails its study instead: each attempt ended without an outcome (the worker was killed,
-    ran out of memory or timed out), and one more would only hold a worker up again.
-    """
-    now = now or utcnow()
-    with session_factory.begin() as session:
-        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
-        if job is None or job.state in FINISHED:
-            return None
-        if (job.state == JobState.running.value and job.heartbeat_at is not None
-                and heartbeat_timeout_seconds is not None
-                and job.heartbeat_at > now - timedelta(seconds=heartbeat_timeout_seconds)):
-            log.info("job held by a live worker: this delivery stops",
-                     extra={"job_id": job_id, "holder": job.worker, "attempt": job.attempts})
-            return None
-        if job.attempts >= max_attempts:
-            reason = (f"gave up after {job.attempts} attempts that ended without a result (worker lost, out of "
-                      f"memory or timed out); last: {job.error or 'no error recorded'}")
-            job.state, job.error, job.finished_at = JobState.failed.value, reason, utcnow()
-            session.execute(study_of(job).values(state=StudyState.failed.value, reason=reason,
-                                                 reason_code="AttemptsExhausted"))
-            log.warning("job failed: attempts exhausted", extra={"job_id": job_id, "attempts": job.attempts})
-            return None
-        # One statement that checks the version and moves the study: a late instance may reopen the
-        # study (a new version, back to receiving) at any moment, and a check read before this write
-        # would let it be overwritten with `processing` by a job whose result no longer applies,
-        # leaving the study stuck there, never settled and never scored.
-        moved = session.execute(study_of(job).values(state=StudyState.processing.value)).rowcount
-        if not moved:
-            job.state = JobState.superseded.value
-            job.finished_at = utcnow()
-            return None
-        job.state = JobState.running.value
-        job.attempts += 1
-        job.started_at = job.heartbeat_at = now
-        job.worker = worker
-        session.flush()
-        session.expunge(job)
-    log.info("job claimed", extra={"job_id": job_id, "worker": worker, "attempt": job.attempts})
-    return job
-
-
-def beat_job(session_factory: sessionmaker[Session], job: Job, *, alive: bool = True) -> bool:
-    """Renew the claim of ``job`` (this attempt of it, while running); ``alive=False`` lets it go
-    (a transient error: the task's retry may take it over at once). False: the claim was lost."""
-    with session_factory.begin() as session:
-        return bool(session.execute(
-            update(Job).where(Job.id == job.id, Job.state == JobState.running.value, Job.attempts == job.attempts)
-            .values(heartbeat_at=utcnow() if alive else None)
-        ).rowcount)
 
 
 class JobHeartbeat:
@@ -183,16 +127,6 @@ def out_of_memory(exc: BaseException) -> bool:
     return True
 
 
-def release_job(session_factory: sessionmaker[Session], job: Job, reason: str) -> None:
-    """Hand a running job back to the outbox with the reason its attempt ended; the dispatcher
-    queues it again and :func:`claim_job` counts the attempts."""
-    with session_factory.begin() as session:
-        session.execute(
-            update(Job).where(Job.id == job.id, Job.state == JobState.running.value)
-            .values(state=JobState.pending.value, error=reason)
-        )
-
-
 def study_slices(session_factory: sessionmaker[Session], study_id: int) -> tuple[list[SliceHeader], dict[str, Path]]:
     """The study's slice headers and files; our own objects sent back are left out (their series
     keep the reason ingest gave them, "created by cttriage (...)")."""
@@ -226,16 +160,6 @@ def record_selection(session_factory: sessionmaker[Session], job: Job, selection
         session.execute(study_of(job).values(chosen_series_uid=selection.chosen))
 
 
-def finish_with_error(session_factory: sessionmaker[Session], job: Job, state: StudyState, reason: str,
-                      reason_code: str) -> None:
-    with session_factory.begin() as session:
-        session.execute(
-            update(Job).where(Job.id == job.id).values(state=JobState.failed.value if state is StudyState.failed
-                                                       else JobState.done.value, error=reason, finished_at=utcnow())
-        )
-        session.execute(study_of(job).values(state=state.value, reason=reason, reason_code=reason_code))
-
-
 def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyScore, settings: Settings) -> None:
     """The result row, and the study's current scores when the job is still its current version;
     its exports are added with it."""
@@ -251,37 +175,11 @@ def write_result(session_factory: sessionmaker[Session], job: Job, score: StudyS
             add_exports(session, job.id, now, settings.export_hold_seconds)
 
 
-def finish_scored(session: Session, job: Job, row: dict[str, Any], flags: list[dict[str, Any]], lower_bound: bool,
-                  settings: Settings, now: datetime) -> None:
-    """Write the result ``row`` (SCORE_COLUMNS, timings, details) and mark job and study scored.
-    A lower-bound severity floors the band and the priority (``models.priority``); the flags go on
-    the study row with the scores, replacing the previous scoring's. The comparison with the
-    patient's prior study (``app.priors``) is written with them."""
-    severity = row["severity"]
-    priority = priority_score(severity, row["identification"], settings.severity_band_edges, lower_bound=lower_bound)
-    band = effective_band(severity, lower_bound, settings.severity_band_edges)
-    insert_ignore(session, Result, {**row, "study_id": job.study_id, "job_id": job.id,
-                                    "study_version": job.study_version, "created_at": now}, "job_id")
-    session.execute(
-        update(Job).where(Job.id == job.id)
-        .values(state=JobState.done.value, finished_at=now, timings=row["timings"], error=None)
-    )
-    session.execute(
-        study_of(job).values(state=StudyState.scored.value, reason=None, reason_code=None, scored_at=now,
-                             identification=row["identification"], severity=severity,
-                             severity_left=row["severity_left"], severity_right=row["severity_right"],
-                             severity_band=band, priority=priority, method=row["method"],
-                             model_version=row["model_version"], chosen_series_uid=row["series_uid"], flags=flags,
-                             severity_lower_bound=lower_bound)
-    )
-    compare_with_prior(session, job.study_id, settings)
-
-
 def reusable_result(session_factory: sessionmaker[Session], job: Job, slices: list[SliceHeader],
-                    criteria: SeriesCriteria) -> tuple[Result, SeriesSelection] | None:
+                    selection: SeriesSelection) -> Result | None:
     """The study's latest result when this job would score exactly its instances again; None
     otherwise, and always for an admin's rescore."""
-    if job.trigger == JobTrigger.rescore.value:
+    if job.trigger == JobTrigger.rescore.value or selection.chosen is None:
         return None
     with session_factory() as session:
         latest = session.execute(
@@ -289,27 +187,25 @@ def reusable_result(session_factory: sessionmaker[Session], job: Job, slices: li
         ).scalar_one_or_none()
     if latest is None or not (latest.details or {}).get(INSTANCES_SHA256):
         return None
-    selection = select_series(slices, criteria)
     if selection.chosen != latest.series_uid:
         return None
     if instances_sha256(slices, selection.chosen) != latest.details[INSTANCES_SHA256]:
         return None
-    return latest, selection
+    return latest
 
 
-def reuse_result(session_factory: sessionmaker[Session], job: Job, previous: Result, selection: SeriesSelection,
-                 settings: Settings) -> None:
+def reuse_result(session_factory: sessionmaker[Session], job: Job, previous: Result, settings: Settings) -> JobOutcome:
     """Finish the job with a copy of ``previous`` for its version; no exports (the PACS has them)."""
-    record_selection(session_factory, job, selection)
     row = {name: getattr(previous, name) for name in SCORE_COLUMNS}
     details = {**(previous.details or {}), REUSED_RESULT_ID: previous.id}
     row.update(timings={}, details=details)
     with session_factory.begin() as session:
         finish_scored(session, job, row, flags_of(details), lower_bound_of(details), settings, utcnow())
+    log.info("same instances as the latest result: reused", extra={"job_id": job.id})
+    return JobOutcome(job.id, "reused")
 
 
-def with_derived_files(score: StudyScore, session_factory: sessionmaker[Session], job: Job,
-                       settings: Settings) -> StudyScore:
+def save_files(score: StudyScore, session_factory: sessionmaker[Session], job: Job, settings: Settings) -> StudyScore:
     """Save masks and pictures; a failure here costs the pictures, never the scores."""
     if score.masks is None:
         return score
@@ -323,65 +219,93 @@ def with_derived_files(score: StudyScore, session_factory: sessionmaker[Session]
     return replace(score, details={**score.details, "files": files})
 
 
+def finish(session_factory: sessionmaker[Session], job: Job, score: StudyScore, slices: list[SliceHeader],
+           settings: Settings, export: EnqueueExport | None) -> JobOutcome:
+    """Write the result (its input's hash with it) and hand its exports to the broker."""
+    score = replace(score, details={**score.details, INSTANCES_SHA256: instances_sha256(slices, score.series_uid)})
+    write_result(session_factory, job, score, settings)
+    if settings.export_enabled and export is not None:
+        hand_over_exports(session_factory, job.id, export)  # never raises
+    log.info("study scored", extra={"job_id": job.id, "severity": round(score.severity.severity, 2),
+                                    "seconds": score.timings.get("total")})
+    return JobOutcome(job.id, "scored")
+
+
+def fail(session_factory: sessionmaker[Session], job: Job, exc: Exception) -> JobOutcome:
+    """The outcome of an error while scoring: rejected (the images, by app.errors' table), handed
+    back (out of memory), or failed (anything else: visibly, the data kept)."""
+    if study_state(exc) == REJECTED:  # the images cannot be scored: no retry
+        log.info("study rejected", extra={"job_id": job.id, "reason_type": reason_code(exc)})
+        finish_with_error(session_factory, job, StudyState.rejected, str(exc), reason_code(exc))
+        return JobOutcome(job.id, "rejected", str(exc))
+    if out_of_memory(exc):  # maybe only this worker's moment: try again, up to job_max_attempts
+        reason = "out of memory while scoring" + (" (GPU)" if not isinstance(exc, MemoryError) else "")
+        log.warning("scoring ran out of memory", extra={"job_id": job.id, "attempt": job.attempts})
+        release_job(session_factory, job, reason)
+        return JobOutcome(job.id, "retry", reason)
+    reason = f"scoring failed: {type(exc).__name__}: {exc}"
+    log.exception("scoring failed", extra={"job_id": job.id})
+    finish_with_error(session_factory, job, StudyState.failed, reason, reason_code(exc))
+    return JobOutcome(job.id, "failed", reason)
+
+
+def configured_predictor(networks: Callable[[], TriageNetworks | None] | None, settings: Settings) -> Predictor:
+    """The configured method; the networks are asked for inside the job, so unusable configured
+    weights (or no memory for them) end the job with their reason before any series is loaded."""
+    return predictor_for(networks() if networks is not None else None, settings.inplane_spacing_mm)
+
+
+def predict(series_uid: str, volume: CtVolume, predictor: Predictor, criteria: SeriesCriteria,
+            timer: StepTimer) -> StudyScore:
+    """Score the loaded series; ``timer`` holds the steps before (select, load)."""
+    return score_volume(series_uid, volume, predictor, criteria=criteria, timer=timer)
+
+
+@contextmanager
+def held(session_factory: sessionmaker[Session], job: Job, settings: Settings) -> Iterator[None]:
+    """While the job runs its claim is renewed (:class:`JobHeartbeat`); a database error lets it
+    go, so the task's retry takes it over at once, and propagates."""
+    try:
+        with JobHeartbeat(session_factory, job, settings.job_heartbeat_interval_seconds,
+                          settings.processing_timeout_seconds):
+            yield
+    except DBAPIError:
+        let_go(session_factory, job)
+        raise
+
+
 def run_job(job_id: int, session_factory: sessionmaker[Session], settings: Settings,
             worker: str | None = None, networks: Callable[[], TriageNetworks | None] | None = None,
             export: EnqueueExport | None = None) -> JobOutcome:
-    """Score the study of ``job_id``. Database errors propagate (the task retries them).
+    """Score the study of ``job_id``: claim, select, record, load, predict, save, finish.
+    Database errors propagate (the task retries them); any other error while scoring ends the job
+    by :func:`fail`.
 
-    ``networks`` gives the worker process's loaded networks (None: threshold method); it is
-    called inside the job, so unusable configured weights fail the job with their reason.
+    ``networks`` gives the worker process's loaded networks (None: threshold method).
     ``export`` hands a result to the export queue (results back to the PACS, when enabled).
     """
     job = claim_job(session_factory, job_id, worker or socket.gethostname(), max_attempts=settings.job_max_attempts,
                     heartbeat_timeout_seconds=settings.job_heartbeat_timeout_seconds)
     if job is None:
         return JobOutcome(job_id, "skipped")
-    try:
-        with JobHeartbeat(session_factory, job, settings.job_heartbeat_interval_seconds,
-                          settings.processing_timeout_seconds):
-            return _run_claimed(job, session_factory, settings, networks, export)
-    except DBAPIError:
-        let_go(session_factory, job)
-        raise
-
-
-def _run_claimed(job: Job, session_factory: sessionmaker[Session], settings: Settings,
-                 networks: Callable[[], TriageNetworks | None] | None, export: EnqueueExport | None) -> JobOutcome:
-    """The body of :func:`run_job` once the job is claimed (its heartbeat runs meanwhile)."""
-    job_id = job.id
-    try:
-        slices, paths = study_slices(session_factory, job.study_id)
-        criteria = SeriesCriteria.from_settings(settings)
-        reusable = reusable_result(session_factory, job, slices, criteria)
-        if reusable is not None:
-            reuse_result(session_factory, job, *reusable, settings)
-            log.info("same instances as the latest result: reused", extra={"job_id": job_id})
-            return JobOutcome(job_id, "reused")
-        predictor = predictor_for(networks() if networks is not None else None, settings.inplane_spacing_mm)
-        score = score_study(slices, paths, predictor, criteria=criteria,
-                            on_selection=lambda selection: record_selection(session_factory, job, selection))
-    except DBAPIError:
-        raise  # transient: the task retries, the study stays processing
-    except Exception as exc:
-        if study_state(exc) == REJECTED:  # the images cannot be scored: no retry (app.errors' table)
-            log.info("study rejected", extra={"job_id": job_id, "reason_type": reason_code(exc)})
-            finish_with_error(session_factory, job, StudyState.rejected, str(exc), reason_code(exc))
-            return JobOutcome(job_id, "rejected", str(exc))
-        if out_of_memory(exc):  # maybe only this worker's moment: try again, up to job_max_attempts
-            reason = "out of memory while scoring" + (" (GPU)" if not isinstance(exc, MemoryError) else "")
-            log.warning("scoring ran out of memory", extra={"job_id": job_id, "attempt": job.attempts})
-            release_job(session_factory, job, reason)
-            return JobOutcome(job_id, "retry", reason)
-        # A bug or an input we did not foresee: fail visibly, keep the data.
-        reason = f"scoring failed: {type(exc).__name__}: {exc}"
-        log.exception("scoring failed", extra={"job_id": job_id})
-        finish_with_error(session_factory, job, StudyState.failed, reason, reason_code(exc))
-        return JobOutcome(job_id, "failed", reason)
-    score = with_derived_files(score, session_factory, job, settings)
-    score = replace(score, details={**score.details, INSTANCES_SHA256: instances_sha256(slices, score.series_uid)})
-    write_result(session_factory, job, score, settings)
-    if settings.export_enabled and export is not None:
-        queue_exports(session_factory, job.id, export)  # never raises
-    log.info("study scored", extra={"job_id": job_id, "severity": round(score.severity.severity, 2),
-                                    "seconds": score.timings.get("total")})
-    return JobOutcome(job_id, "scored")
+    criteria, timer = SeriesCriteria.from_settings(settings), StepTimer()
+    with held(session_factory, job, settings):
+        try:
+            slices, paths = study_slices(session_factory, job.study_id)
+            with timer.step("select"):
+                selection = select_series(slices, criteria)
+            record_selection(session_factory, job, selection)  # before a rejection too: each series' reason
+            previous = reusable_result(session_factory, job, slices, selection)
+            if previous is not None:
+                return reuse_result(session_factory, job, previous, settings)
+            predictor = configured_predictor(networks, settings)
+            chosen = selection.require()
+            with timer.step("load"):
+                volume = load_series(chosen, slices, paths)
+            score = predict(chosen, volume, predictor, criteria, timer)
+        except DBAPIError:
+            raise  # transient: the task retries, the study stays processing
+        except Exception as exc:
+            return fail(session_factory, job, exc)
+        score = save_files(score, session_factory, job, settings)
+        return finish(session_factory, job, score, slices, settings, export)

@@ -110,10 +110,15 @@ def score_study(
     if on_selection is not None:  # before a rejection too: each series shows its own reason
         on_selection(selection)
     chosen = selection.require()
-    chosen_uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == chosen})
     with timer.step("load"):
-        volume = hu_volume(read_datasets([paths[uid] for uid in chosen_uids]))
+        volume = load_series(chosen, slices, paths)
     return score_volume(chosen, volume, predictor, criteria=criteria, timer=timer)
+
+
+def load_series(series_uid: str, slices: Sequence[SliceHeader], paths: dict[str, Path]) -> CtVolume:
+    """The HU volume of one series, from the files of its instances."""
+    uids = sorted({s.sop_instance_uid for s in slices if s.series_uid == series_uid})
+    return hu_volume(read_datasets([paths[uid] for uid in uids]))
 
 
 def check_scoring_grid(volume: CtVolume, criteria: SeriesCriteria) -> None:

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.assembly import Enqueue
+from app.broker import Broker
 from app.errors import InvalidQueryError
 from app.settings import Settings
 
@@ -23,8 +23,8 @@ def get_session_factory(request: Request) -> sessionmaker[Session]:
     return request.app.state.session_factory  # type: ignore[no-any-return]
 
 
-def get_enqueue(request: Request) -> Enqueue | None:
-    return request.app.state.enqueue  # type: ignore[no-any-return]
+def get_broker(request: Request) -> Broker | None:
+    return request.app.state.broker  # type: ignore[no-any-return]
 
 
 def get_session(factory: Annotated[sessionmaker[Session], Depends(get_session_factory)]) -> Iterator[Session]:
@@ -52,5 +52,5 @@ def get_day_zone(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 SessionDep = Annotated[Session, Depends(get_session)]
-EnqueueDep = Annotated["Enqueue | None", Depends(get_enqueue)]
+BrokerDep = Annotated["Broker | None", Depends(get_broker)]
 DayZoneDep = Annotated[tzinfo, Depends(get_day_zone)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import MutableHeaders
@@ -12,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import __version__
 from app.api import routes_admin, routes_exports, routes_health, routes_pages, routes_studies
 from app.api.problems import CatchUnexpected, RefuseNul, install_problem_handlers
-from app.assembly import Enqueue
+from app.broker import Broker
 from app.settings import Settings
 
 
@@ -38,16 +36,14 @@ class NoStoreForApi:
         await self.app(scope, receive, send_no_store)
 
 
-def create_app(settings: Settings, session_factory: sessionmaker[Session], enqueue: Enqueue | None,
-               broker_ping: Callable[[], None] | None = None) -> FastAPI:
-    """``enqueue`` hands a job to the broker (None: rescoring waits for the assembler's relay);
-    ``broker_ping`` raises when the broker is unreachable (readiness)."""
+def create_app(settings: Settings, session_factory: sessionmaker[Session], broker: Broker | None) -> FastAPI:
+    """``broker`` takes rescores and export retries, and is probed for readiness (None: no broker;
+    the assembler's outbox relay hands rescores over)."""
     app = FastAPI(title="cttriage", version=__version__,
                   description="Chest CT triage: COVID-19 identification and max-lung severity worklist.")
     app.state.settings = settings
     app.state.session_factory = session_factory
-    app.state.enqueue = enqueue
-    app.state.broker_ping = broker_ping
+    app.state.broker = broker
     install_problem_handlers(app)
     app.add_middleware(NoStoreForApi)
     app.add_middleware(RefuseNul)

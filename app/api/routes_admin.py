@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 
 from app import admin
 from app.api.auth import Admin
-from app.api.deps import DayZoneDep, EnqueueDep, Offset, SessionDep, SessionFactoryDep, SettingsDep
-from app.api.routes_studies import rescore_study
+from app.api.deps import BrokerDep, DayZoneDep, Offset, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.rescoring import rescore
 from app.api.schemas import RescoreAccepted
 from app.api.schemas_admin import (
     AuditEventOut,
@@ -28,6 +28,7 @@ from app.api.schemas_admin import (
     PriorLookupOut,
     PriorLookups,
 )
+from app.broker import Broker
 from app.db.models import AuditEvent, PriorLookup, Study, StudyState
 from app.dicom.storage import DERIVED_DIR
 from app.security import record_audit
@@ -52,27 +53,26 @@ def _cached(request: Request, name: str, ttl: float, compute: Any, token: Any = 
     return cache[name].get(token)
 
 
-def _celery_ping(request: Request, settings: Settings) -> CeleryPing:
+def _celery_ping(broker: Broker | None, settings: Settings) -> CeleryPing:
     """Workers answering a broadcast ping through the broker (Redis in production)."""
     if settings.embedded_broker:
         return CeleryPing(checked=False, note="the embedded SQLite broker has no broadcast; see workers (from jobs)")
-    from worker.celery_app import create_celery, ping_broker
-
-    celery_app = _cached(request, "celery_app", float("inf"), lambda: create_celery(settings))
+    if broker is None:
+        return CeleryPing(checked=False, note="no broker given to this API")
     try:
-        ping_broker(celery_app)  # fails fast when the broker is down (inspect alone retries for long)
-        replies = celery_app.control.inspect(timeout=PING_TIMEOUT).ping() or {}
+        responding = broker.responding_workers(PING_TIMEOUT)
     except Exception as exc:  # broker unreachable: say so, the rest of the overview still stands
         return CeleryPing(checked=False, note=f"broker unreachable: {type(exc).__name__}")
-    return CeleryPing(checked=True, responding=sorted(replies))
+    return CeleryPing(checked=True, responding=responding)
 
 
 @router.get("/overview", response_model=Overview)
-def get_overview(request: Request, session: SessionDep, settings: SettingsDep, _principal: Admin) -> Overview:
+def get_overview(request: Request, session: SessionDep, settings: SettingsDep, broker: BrokerDep,
+                 _principal: Admin) -> Overview:
     derived = _cached(request, "derived_bytes", STORAGE_WALK_TTL,
                       lambda: admin.directory_bytes(settings.storage_root / DERIVED_DIR),
                       token=admin.derived_version(session))
-    celery = _cached(request, "celery_ping", PING_TTL, lambda: _celery_ping(request, settings))
+    celery = _cached(request, "celery_ping", PING_TTL, lambda: _celery_ping(broker, settings))
     return Overview(**admin.overview(session, settings.storage_root, derived), celery=celery)
 
 
@@ -97,9 +97,9 @@ def get_failures(
 
 
 @router.post("/studies/{study_uid:path}/retry", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)
-def retry_study(study_uid: str, factory: SessionFactoryDep, enqueue: EnqueueDep, principal: Admin) -> RescoreAccepted:
+def retry_study(study_uid: str, factory: SessionFactoryDep, broker: BrokerDep, principal: Admin) -> RescoreAccepted:
     """Score the study again (a new version, audited): the same as ``POST /api/studies/{uid}/rescore``."""
-    return rescore_study(study_uid, factory, enqueue, principal)
+    return rescore(factory, broker, study_uid, principal)
 
 
 @router.get("/export.{fmt}", response_class=StreamingResponse,

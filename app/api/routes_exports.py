@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, status
 from pydantic import BaseModel
 from sqlalchemy import select
 
 from app.api.auth import Admin
-from app.api.deps import Offset, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.deps import BrokerDep, Offset, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.schemas import ExportOut
 from app.db.models import Export, ExportState, Study
 from app.errors import ConflictError, NotFoundError
+from app.lifecycle import reset_export
 from app.security import record_audit
-from app.settings import Settings
-from worker.exports import EnqueueExport, reset_export
 
 router = APIRouter(prefix="/api/admin/exports", tags=["admin"])
 
@@ -29,17 +28,6 @@ class ExportRetryAccepted(BaseModel):
     export: ExportOut
     #: False when the broker could not be reached: the export stays pending; retry again later.
     enqueued: bool
-
-
-def export_enqueuer(request: Request, settings: Settings) -> EnqueueExport:
-    """The hand-off to the export queue, made once per application (tests may set their own)."""
-    enqueue: EnqueueExport | None = getattr(request.app.state, "enqueue_export", None)
-    if enqueue is None:
-        from worker.celery_app import create_celery, enqueue_export
-
-        celery_app = create_celery(settings)
-        enqueue = request.app.state.enqueue_export = lambda result_id: enqueue_export(celery_app, result_id)
-    return enqueue
 
 
 @router.get("", response_model=list[ExportListItem])
@@ -59,7 +47,7 @@ def list_exports(
 
 
 @router.post("/{export_id}/retry", response_model=ExportRetryAccepted, status_code=status.HTTP_202_ACCEPTED)
-def retry_export(export_id: int, request: Request, factory: SessionFactoryDep, settings: SettingsDep,
+def retry_export(export_id: int, factory: SessionFactoryDep, settings: SettingsDep, broker: BrokerDep,
                  principal: Admin) -> ExportRetryAccepted:
     """Send it again, with a fresh set of attempts (after the node or the network is fixed)."""
     if not settings.export_enabled:
@@ -71,8 +59,7 @@ def retry_export(export_id: int, request: Request, factory: SessionFactoryDep, s
         study_uid = session.execute(select(Study.study_uid).where(Study.id == row.study_id)).scalar_one()
         record_audit(session, principal, "retry_export", study_uid, f"export {export_id} ({row.kind})")
     try:
-        export_enqueuer(request, settings)(row.result_id)
-        enqueued = True
-    except Exception:  # broker down: the row is pending, the next retry hands it over
+        enqueued = broker is not None and bool(broker.enqueue_export(row.result_id))
+    except Exception:  # broker down: the row is pending, the assembler's outbox relay hands it over
         enqueued = False
     return ExportRetryAccepted(export=ExportOut.model_validate(row), enqueued=enqueued)

@@ -40,10 +40,10 @@ def healthz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
 def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Readiness: database, broker and storage (exists, writable, above the free-space floor)."""
     checks: dict[str, str] = {"database": _database_ok(session) or "ok"}
-    ping = request.app.state.broker_ping
+    broker = request.app.state.broker
     try:
-        if ping is not None:
-            ping()
+        if broker is not None:
+            broker.ping()
         checks["broker"] = "ok"
     except Exception as exc:  # any failure to reach the broker
         checks["broker"] = type(exc).__name__

@@ -17,8 +17,9 @@ from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Admin, Radiologist
-from app.api.deps import DayZoneDep, EnqueueDep, Offset, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.deps import BrokerDep, DayZoneDep, Offset, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.problems import problem
+from app.api.rescoring import rescore
 from app.api.schemas import (
     PatientStudies,
     PatientStudyOut,
@@ -30,13 +31,11 @@ from app.api.schemas import (
     Worklist,
     WorklistItem,
 )
-from app.assembly import dispatch_pending_jobs, request_rescore
 from app.counters import INSTANCES_TOO_LARGE, add_counts
 from app.db.models import QuarantinedFile, Result, Series, Study, StudyState
-from app.dicom.storage import IncomingFile
-from app.errors import CtTriageError, InstanceTooLargeError, InvalidDicomError, NotFoundError
-from app.ingest import describe_instance, quarantine_bytes, store_instance
+from app.errors import InstanceTooLargeError, InvalidDicomError, NotFoundError, QuarantinedError
 from app.priors import patient_studies, trend
+from app.receive import Origin, receive_instance
 from app.security import record_audit
 from app.settings import Settings
 from app.worklist import worklist_order, worklist_query
@@ -46,6 +45,8 @@ router = APIRouter(prefix="/api", tags=["studies"])
 #: Upload limits: a whole CT study zipped is a few hundred MB at most.
 MAX_ZIP_MEMBERS = 20000
 ItemT = TypeVar("ItemT", bound=WorklistItem)
+#: ``source`` of what arrives by upload.
+UPLOAD = "upload"
 
 
 @router.get("/worklist", response_model=Worklist)
@@ -199,27 +200,18 @@ def _too_large(factory: SessionFactoryDep, detail: str) -> None:
 
 
 def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factory: SessionFactoryDep) -> UploadedFile:
-    """Store one instance as C-STORE would, or quarantine it with the reason. Only errors that a
-    retry can cure (storage full, database away) propagate; whatever a bad file makes pydicom
-    raise (zlib, recursion, index errors) is a quarantine with the exception's type, not its
-    message, which may quote element values."""
-    common = {"storage_root": settings.storage_root, "session_factory": factory, "source": "upload"}
+    """Store one instance as C-STORE would (:func:`app.receive.receive_instance`); unreadable
+    bytes are quarantined, a line of the report. Errors that a retry can cure (storage full,
+    database away) propagate as the request's HTTP problem."""
+    def decode() -> tuple[pydicom.Dataset, str]:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        return ds, str(ds.file_meta.TransferSyntaxUID)
+
     try:
-        with IncomingFile(settings.storage_root, data, min_free_bytes=settings.min_free_bytes) as incoming:
-            try:
-                ds = pydicom.dcmread(io.BytesIO(data), force=False)
-                received = describe_instance(ds, str(ds.file_meta.TransferSyntaxUID))
-            except CtTriageError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on bad bytes
-                raise InvalidDicomError(f"not a readable DICOM Part 10 file ({type(exc).__name__})") from exc
-            stored = store_instance(incoming, received, calling_aet=None, own_objects=settings.own_objects,
-                                    **common)  # type: ignore[arg-type]
-    except InvalidDicomError as exc:  # read fine or not at all: say what is wrong with it, keep the bytes
-        reason = str(exc)
-        quarantine_bytes(data, reason, original_name=name, min_free_bytes=settings.min_free_bytes,
-                         max_total_bytes=settings.quarantine_max_bytes, **common)  # type: ignore[arg-type]
-        return UploadedFile(filename=name, stored=False, status="quarantined", error=reason)
+        stored = receive_instance(data, decode, Origin(UPLOAD, name=name), settings, factory,
+                                  unreadable="not a readable DICOM Part 10 file")
+    except QuarantinedError as exc:
+        return UploadedFile(filename=name, stored=False, status="quarantined", error=str(exc))
     return UploadedFile(filename=name, stored=True, status="duplicate" if stored.duplicate else "stored",
                         study_uid=stored.study_uid, sop_instance_uid=stored.sop_instance_uid,
                         duplicate=stored.duplicate)
@@ -273,15 +265,10 @@ def _audit_upload(outcomes: list[UploadedFile], factory: SessionFactoryDep, prin
 
 
 @router.post("/studies/{study_uid:path}/rescore", response_model=RescoreAccepted, status_code=status.HTTP_202_ACCEPTED)
-def rescore_study(study_uid: str, factory: SessionFactoryDep, enqueue: EnqueueDep,
+def rescore_study(study_uid: str, factory: SessionFactoryDep, broker: BrokerDep,
                   principal: Admin) -> RescoreAccepted:
-    job_id = request_rescore(factory, study_uid)
-    if job_id is None:
-        raise NotFoundError(f"no study {study_uid}")
-    with factory.begin() as session:
-        record_audit(session, principal, "rescore", study_uid, f"job {job_id}")
-    enqueued = bool(enqueue and dispatch_pending_jobs(factory, enqueue))
-    return RescoreAccepted(study_uid=study_uid, job_id=job_id, enqueued=enqueued)
+    """Score the study again (a new version, audited), e.g. after a new model is installed."""
+    return rescore(factory, broker, study_uid, principal)
 
 
 @router.get("/quarantine", response_model=list[QuarantinedOut])

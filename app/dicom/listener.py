@@ -1,11 +1,11 @@
 """The DICOM listener: a pynetdicom Storage + Verification SCP, modelled on ``apps/storescp``.
 
 One handler per DIMSE service (C-ECHO, C-STORE) plus one that reports what an association
-delivered when its connection closes. ``handle_store`` writes the dataset exactly as the peer
-encoded it (``event.encoded_dataset()``, never decoded and re-encoded), durably, records it in
-the database, and only then answers success. Every failure is turned into a C-STORE status in
-one place (:func:`handle_store`): typed errors answer their ``dicom_status``, anything else
-answers 0xC000 and the listener keeps serving.
+delivered when its connection closes. ``handle_store`` hands the dataset exactly as the peer
+encoded it (never decoded and re-encoded) to :func:`app.receive.receive_instance`, the receive
+sequence the upload shares, and answers success once it is durable and recorded. Every failure
+is turned into a C-STORE status in one place (:func:`handle_store`, by ``app.errors.dicom_status``):
+typed errors answer their own status, anything else answers 0xC000 and the listener keeps serving.
 
 Logs are structured (``extra``) and carry no patient data: calling AE titles, statuses and
 counts at info, study/series UIDs at debug only.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
 
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -59,21 +59,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import mark_released
 from app.counters import ASSOCIATIONS_REFUSED, INSTANCES_TOO_LARGE, EventCounters
-from app.dicom.storage import IncomingFile
-from app.errors import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_SUCCESS,
-    CtTriageError,
-    InstanceTooLargeError,
-    InvalidDicomError,
-)
-from app.ingest import (
-    ReceivedInstance,
-    describe_instance,
-    quarantine_bytes,
-    store_instance,
-)
+from app.errors import STATUS_SUCCESS, TYPED_ERRORS, InstanceTooLargeError, dicom_status
 from app.liveness import ListenerHeartbeat, listener_name
+from app.receive import Origin, receive_instance
 from app.series_selection import SeriesCriteria
 from app.settings import Settings
 
@@ -197,19 +185,6 @@ class ListenerContext:
     def count(self, name: str, label: str) -> None:
         if self.counters is not None:
             self.counters.add(name, label)
-
-    def receive(self, data: bytes) -> IncomingFile:
-        """Start writing received bytes under the storage root (refused below the free-space floor)."""
-        return IncomingFile(self.settings.storage_root, data, min_free_bytes=self.settings.min_free_bytes)
-
-    def ingest_kwargs(self, calling_aet: str) -> dict[str, Any]:
-        """Where and how ``store_instance`` keeps what this listener receives."""
-        return {
-            "storage_root": self.settings.storage_root,
-            "session_factory": self.session_factory,
-            "source": SOURCE,
-            "calling_aet": calling_aet,
-        }
 
 
 class SharedSocketServer(ThreadedAssociationServer):
@@ -441,36 +416,20 @@ def handle_store(event: Event, context: ListenerContext) -> int:
     try:
         _check_size(event, context)
         file_meta = event.file_meta
-        with context.receive(_part10_bytes(event, file_meta)) as incoming:  # flushed while we read the header
-            received = _describe(event, file_meta)
-            stored = store_instance(incoming, received, own_objects=context.settings.own_objects,
-                                    **context.ingest_kwargs(calling_aet))
-    except CtTriageError as exc:
-        if isinstance(exc, InvalidDicomError):  # retrying will not help: keep the bytes for an admin
-            _quarantine(event, context, str(exc), calling_aet)
-        return _failed(context, event, exc.dicom_status, type(exc).__name__, str(exc), calling_aet)
+        origin = Origin(SOURCE, calling_aet, str(event.request.AffectedSOPInstanceUID or "") or None)
+        stored = receive_instance(_part10_bytes(event, file_meta), lambda: _decoded(event, file_meta), origin,
+                                  context.settings, context.session_factory, unreadable="dataset cannot be decoded")
     except Exception as exc:  # noqa: BLE001 - the listener must keep serving
-        # The message of an arbitrary exception may quote element values: log the stack only.
-        log.error(
-            "unexpected error while storing an instance",
-            extra={
-                "calling_aet": calling_aet,
-                "error": type(exc).__name__,
-                "stack": "".join(traceback.format_tb(exc.__traceback__)),
-            },
-        )
-        return _failed(context, event, STATUS_CANNOT_UNDERSTAND, type(exc).__name__, None, calling_aet)
-    context.tally.add(event.assoc, "duplicate" if stored.duplicate else "stored", received.study_uid,
-                      received.series_uid)
-    log.debug(
-        "stored instance",
-        extra={
-            "calling_aet": calling_aet,
-            "study_uid": received.study_uid,
-            "series_uid": received.series_uid,
-            "duplicate": stored.duplicate,
-        },
-    )
+        if not isinstance(exc, TYPED_ERRORS):  # its message may quote element values: log the stack only
+            log.error("unexpected error while storing an instance", extra={
+                "calling_aet": calling_aet, "error": type(exc).__name__,
+                "stack": "".join(traceback.format_tb(exc.__traceback__))})
+        reason = str(exc) if isinstance(exc, TYPED_ERRORS) else None
+        return _failed(context, event, dicom_status(exc), type(exc).__name__, reason, calling_aet)
+    context.tally.add(event.assoc, "duplicate" if stored.duplicate else "stored", stored.study_uid,
+                      stored.series_uid)
+    log.debug("stored instance", extra={"calling_aet": calling_aet, "study_uid": stored.study_uid,
+                                        "series_uid": stored.series_uid, "duplicate": stored.duplicate})
     return STATUS_SUCCESS
 
 
@@ -491,37 +450,12 @@ def _part10_bytes(event: Event, file_meta: FileMetaDataset) -> bytes:
     return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), dataset))
 
 
-def _describe(event: Event, file_meta: FileMetaDataset) -> ReceivedInstance:
-    """Decode the dataset and read what we index on; any decoding failure is InvalidDicomError.
-
-    pydicom decodes lazily, so a malformed element only fails when it is first read, which is
-    inside :func:`describe_instance`.
-    """
-    try:
-        ds = event.dataset
-        # As storescp does: the received dataset has no file meta, and header readers look for
-        # the transfer syntax there.
-        ds.file_meta = file_meta
-        return describe_instance(ds, event.context.transfer_syntax)
-    except CtTriageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on bad bytes
-        raise InvalidDicomError(f"dataset cannot be decoded ({type(exc).__name__})") from exc
-
-
-def _quarantine(event: Event, context: ListenerContext, reason: str, calling_aet: str) -> None:
-    """Keep bytes we could not attach to a study, when there is room and a database for them."""
-    try:
-        quarantine_bytes(
-            event.encoded_dataset(),
-            reason,
-            original_name=str(event.request.AffectedSOPInstanceUID or "") or None,
-            min_free_bytes=context.settings.min_free_bytes,
-            max_total_bytes=context.settings.quarantine_max_bytes,
-            **context.ingest_kwargs(calling_aet),
-        )
-    except Exception as exc:  # noqa: BLE001 - the answer is 0xC000 either way
-        log.warning("could not quarantine an instance", extra={"calling_aet": calling_aet, "error": type(exc).__name__})
+def _decoded(event: Event, file_meta: FileMetaDataset) -> tuple[Dataset, str]:
+    """The received dataset with its file meta (as storescp does: header readers look for the
+    transfer syntax there), and the transfer syntax it was sent in."""
+    ds = event.dataset
+    ds.file_meta = file_meta
+    return ds, event.context.transfer_syntax
 
 
 def _failed(

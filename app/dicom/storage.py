@@ -92,8 +92,8 @@ class IncomingFile:
     it to its UID path and fsyncs that folder; :meth:`keep` marks it as committed. When the ``with``
     block ends, bytes not kept are removed again, so a failed record leaves no file without a row.
 
-    No thread: one handed Python work waits for the GIL while the caller decodes headers, which
-    delayed the disk write by a millisecond or more (measured in the listener, issue 2).
+    No thread: one handed the write would wait for the GIL while the caller decodes headers,
+    delaying the disk write by a millisecond or more.
     Raises StorageFullError or StorageWriteError.
     """
 

@@ -1,0 +1,70 @@
+"""The receive sequence shared by C-STORE (``app.dicom.listener``) and the HTTP upload
+(``app.api.routes_studies``): write, describe, record, place, commit.
+
+The bytes are written (flushed) while the header is read; the instance is recorded and its file
+placed in one transaction (:func:`app.ingest.store_instance`). Unreadable bytes are kept in the
+quarantine for an admin. Every failure leaves as a typed error (``app.errors``), which each caller
+maps once: the listener to a C-STORE status, the API to an HTTP problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.dicom.storage import IncomingFile
+from app.errors import CtTriageError, InvalidDicomError, QuarantinedError
+from app.ingest import ReceivedInstance, StoredInstance, describe_instance, quarantine_bytes, store_instance
+from app.settings import Settings
+
+#: Decodes the received bytes: the dataset and the transfer syntax it was sent in.
+Decode = Callable[[], tuple[Dataset, str]]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an instance came from, kept with its rows."""
+
+    source: str  # "dicom" or "upload"
+    calling_aet: str | None = None
+    #: The sender's name for the bytes (a file name, the affected SOP instance UID), kept with a quarantine.
+    name: str | None = None
+
+
+def receive_instance(data: bytes, decode: Decode, origin: Origin, settings: Settings,
+                     session_factory: sessionmaker[Session], *, unreadable: str) -> StoredInstance:
+    """Store one instance durably and record it. Raises typed errors only for what the receive
+    itself names; unreadable bytes (whatever pydicom raises on them is ``unreadable`` with the
+    exception's type, never its message, which may quote element values) raise
+    :class:`QuarantinedError` once kept in the quarantine."""
+    try:
+        with IncomingFile(settings.storage_root, data, min_free_bytes=settings.min_free_bytes) as incoming:
+            received = _describe(decode, unreadable)
+            return store_instance(incoming, received, storage_root=settings.storage_root,
+                                  session_factory=session_factory, source=origin.source,
+                                  calling_aet=origin.calling_aet, own_objects=settings.own_objects)
+    except InvalidDicomError as exc:  # retrying will not help: keep the bytes for an admin
+        raise _quarantine(data, exc, origin, settings, session_factory) from exc
+
+
+def _describe(decode: Decode, unreadable: str) -> ReceivedInstance:
+    """pydicom decodes lazily: a malformed element fails when first read, inside :func:`describe_instance`."""
+    try:
+        return describe_instance(*decode())
+    except CtTriageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on bad bytes
+        raise InvalidDicomError(f"{unreadable} ({type(exc).__name__})") from exc
+
+
+def _quarantine(data: bytes, error: InvalidDicomError, origin: Origin, settings: Settings,
+                session_factory: sessionmaker[Session]) -> QuarantinedError:
+    """Keep the bytes with the reason; a failure to keep them (storage full, database away)
+    propagates, to be answered as itself."""
+    quarantine_bytes(data, str(error), storage_root=settings.storage_root, session_factory=session_factory,
+                     source=origin.source, calling_aet=origin.calling_aet, original_name=origin.name,
+                     min_free_bytes=settings.min_free_bytes, max_total_bytes=settings.quarantine_max_bytes)
+    return QuarantinedError(str(error))
