@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,7 @@ EXPORT_COLUMNS = (
 
 
 def export_query(states: Sequence[str] | None, received_from: date | None, received_to: date | None,
-                 bands: Sequence[int] | None = None, zone: tzinfo = timezone.utc) -> Select[Any]:
+                 bands: Sequence[int] | None = None, zone: tzinfo = UTC) -> Select[Any]:
     """One row per scoring (every rescore kept; ``latest`` marks the study's newest), and one row
     for a study never scored; the study filters are the worklist's."""
     newest = select(Result.study_id, func.max(Result.id).label("newest_id")).group_by(Result.study_id).subquery()

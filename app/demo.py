@@ -14,7 +14,7 @@ from app.settings import Settings
 
 def _get_json(url: str, key: str) -> dict:  # type: ignore[type-arg]
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our own local API
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 

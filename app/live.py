@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -88,6 +88,10 @@ class WorklistWatcher:
         finally:  # whatever ended it, the next listener starts a new watch
             self._task = None
 
+    def _moved_on_from(self, seen: int) -> Callable[[], bool]:
+        """A predicate for the condition: the worklist changed since generation ``seen``."""
+        return lambda: self.generation != seen
+
     async def changes(self, heartbeat: float = 15.0) -> AsyncIterator[int | None]:
         """Yield the generation once the watch is on (load the worklist now), then again after
         each change, and None after ``heartbeat`` seconds of quiet (send a keep-alive)."""
@@ -103,8 +107,8 @@ class WorklistWatcher:
             while True:
                 async with self._changed:
                     try:
-                        await asyncio.wait_for(self._changed.wait_for(lambda: self.generation != seen), heartbeat)
-                    except asyncio.TimeoutError:
+                        await asyncio.wait_for(self._changed.wait_for(self._moved_on_from(seen)), heartbeat)
+                    except TimeoutError:
                         pass
                 if self.generation == seen:
                     yield None

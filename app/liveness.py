@@ -71,7 +71,7 @@ class ListenerHeartbeat:
             with self.session_factory.begin() as session:
                 session.execute(delete(Listener).where(
                     Listener.heartbeat_at < utcnow() - timedelta(seconds=STALE_ROW_TIMEOUTS * self.timeout)))
-        except Exception as exc:  # noqa: BLE001 - only tidiness; the first beat reports the database
+        except Exception as exc:
             log.warning("stale listener rows not removed", extra={"error": type(exc).__name__})
         self._thread.start()
         self._first.wait(timeout=10)
@@ -97,5 +97,5 @@ class ListenerHeartbeat:
         try:
             with self.session_factory.begin() as session:
                 session.execute(delete(Listener).where(Listener.name == self.name))
-        except Exception as exc:  # noqa: BLE001 - the row goes stale instead
+        except Exception as exc:
             log.warning("listener row not removed", extra={"error": type(exc).__name__})

@@ -56,7 +56,7 @@ def _describe(decode: Decode, unreadable: str) -> ReceivedInstance:
         return describe_instance(*decode())
     except CtTriageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on bad bytes
+    except Exception as exc:
         raise InvalidDicomError(f"{unreadable} ({type(exc).__name__})") from exc
 
 

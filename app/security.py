@@ -29,7 +29,7 @@ MIN_DISTINCT_CHARACTERS = 10
 MIN_CHARACTER_KINDS = 2
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     radiologist = "radiologist"
     admin = "admin"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date, datetime, time, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 from sqlalchemy import Select, nulls_last, select
 
@@ -20,7 +20,7 @@ def worklist_order() -> tuple[object, ...]:
 
 def worklist_query(states: Sequence[str] | None = None, received_from: date | None = None,
                    received_to: date | None = None, bands: Sequence[int] | None = None,
-                   zone: tzinfo = timezone.utc, *, patient_id: str | None = None) -> Select[tuple[Study]]:
+                   zone: tzinfo = UTC, *, patient_id: str | None = None) -> Select[tuple[Study]]:
     """Studies matching the filters, unordered (callers add the order and the page).
 
     The days are calendar days in ``zone`` (the reader's, not the server's): from its midnight,

@@ -111,7 +111,7 @@ def score_item(item: BatchItem, predictor: Predictor, *, criteria: SeriesCriteri
     except TYPED_ERRORS as exc:
         return BatchRow(item.source, item.study_uid, None, "rejected", reason=str(exc),
                         seconds=round(time.perf_counter() - start, 2))
-    except Exception as exc:  # noqa: BLE001 - one unreadable file must not end a run over thousands
+    except Exception as exc:
         return BatchRow(item.source, item.study_uid, None, "failed", reason=f"{type(exc).__name__}: {exc}",
                         seconds=round(time.perf_counter() - start, 2))
     sev = score.severity

@@ -53,7 +53,7 @@ class WorkerResources:
         weights, CUDA start-up or compilation. A failure is logged here and reported by the jobs."""
         try:
             _ = self.networks
-        except Exception as exc:  # noqa: BLE001 - the jobs fail with the reason; the worker stays up
+        except Exception as exc:
             log.error("networks could not be loaded at worker start", extra={"error": type(exc).__name__,
                                                                              "reason": str(exc)})
 

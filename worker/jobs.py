@@ -111,7 +111,7 @@ def let_go(session_factory: sessionmaker[Session], job: Job) -> None:
     takes it over after the heartbeat timeout."""
     try:
         beat_job(session_factory, job, alive=False)
-    except Exception:  # noqa: BLE001 - see above
+    except Exception:
         pass
 
 

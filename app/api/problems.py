@@ -101,7 +101,7 @@ class CatchUnexpected:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a 500
+        except Exception as exc:
             log.error("unexpected error answering a request",
                       extra={"error": type(exc).__name__, "stack": "".join(traceback.format_tb(exc.__traceback__))})
             if not started:

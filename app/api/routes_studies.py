@@ -179,7 +179,7 @@ def _uploaded_instances(upload: UploadFile, settings: SettingsDep,
                     continue
                 try:
                     data = archive.read(member)
-                except Exception as exc:  # noqa: BLE001 - CRC error, encryption, unknown compression
+                except Exception as exc:
                     outcomes.append(_refused(member.filename, f"zip member cannot be unpacked ({type(exc).__name__})"))
                     continue
                 outcomes.append(_store_uploaded(member.filename, data, settings, factory))

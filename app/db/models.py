@@ -7,7 +7,7 @@ is one indexed query; the ``results`` table keeps every scoring, rescores includ
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -31,7 +31,7 @@ from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -45,16 +45,16 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class StudyState(str, enum.Enum):
+class StudyState(enum.StrEnum):
     receiving = "receiving"
     queued = "queued"
     processing = "processing"
@@ -63,7 +63,7 @@ class StudyState(str, enum.Enum):
     rejected = "rejected"
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     pending = "pending"  # written, not yet handed to the broker (outbox)
     enqueued = "enqueued"
     running = "running"
@@ -72,7 +72,7 @@ class JobState(str, enum.Enum):
     superseded = "superseded"  # a newer version of the study was queued
 
 
-class JobTrigger(str, enum.Enum):
+class JobTrigger(enum.StrEnum):
     """What queued a job: one of the two settle rules (``app.assembly``) or an admin's rescore."""
 
     settled = "settled"  # no instance arrived for settle_seconds
@@ -287,7 +287,7 @@ class Result(Base):
     study: Mapped[Study] = relationship(back_populates="results")
 
 
-class PriorLookupState(str, enum.Enum):
+class PriorLookupState(enum.StrEnum):
     pending = "pending"  # to be looked up
     running = "running"  # querying the PACS or retrieving
     retrieved = "retrieved"  # the prior was sent here; it is scored like any study, after new ones
@@ -314,13 +314,13 @@ class PriorLookup(Base):
     __table_args__ = (Index("ix_prior_lookups_state", "state"),)
 
 
-class ExportKind(str, enum.Enum):
+class ExportKind(enum.StrEnum):
     sr = "sr"  # Structured Report with the scores
     seg = "seg"  # Segmentation: right lung, left lung, lesions
     sc = "sc"  # Secondary Capture of the projection picture
 
 
-class ExportState(str, enum.Enum):
+class ExportState(enum.StrEnum):
     pending = "pending"  # to be sent (again)
     sent = "sent"
     failed = "failed"  # attempts exhausted or the object could not be built; an admin may retry

@@ -406,7 +406,7 @@ def handle_released(event: Event, context: ListenerContext) -> None:
     try:
         mark_released(context.session_factory, delivered, SeriesCriteria.from_settings(settings),
                       settings.settle_after_release_seconds)
-    except Exception as exc:  # noqa: BLE001 - the studies settle by silence instead
+    except Exception as exc:
         log.warning("release not recorded; studies settle by silence", extra={"error": type(exc).__name__})
 
 
@@ -419,7 +419,7 @@ def handle_store(event: Event, context: ListenerContext) -> int:
         origin = Origin(SOURCE, calling_aet, str(event.request.AffectedSOPInstanceUID or "") or None)
         stored = receive_instance(_part10_bytes(event, file_meta), lambda: _decoded(event, file_meta), origin,
                                   context.settings, context.session_factory, unreadable="dataset cannot be decoded")
-    except Exception as exc:  # noqa: BLE001 - the listener must keep serving
+    except Exception as exc:
         if not isinstance(exc, TYPED_ERRORS):  # its message may quote element values: log the stack only
             log.error("unexpected error while storing an instance", extra={
                 "calling_aet": calling_aet, "error": type(exc).__name__,

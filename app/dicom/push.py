@@ -115,7 +115,7 @@ def push_datasets(datasets: Sequence[Dataset], *, host: str, port: int, called_a
             break
         again = _push_once([datasets[i] for i in unanswered], host=host, port=port, called_aet=called_aet,
                            calling_aet=calling_aet, timeout=timeout)
-        for i, status in zip(unanswered, again):
+        for i, status in zip(unanswered, again, strict=True):
             statuses[i] = status
     return statuses
 
