@@ -71,6 +71,8 @@ def worker_activity(session: Session, now: datetime, window: timedelta = WINDOWS
     ).all()
     workers: dict[str, dict[str, Any]] = {}
     for name, state, finished_at in rows:
+        if name is None:  # never: the query leaves jobs without a worker out
+            continue
         entry = workers.setdefault(name, {"name": name, "jobs_finished": 0, "running": 0, "last_finished_at": None})
         if state == JobState.running.value:
             entry["running"] += 1

@@ -21,8 +21,9 @@ import logging
 import threading
 import time
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import Broker
@@ -84,12 +85,12 @@ def mark_released(session_factory: sessionmaker[Session], delivered: dict[str, s
         if not headers or select_series(headers, criteria).chosen is None:
             continue
         with session_factory.begin() as session:
-            updated = session.execute(
+            updated = cast("CursorResult[Any]", session.execute(
                 update(Study)
                 .where(Study.study_uid == study_uid, Study.state == StudyState.receiving.value,
                        Study.last_received_at <= now)
                 .values(settle_due_at=now + timedelta(seconds=quiet_seconds))
-            ).rowcount
+            )).rowcount
         if updated:
             marked.append(study_uid)
     if marked:

@@ -117,7 +117,7 @@ def cmd_implant(args: argparse.Namespace) -> int:
         datasets = read_series(source)
         result = implant_series(datasets, lung=args.lung, fraction=args.fraction, seed=args.seed,
                                 hu_range=(args.hu_min, args.hu_max))
-    except (*TYPED_ERRORS, ValueError) as exc:  # unreadable input, not one series, no lungs, too big a fraction
+    except TYPED_ERRORS + (ValueError,) as exc:  # unreadable input, not one series, no lungs, too big a fraction
         print(f"cttriage implant: {source}: {exc}", file=sys.stderr)
         return 2
     truth = write_implanted(result, Path(args.out), source)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,9 +33,9 @@ def add_counts(session_factory: sessionmaker[Session], counts: Counter[tuple[str
         try:
             with session_factory.begin() as session:
                 for (name, label), n in counts.items():
-                    done = session.execute(
+                    done = cast("CursorResult[Any]", session.execute(
                         update(EventCount).where(EventCount.name == name, EventCount.label == label)
-                        .values(count=EventCount.count + n, updated_at=utcnow())).rowcount
+                        .values(count=EventCount.count + n, updated_at=utcnow()))).rowcount
                     if not done:
                         session.add(EventCount(name=name, label=label, count=n, updated_at=utcnow()))
             return

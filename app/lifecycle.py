@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import generate_uid
-from sqlalchemy import bindparam, case, false, func, null, or_, select, update
+from sqlalchemy import CursorResult, Update, bindparam, case, false, func, null, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import (
@@ -88,7 +88,7 @@ STUDY_ADDED_TO = (
 )
 
 
-def study_changed(never_scored: bool) -> Any:
+def study_changed(never_scored: bool) -> Update:
     """The study update for one instance more or less: reopening only when it may change the scoring."""
     return STUDY_ADDED_TO if never_scored else STUDY_REOPENED
 
@@ -138,11 +138,11 @@ def queue_settled_studies(session_factory: sessionmaker[Session], settle_seconds
     for study_id, version, trigger in candidates:
         with session_factory.begin() as session:
             # Claim the study only if nothing changed since we looked (another assembler, new data).
-            claimed = session.execute(
+            claimed = cast("CursorResult[Any]", session.execute(
                 update(Study)
                 .where(Study.id == study_id, Study.version == version, settled)
                 .values(state=StudyState.queued.value, settle_due_at=None)
-            ).rowcount
+            )).rowcount
             if not claimed:
                 continue
             study = session.get(Study, study_id)
@@ -175,10 +175,10 @@ def release_running_jobs(session_factory: sessionmaker[Session]) -> int:
     the processing timeout (the embedded broker never hands a fetched message out again).
     Returns how many."""
     with session_factory.begin() as session:
-        released = session.execute(
+        released = cast("CursorResult[Any]", session.execute(
             update(Job).where(Job.state == JobState.running.value)
             .values(state=JobState.pending.value, error="re-queued: the service stopped while it ran")
-        ).rowcount
+        )).rowcount
     if released:
         log.warning("jobs cut off by the last stop re-queued", extra={"count": released})
     return released
@@ -206,21 +206,22 @@ def requeue_stale_jobs(session_factory: sessionmaker[Session], timeout_seconds: 
             .where(Job.state == JobState.enqueued.value, Job.enqueued_at <= now - timedelta(seconds=resend))
         ).all()
     # The n-th send waited resend x 2^(n-1); at most the processing timeout between sends.
+    # (enqueued_at is never NULL here: the query's comparison leaves such rows out.)
     lost = [job_id for job_id, enqueued_at, sends in enqueued
-            if enqueued_at <= now - timedelta(seconds=min(resend * 2 ** max(sends - 1, 0),
+            if enqueued_at is not None and enqueued_at <= now - timedelta(seconds=min(resend * 2 ** max(sends - 1, 0),
                                                           max(resend, timeout_seconds)))]
     with session_factory.begin() as session:
-        dead = session.execute(
+        dead = cast("CursorResult[Any]", session.execute(
             update(Job)
             .where(Job.state == JobState.running.value,
                    func.coalesce(Job.heartbeat_at, Job.started_at) <= heartbeat_cutoff)
             .values(state=JobState.pending.value,
                     error="re-queued: no worker finished it in time (its worker stopped beating)")
-        ).rowcount
-        resent = session.execute(
+        )).rowcount
+        resent = cast("CursorResult[Any]", session.execute(
             update(Job).where(Job.id.in_(lost), Job.state == JobState.enqueued.value)
             .values(state=JobState.pending.value, error="re-queued: no worker claimed it (broker message lost?)")
-        ).rowcount if lost else 0
+        )).rowcount if lost else 0
     if dead:
         log.warning("jobs of lost workers re-queued", extra={"count": dead})
     if resent:
@@ -231,7 +232,7 @@ def requeue_stale_jobs(session_factory: sessionmaker[Session], timeout_seconds: 
 # --- running ----------------------------------------------------------------------------------
 
 
-def study_of(job: Job) -> Any:
+def study_of(job: Job) -> Update:
     """An UPDATE of the job's study that lands only while the study is still at the job's version:
     a late instance or a rescore makes every write of an outdated job a no-op."""
     return (update(Study).where(Study.id == job.study_id, Study.version == job.study_version)
@@ -272,7 +273,8 @@ def claim_job(session_factory: sessionmaker[Session], job_id: int, worker: str, 
         # study (a new version, back to receiving) at any moment, and a check read before this write
         # would let it be overwritten with `processing` by a job whose result no longer applies,
         # leaving the study stuck there, never settled and never scored.
-        moved = session.execute(study_of(job).values(state=StudyState.processing.value)).rowcount
+        moved = cast("CursorResult[Any]",
+                     session.execute(study_of(job).values(state=StudyState.processing.value))).rowcount
         if not moved:
             job.state = JobState.superseded.value
             job.finished_at = utcnow()
@@ -291,10 +293,10 @@ def beat_job(session_factory: sessionmaker[Session], job: Job, *, alive: bool = 
     """Renew the claim of ``job`` (this attempt of it, while running); ``alive=False`` lets it go
     (a transient error: the task's retry may take it over at once). False: the claim was lost."""
     with session_factory.begin() as session:
-        return bool(session.execute(
+        return bool(cast("CursorResult[Any]", session.execute(
             update(Job).where(Job.id == job.id, Job.state == JobState.running.value, Job.attempts == job.attempts)
             .values(heartbeat_at=utcnow() if alive else None)
-        ).rowcount)
+        )).rowcount)
 
 
 def release_job(session_factory: sessionmaker[Session], job: Job, reason: str) -> None:
@@ -405,9 +407,9 @@ def mark_files_purged(session: Session, study_id: int, cutoff: datetime, now: da
     """Retention's claim of a study before its files go: only if it is still finished and quiet
     since ``cutoff`` (a late instance reopens the study and keeps its files; a rescore since
     keeps them too). False: leave the files."""
-    return bool(session.execute(
+    return bool(cast("CursorResult[Any]", session.execute(
         update(Study)
         .where(Study.id == study_id, Study.state.in_(PURGEABLE), Study.last_received_at <= cutoff,
                or_(Study.scored_at.is_(None), Study.scored_at <= cutoff))
         .values(files_purged_at=now, instance_count=0)
-    ).rowcount)
+    )).rowcount)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncGenerator, Callable, Hashable
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -92,7 +92,7 @@ class WorklistWatcher:
         """A predicate for the condition: the worklist changed since generation ``seen``."""
         return lambda: self.generation != seen
 
-    async def changes(self, heartbeat: float = 15.0) -> AsyncIterator[int | None]:
+    async def changes(self, heartbeat: float = 15.0) -> AsyncGenerator[int | None, None]:
         """Yield the generation once the watch is on (load the worklist now), then again after
         each change, and None after ``heartbeat`` seconds of quiet (send a keep-alive)."""
         self._listeners += 1

@@ -15,8 +15,9 @@ import socket
 import threading
 from datetime import datetime, timedelta
 from functools import cache
+from typing import Any, cast
 
-from sqlalchemy import delete, update
+from sqlalchemy import CursorResult, delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Listener, utcnow
@@ -50,7 +51,8 @@ def beat(session_factory: sessionmaker[Session], name: str, *, restarted: bool, 
     now = now or utcnow()
     with session_factory.begin() as session:
         values = {"heartbeat_at": now, **({"up_since": now} if restarted else {})}
-        if not session.execute(update(Listener).where(Listener.name == name).values(**values)).rowcount:
+        beaten = session.execute(update(Listener).where(Listener.name == name).values(**values))
+        if not cast("CursorResult[Any]", beaten).rowcount:
             session.add(Listener(name=name, up_since=now, heartbeat_at=now))
 
 

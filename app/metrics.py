@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import timedelta
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,7 +37,7 @@ class DatabaseCollector(Collector):
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self.session_factory = session_factory
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         with self.session_factory() as session:
             received = session.execute(
                 select(func.count(), func.coalesce(func.sum(Instance.receive_count), 0))).one()
@@ -73,8 +73,8 @@ class DatabaseCollector(Collector):
 
         failures = GaugeMetricFamily("cttriage_studies_not_scored", "Failed or rejected studies by reason",
                                      labels=["state", "reason"])
-        for state, code, count in errors:
-            failures.add_metric([state, code or "unknown"], float(count))
+        for state_value, code, count in errors:
+            failures.add_metric([state_value, code or "unknown"], float(count))
         yield failures
 
         # Events with no row of their own, counted by whichever process saw them (app.counters).

@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import CursorResult, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import PriorLookup, PriorLookupState, Study, utcnow
@@ -68,9 +68,9 @@ def _claim(session_factory: sessionmaker[Session]) -> tuple[int, str, str | None
         ).first()
         if row is None:
             return None
-        claimed = session.execute(
+        claimed = cast("CursorResult[Any]", session.execute(
             update(PriorLookup).where(PriorLookup.id == row[0], PriorLookup.state == PriorLookupState.pending.value)
-            .values(state=PriorLookupState.running.value, started_at=utcnow())).rowcount
+            .values(state=PriorLookupState.running.value, started_at=utcnow()))).rowcount
         return tuple(row) if claimed else None  # type: ignore[return-value]
 
 

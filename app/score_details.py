@@ -28,7 +28,7 @@ def lower_bound_of(details: Mapping[str, Any] | None) -> bool:
     return bool((details or {}).get("severity_lower_bound")) or any(f["lower_bound"] for f in flags_of(details))
 
 
-def descriptors_of(details: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def descriptors_of(details: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """``{right: {...}, left: {...}, bilateral}``, or None where the method gave none."""
     descriptors = (details or {}).get("descriptors")
     return descriptors if isinstance(descriptors, Mapping) and all(s in descriptors for s in SIDES) else None

@@ -137,6 +137,21 @@ class SeriesSelection:
         return self.chosen
 
 
+@dataclass(frozen=True, eq=False)
+class _Candidate:
+    """One series as :func:`select_series` weighs it: a :class:`SeriesDecision` to be, with why it
+    is unusable (``reason``, None when usable) and the typed error behind that reason."""
+
+    series_uid: str
+    series_number: int | None
+    description: str
+    slice_count: int
+    slice_spacing_mm: float | None
+    thickness: float | None
+    reason: str | None
+    error: type[UnusableImageError] | None
+
+
 def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = SeriesCriteria()) -> SeriesSelection:
     """Pick the thinnest usable axial CT series (then the one with most slices).
 
@@ -158,32 +173,32 @@ def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = Seri
         numbers = [h.series_number for h in headers if h.series_number is not None]
         thickness = _median_thickness(headers)
         verdict = _rejection(headers, thickness, criteria)
-        candidates.append(
-            {
-                "series_uid": uid,
-                "series_number": numbers[0] if numbers else None,
-                "description": first.series_description,
-                "slice_count": len(headers),
-                "slice_spacing_mm": _spacing_estimate(headers),
-                "thickness": thickness,
-                "reason": None if verdict is None else str(verdict),
-                "error": type(verdict) if isinstance(verdict, UnusableImageError) else None,
-            }
-        )
-    candidates.sort(key=lambda c: (c["series_number"] is None, c["series_number"] or 0, c["series_uid"]))
+        candidates.append(_Candidate(
+            series_uid=uid,
+            series_number=numbers[0] if numbers else None,
+            description=first.series_description,
+            slice_count=len(headers),
+            slice_spacing_mm=_spacing_estimate(headers),
+            thickness=thickness,
+            reason=None if verdict is None else str(verdict),
+            error=type(verdict) if isinstance(verdict, UnusableImageError) else None,
+        ))
+    candidates.sort(key=lambda c: (c.series_number is None, c.series_number or 0, c.series_uid))
 
-    usable = [c for c in candidates if c["reason"] is None]
-    usable.sort(key=lambda c: (_effective_thickness(c), -c["slice_count"], c["slice_spacing_mm"] or math.inf))
+    usable = [c for c in candidates if c.reason is None]
+    usable.sort(key=lambda c: (_effective_thickness(c), -c.slice_count, c.slice_spacing_mm or math.inf))
     best = usable[0] if usable else None
     decisions = []
-    errors = [c.pop("error") for c in candidates]
     for c in candidates:
-        reason = c.pop("reason")
+        reason = c.reason
         if best is not None and c is not best and reason is None:
             reason = _beaten_by(c, best)
-        decisions.append(SeriesDecision(chosen=c is best, reason=reason, **c))
-    typed = [e for e in errors if e is not None]
-    return SeriesSelection(chosen=best["series_uid"] if best else None, decisions=decisions,
+        decisions.append(SeriesDecision(
+            series_uid=c.series_uid, series_number=c.series_number, description=c.description,
+            slice_count=c.slice_count, slice_spacing_mm=c.slice_spacing_mm, thickness=c.thickness,
+            chosen=c is best, reason=reason))
+    typed = [c.error for c in candidates if c.error is not None]
+    return SeriesSelection(chosen=best.series_uid if best else None, decisions=decisions,
                            error=typed[0] if best is None and typed else NoUsableSeriesError)
 
 
@@ -315,17 +330,17 @@ def _spacing_estimate(headers: list[SliceHeader]) -> float | None:
     return round(float(np.median(steps)), 4)
 
 
-def _effective_thickness(c: dict[str, Any]) -> float:
+def _effective_thickness(c: _Candidate) -> float:
     """Thickness where recorded, else the slice spacing (what ranks series by sharpness)."""
-    value = c["thickness"] if c["thickness"] is not None else c["slice_spacing_mm"]
+    value = c.thickness if c.thickness is not None else c.slice_spacing_mm
     return math.inf if value is None else float(value)
 
 
-def _beaten_by(c: dict[str, Any], best: dict[str, Any]) -> str:
-    label = series_label(best["series_number"])
+def _beaten_by(c: _Candidate, best: _Candidate) -> str:
+    label = series_label(best.series_number)
     mine, theirs = _effective_thickness(c), _effective_thickness(best)
     if mine > theirs + THICKNESS_TOLERANCE_MM:
         return f"thicker slices than {label} ({mine:.1f} mm vs {theirs:.1f} mm)"
-    if c["slice_count"] < best["slice_count"]:
-        return f"fewer slices than {label} ({c['slice_count']} vs {best['slice_count']})"
+    if c.slice_count < best.slice_count:
+        return f"fewer slices than {label} ({c.slice_count} vs {best.slice_count})"
     return f"equivalent to {label}, which was preferred"

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import Any
 
-from sqlalchemy import Select, nulls_last, select
+from sqlalchemy import ColumnElement, Select, select
 
 from app.db.models import Study
 
 
-def worklist_order() -> tuple[object, ...]:
+def worklist_order() -> tuple[ColumnElement[Any], ...]:
     """Most urgent first (priority, see models.priority); unscored studies after, oldest first.
 
     Matches the ``ix_studies_worklist_*`` indexes, so a page is an index scan at any size.
     """
-    return (nulls_last(Study.priority.desc()), Study.first_received_at.asc(), Study.id.asc())
+    return (Study.priority.desc().nulls_last(), Study.first_received_at.asc(), Study.id.asc())
 
 
 def worklist_query(states: Sequence[str] | None = None, received_from: date | None = None,
                    received_to: date | None = None, bands: Sequence[int] | None = None,
-                   zone: tzinfo = UTC, *, patient_id: str | None = None) -> Select[tuple[Study]]:
+                   zone: tzinfo = UTC, *, patient_id: str | None = None) -> Select[Study]:
     """Studies matching the filters, unordered (callers add the order and the page).
 
     The days are calendar days in ``zone`` (the reader's, not the server's): from its midnight,

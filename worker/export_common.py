@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import highdicom as hd
 from pydicom import Dataset
@@ -233,7 +233,10 @@ def software_versions(scores: ExportScores) -> list[str]:
     return [f"cttriage {__version__}", scores.model_version]
 
 
-def label(ds: Dataset, new: NewInstance, scores: ExportScores) -> Dataset:
+_D = TypeVar("_D", bound=Dataset)
+
+
+def label(ds: _D, new: NewInstance, scores: ExportScores) -> _D:
     """The series labels and equipment every exported object carries; returns ``ds``."""
     ds.SeriesDescription = new.series_description
     ds.Manufacturer = MANUFACTURER

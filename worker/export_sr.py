@@ -82,6 +82,8 @@ def _stub(study_uid: str, series_uid: str, sop_class_uid: str, sop_instance_uid:
 
 
 Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+#: A coded name or unit as highdicom takes it: its own CodedConcept or pydicom's Code.
+Concept = hd.sr.CodedConcept | Code
 
 
 def _yes_no(name: hd.sr.CodedConcept, value: bool) -> hd.sr.QualitativeEvaluation:
@@ -115,9 +117,10 @@ def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | 
         return hd.sr.TrackingIdentifier(uid=str(generate_uid(entropy_srcs=[new.sop_instance_uid, name])),
                                         identifier=name)
 
-    def measurement(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept,
-                    **kwargs: object) -> hd.sr.Measurement:
-        return hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit, **kwargs)  # type: ignore[arg-type]
+    def measurement(name: Concept, value: float, unit: Concept, *, derivation: Concept | None = None,
+                    finding_sites: Sequence[hd.sr.FindingSite] | None = None) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit, derivation=derivation,
+                                 finding_sites=finding_sites)
 
     groups: list[Group] = []
     lungs = scores.lungs
@@ -133,7 +136,6 @@ def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | 
             measurement(codes.SCT.Volume, lung_ml, MILLILITER),
             measurement(PERCENT_AFFECTED, percent, codes.UCUM.Percent),
         ]
-        common = {"method": method, "algorithm_id": algorithm, "finding_sites": site}
         if segmentation is not None:
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking(f"{side_name} lung"),
@@ -141,14 +143,16 @@ def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | 
                     sop_class_uid=SegmentationStorage, sop_instance_uid=segmentation.sop_instance_uid,
                     segment_number=segment,
                     source_series=hd.sr.SourceSeriesForSegmentation(scores.series_uid)),
-                measurements=lung_measurements, **common))
+                measurements=lung_measurements, method=method, algorithm_id=algorithm, finding_sites=site))
         else:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(f"{side_name} lung"), measurements=lung_measurements, **common))
+                tracking_identifier=tracking(f"{side_name} lung"), measurements=lung_measurements,
+                method=method, algorithm_id=algorithm, finding_sites=site))
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(f"{side_name} lung lesions"), finding_type=codes.SCT.Lesion,
             measurements=[measurement(codes.SCT.Volume, lesion_ml, MILLILITER),
-                          *(measurement(name, value, unit) for name, value, unit in _pattern(pattern))], **common))
+                          *(measurement(name, value, unit) for name, value, unit in _pattern(pattern))],
+            method=method, algorithm_id=algorithm, finding_sites=site))
 
     study_measurements = [measurement(PERCENT_AFFECTED, lungs.severity, codes.UCUM.Percent,
                                       derivation=codes.SCT.Maximum,
@@ -171,9 +175,10 @@ def _groups(scores: ExportScores, new: NewInstance, segmentation: NewInstance | 
 def _comparison(prior: PriorChange, tracking: hd.sr.TrackingIdentifier, method: hd.sr.CodedConcept,
                 algorithm: hd.sr.AlgorithmIdentification) -> Group:
     """The changes since the prior study, and which study that was (a UIDREF child)."""
-    def change(value: float, unit: hd.sr.CodedConcept, name: hd.sr.CodedConcept = SEVERITY_CHANGE,
-               **kwargs: object) -> hd.sr.Measurement:
-        return hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit, **kwargs)  # type: ignore[arg-type]
+    def change(value: float, unit: Concept, name: Concept = SEVERITY_CHANGE, *, derivation: Concept | None = None,
+               finding_sites: Sequence[hd.sr.FindingSite] | None = None) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit, derivation=derivation,
+                                 finding_sites=finding_sites)
 
     measurements = [
         change(prior.severity_change, codes.UCUM.Percent, derivation=codes.SCT.Maximum,

@@ -202,7 +202,7 @@ def run_export(result_id: int, session_factory: sessionmaker[Session], settings:
         result = session.get(Result, result_id)
         rows = session.execute(select(Export).where(Export.result_id == result_id)).scalars().all()
         paths = _source_paths(session, result) if result is not None else []
-        study_uid = session.get(Study, result.study_id).study_uid if result is not None else ""
+        study_uid = session.get_one(Study, result.study_id).study_uid if result is not None else ""
         waiting = [r for r in rows if r.state == ExportState.pending.value]
         held = [r for r in waiting if r.next_attempt_at is not None and r.next_attempt_at > now + DUE_TOLERANCE]
         pending = sorted((r for r in waiting if r not in held), key=lambda r: BUILD_ORDER.index(ExportKind(r.kind)))
@@ -218,7 +218,8 @@ def run_export(result_id: int, session_factory: sessionmaker[Session], settings:
         seg_stored = seg is not None and (seg.state == ExportState.sent.value
                                           or (seg.id in attempt.built and seg.id not in attempt.errors))
         rest = [r for r in pending if r.kind != ExportKind.seg.value]
-        _build(attempt, rest, result, sources, settings.storage_root, seg.sop_instance_uid if seg_stored else None)
+        seg_uid = seg.sop_instance_uid if seg is not None and seg_stored else None
+        _build(attempt, rest, result, sources, settings.storage_root, seg_uid)
         _send(attempt, [r.id for r in rest], settings, send)
     run = _record(session_factory, settings, result_id, [r.id for r in pending], attempt)
     if not held:

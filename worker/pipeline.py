@@ -21,7 +21,7 @@ from models.findings import LesionDescriptors, ScoreFlag, severity_is_lower_boun
 from models.predictor import Prediction, Predictor
 from models.severity import LungSeverity
 from models.timing import StepTimer
-from models.volume import CtVolume, hu_volume
+from models.volume import CtVolume, Vec3, hu_volume
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,15 @@ def grid_masks(volume: CtVolume, hu: np.ndarray, spacing: tuple[float, float, fl
         hu=np.clip(np.rint(hu), -32768, 32767).astype(np.int16),
         lung_labels=lung_labels.astype(np.uint8, copy=False),
         lesions=lesions.astype(bool, copy=False),
-        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
-        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
-        direction=tuple(tuple(float(c) for c in d) for d in volume.direction),
+        spacing=_vec3(spacing),
+        origin=_vec3(origin),
+        direction=tuple(_vec3(d) for d in volume.direction),
     )
+
+
+def _vec3(values: Sequence[float] | np.ndarray) -> Vec3:
+    """A point or direction as three plain floats."""
+    return float(values[0]), float(values[1]), float(values[2])
 
 
 def placed_masks(volume: CtVolume, prediction: Prediction) -> StudyMasks:

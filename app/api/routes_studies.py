@@ -260,7 +260,7 @@ def _audit_upload(outcomes: list[UploadedFile], factory: SessionFactoryDep, prin
     detail = f"{report.stored} instances stored, {report.quarantined} quarantined, {report.rejected} not stored"
     uids = sorted({o.study_uid for o in outcomes if o.study_uid})
     with factory.begin() as session:
-        for uid in uids or [None]:
+        for uid in uids if uids else [None]:
             record_audit(session, principal, "upload", uid, detail)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     false,
@@ -98,6 +99,11 @@ UID = String(64)
 
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+    if TYPE_CHECKING:
+        # Every model here maps one Table (DeclarativeBase says FromClause, which also covers
+        # classes mapped onto a join or a select): Core statements may use its columns and update it.
+        __table__: ClassVar[Table]
 
 
 class Study(Base):

@@ -7,11 +7,14 @@ unique constraints decide the winner and the loser simply reads the row back.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Table
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from app.db.models import Base
 
 
 def ignoring_insert(dialect: str, table: Table, key: str) -> Any:
@@ -40,8 +43,8 @@ def dialect_name(executor: Connection | Session) -> str:
 
 
 def insert_ignore(
-    session: Connection | Session, model: type[DeclarativeBase], values: dict[str, Any], key: str
+    session: Connection | Session, model: type[Base], values: dict[str, Any], key: str
 ) -> bool:
     """Insert ``values`` unless a row with the same ``key`` exists. Returns True if inserted."""
-    statement = _insert_ignore_statement(dialect_name(session), model.__table__, key)  # type: ignore[attr-defined]
+    statement = _insert_ignore_statement(dialect_name(session), model.__table__, key)
     return session.execute(statement, values).first() is not None

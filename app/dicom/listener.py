@@ -36,6 +36,7 @@ from typing import Any, cast
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -50,10 +51,11 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time: no stub sees it
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -198,7 +200,8 @@ class SharedSocketServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        self.socket.close()  # the one socketserver made: this server uses the shared one
+        # the one socketserver made (pynetdicom types it optional): this server uses the shared one
+        cast(socket.socket, self.socket).close()
         self.socket = self._listening_socket
         self.server_address = self.socket.getsockname()
 
@@ -215,7 +218,7 @@ class SharedSocketServer(ThreadedAssociationServer):
         """Close this process's descriptor only. pynetdicom's ``shutdown(SHUT_RDWR)`` would act on
         the socket every listener process shares: the others' ``accept`` would fail at once,
         forever, and their accept loops would spin."""
-        self.socket.close()
+        cast(socket.socket, self.socket).close()  # set by server_bind
 
 
 # --- the application entity ------------------------------------------------------------------
@@ -224,8 +227,8 @@ class SharedSocketServer(ThreadedAssociationServer):
 def build_ae(settings: Settings) -> AE:
     """An AE that accepts Verification and every storage SOP class in :data:`TRANSFER_SYNTAXES`."""
     ae = AE(ae_title=settings.ae_title)
-    for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+    for context in AllStoragePresentationContexts:  # each built with its abstract syntax (typed optional)
+        ae.add_supported_context(cast(UID, context.abstract_syntax), list(TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES))
     ae.require_called_aet = True
     ae.require_calling_aet = list(settings.allowed_calling_aets)  # empty: any
@@ -291,10 +294,10 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session],
                "max_associations_per_peer": settings.dicom_max_associations_per_peer},
     )
     if listening_socket is None:
-        server: ThreadedAssociationServer = ae.start_server(
+        server = cast(ThreadedAssociationServer, ae.start_server(  # non-blocking: returns the server
             (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=_handlers(context),
             ssl_context=tls_context(settings),
-        )
+        ))
     else:
         server = ae.make_server(
             listening_socket.getsockname()[:2], evt_handlers=_handlers(context), ssl_context=tls_context(settings),
@@ -303,7 +306,7 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session],
         threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
     allowed = list(settings.allowed_calling_ips)
 
-    def verify_request(_request: Any, client_address: tuple[str, int]) -> bool:
+    def verify_request(request: socket.socket | tuple[bytes, socket.socket], client_address: tuple[str, int]) -> bool:
         if not address_allowed(client_address[0], allowed):
             log.warning("connection refused: address not in the allow-list", extra={"peer": client_address[0]})
             counters.add(ASSOCIATIONS_REFUSED, "address_not_allowed")
@@ -416,7 +419,7 @@ def handle_store(event: Event, context: ListenerContext) -> int:
     try:
         _check_size(event, context)
         file_meta = event.file_meta
-        origin = Origin(SOURCE, calling_aet, str(event.request.AffectedSOPInstanceUID or "") or None)
+        origin = Origin(SOURCE, calling_aet, str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "") or None)
         stored = receive_instance(_part10_bytes(event, file_meta), lambda: _decoded(event, file_meta), origin,
                                   context.settings, context.session_factory, unreadable="dataset cannot be decoded")
     except Exception as exc:
@@ -434,7 +437,7 @@ def handle_store(event: Event, context: ListenerContext) -> int:
 
 
 def _check_size(event: Event, context: ListenerContext) -> None:
-    data_set = event.request.DataSet  # type: ignore[union-attr]
+    data_set = cast(C_STORE, event.request).DataSet
     if isinstance(data_set, _Oversize):
         context.count(INSTANCES_TOO_LARGE, SOURCE)
         raise InstanceTooLargeError(
@@ -446,7 +449,7 @@ def _part10_bytes(event: Event, file_meta: FileMetaDataset) -> bytes:
 
     What ``event.encoded_dataset()`` returns, with the file meta built once per instance.
     """
-    dataset = cast(BytesIO, event.request.DataSet).getvalue()  # type: ignore[union-attr]
+    dataset = cast(BytesIO, cast(C_STORE, event.request).DataSet).getvalue()
     return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), dataset))
 
 

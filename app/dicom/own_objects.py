@@ -20,7 +20,8 @@ MANUFACTURER = "cttriage"
 MODEL_NAME = "cttriage chest CT triage"
 
 #: The SOP classes we export, by the short name used in reasons.
-OWN_SOP_CLASSES = {Comprehensive3DSRStorage: "SR", SegmentationStorage: "SEG", SecondaryCaptureImageStorage: "SC"}
+OWN_SOP_CLASSES: dict[str, str] = {
+    Comprehensive3DSRStorage: "SR", SegmentationStorage: "SEG", SecondaryCaptureImageStorage: "SC"}
 
 #: What to do with our own objects when a PACS sends them back (``CTTRIAGE_OWN_OBJECTS``).
 OwnObjectsPolicy = Literal["store", "drop"]

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import pydicom
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
@@ -141,7 +142,8 @@ def _push_once(datasets: Sequence[Dataset], *, host: str, port: int, called_aet:
         ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, syntaxes in sorted(proposed.items()):
         for syntax in sorted(syntaxes):  # one context per syntax: the node may accept either
-            ae.add_requested_context(build_context(sop_class, [syntax]).abstract_syntax, syntax)
+            # build_context sets the abstract syntax it is given (the attribute is typed optional)
+            ae.add_requested_context(cast(UID, build_context(sop_class, [syntax]).abstract_syntax), syntax)
     assoc = ae.associate(host, port, ae_title=called_aet)
     if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
         return [NOT_ACCEPTED] * len(datasets)  # the node answered, and takes none of these objects

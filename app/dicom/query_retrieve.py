@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time: no stub sees them
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
