@@ -155,3 +155,17 @@ def embedded_service(root: Path, **settings: str) -> Iterator[EmbeddedService]:
         yield EmbeddedService(api, dicom_port, process, root / "data")
     finally:
         process.stop()
+
+
+def c_echo(port: int, calling_aet: str = "CHECK") -> int:
+    """One C-ECHO over a new association to the listener on ``port``: its status (-1: no association)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="CTTRIAGE")
+    if not assoc.is_established:
+        return -1
+    status = int(assoc.send_c_echo().Status)
+    assoc.release()
+    return status

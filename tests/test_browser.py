@@ -112,6 +112,14 @@ def new_page(browser: Any) -> tuple[Any, Any, list[str]]:
     return context, page, errors
 
 
+def sign_in(page: Any, url: str, ready: str = "#app:not([hidden])") -> None:
+    """Open ``url`` and sign in with the admin key; wait for ``ready``."""
+    page.goto(url)
+    page.fill("#signin-key", ADMIN_KEY)
+    page.click("#signin button[type=submit]")
+    page.wait_for_selector(ready)
+
+
 def row(page: Any, accession: str) -> Any:
     return page.locator("#rows tr", has=page.locator("td.accession", has_text=accession))
 
@@ -321,10 +329,7 @@ def _retry_on_the_admin_page(service: Service, browser: Any, tmp_path: Path, acc
     page = context.new_page()
     page.set_default_timeout(30_000)
     try:
-        page.goto(f"{service.api}/admin")
-        page.fill("#signin-key", ADMIN_KEY)
-        page.click("#signin button[type=submit]")
-        page.wait_for_selector("#tiles .tile.alert:has-text('rejected')")  # a rejected study is flagged
+        sign_in(page, f"{service.api}/admin", "#tiles .tile.alert:has-text('rejected')")  # a rejected one is flagged
         failure = page.locator("#failures tr", has_text=accession)
         assert "less than the 150.0 mm a chest needs" in failure.inner_text()
         failure.locator("button").click()
@@ -401,10 +406,7 @@ def test_rejected_and_failed_pages_and_patient_fields(service: Service, browser:
 
     context, page, errors = new_page(browser)
     try:
-        page.goto(f"{service.api}/")
-        page.fill("#signin-key", ADMIN_KEY)
-        page.click("#signin button[type=submit]")
-        page.wait_for_selector("#app:not([hidden])")
+        sign_in(page, f"{service.api}/")
         patient_row = page.locator("#rows tr", has=page.locator("td.patient", has_text="PID-0042"))
         patient_row.wait_for()
         assert "SMITH, ANNA" in patient_row.locator("td.patient").inner_text()

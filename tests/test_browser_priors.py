@@ -13,8 +13,8 @@ import pydicom
 from models.phantom import PhantomSpec
 from models.phantom_dicom import write_phantom
 from tests import test_browser, test_end_to_end
-from tests.service_process import ADMIN_KEY, API, wait_for_state
-from tests.test_browser import new_page, push, row
+from tests.service_process import API, wait_for_state
+from tests.test_browser import new_page, push, row, sign_in
 from tests.test_end_to_end import SMALL, Service, study_files
 
 #: One embedded service and one Chromium for this module (the fixtures of the modules they come from).
@@ -51,10 +51,7 @@ def test_trend_column_and_side_by_side_pictures(service: Service, browser: Any, 
 
     context, page, errors = new_page(browser)
     try:
-        page.goto(f"{service.api}/")
-        page.fill("#signin-key", ADMIN_KEY)
-        page.click("#signin button[type=submit]")
-        page.wait_for_selector("#app:not([hidden])")
+        sign_in(page, f"{service.api}/")
         follow_row = row(page, "FOLLOW01")
         follow_row.wait_for()
         trend = follow_row.locator(".trend")

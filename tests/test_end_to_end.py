@@ -22,11 +22,18 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import RLELossless, generate_uid
-from pynetdicom import AE
 
 from app.dicom.push import push_files
 from tests.conftest import dcmtk_storescu, write_phantom_study
-from tests.service_process import ADMIN_KEY, API, EmbeddedService, embedded_service, wait_for_state, wait_until
+from tests.service_process import (
+    ADMIN_KEY,
+    API,
+    EmbeddedService,
+    c_echo,
+    embedded_service,
+    wait_for_state,
+    wait_until,
+)
 
 #: Small but anatomically complete phantoms keep the module fast on 2 cores.
 #: The pages' "open in viewer" link (tests/test_browser.py checks it).
@@ -249,12 +256,7 @@ def test_non_dicom_and_truncated_uploads(service: Service, base_series: Path) ->
 
 
 def test_listener_still_serves_after_bad_input(service: Service) -> None:
-    ae = AE(ae_title="CHECK")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate("127.0.0.1", service.dicom_port, ae_title="CTTRIAGE")
-    assert assoc.is_established
-    assert assoc.send_c_echo().Status == 0
-    assoc.release()
+    assert c_echo(service.dicom_port) == 0
     assert service.process.alive()
 
 

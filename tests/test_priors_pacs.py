@@ -28,8 +28,8 @@ from models.phantom import PhantomSpec
 from models.phantom_dicom import write_phantom
 from tests import test_browser
 from tests.conftest import dcmtk_storescu, free_port
-from tests.service_process import ADMIN_KEY, API, embedded_service, wait_for_state, wait_until
-from tests.test_browser import new_page
+from tests.service_process import API, embedded_service, wait_for_state, wait_until
+from tests.test_browser import new_page, sign_in
 from tests.test_end_to_end import SMALL, study_files
 
 #: Headless Chromium (tests/test_browser.py's), for the admin page.
@@ -143,10 +143,7 @@ def test_prior_is_found_retrieved_scored_and_compared(orthanc_and_port: tuple[Or
 
         context, page, errors = new_page(browser)  # the admin page lists both lookups with their outcome
         try:
-            page.goto(f"{service.api}/admin")
-            page.fill("#signin-key", ADMIN_KEY)
-            page.click("#signin button[type=submit]")
-            page.wait_for_selector("#prior-lookups tr[data-state=failed]")
+            sign_in(page, f"{service.api}/admin", "#prior-lookups tr[data-state=failed]")
             rows = page.locator("#prior-lookups tr").all_inner_texts()
             assert any("failed" in r and "no association" in r for r in rows), rows
             assert any("retrieved" in r and prior["study_instance_uid"] in r for r in rows), rows
