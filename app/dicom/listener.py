@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
@@ -189,15 +190,33 @@ class ListenerContext:
             self.counters.add(name, label)
 
 
+#: Before accepting on a shared socket, a listener process waits this long per connection it holds
+#: (at most MAX_ACCEPT_PAUSE): new associations go to the least busy process.
+ACCEPT_PAUSE_PER_CONNECTION = 0.005
+MAX_ACCEPT_PAUSE = 0.05
+
+
 class SharedSocketServer(ThreadedAssociationServer):
     """pynetdicom's threaded server on a socket bound and listening already, shared by several
     listener processes (``app.dicom.listener_processes``): each accepts the connections it takes
     from the one backlog. The socket is non-blocking, so a process that loses the race for a
-    connection goes back to waiting instead of blocking in ``accept``."""
+    connection goes back to waiting instead of blocking in ``accept``.
 
-    def __init__(self, *args: Any, listening_socket: socket.socket, **kwargs: Any) -> None:
+    Every process wakes for a new connection and the first to accept takes it, so one process
+    could take a whole burst while another idles: a process already holding connections
+    (``held``) waits a moment before it accepts, and an idle one takes the connection first."""
+
+    def __init__(self, *args: Any, listening_socket: socket.socket, held: Callable[[], int],
+                 **kwargs: Any) -> None:
         self._listening_socket = listening_socket
+        self._held = held
         super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        held = self._held()
+        if held:
+            time.sleep(min(ACCEPT_PAUSE_PER_CONNECTION * held, MAX_ACCEPT_PAUSE))
+        return super().get_request()  # BlockingIOError when another process took it: no request
 
     def server_bind(self) -> None:
         # the one socketserver made (pynetdicom types it optional): this server uses the shared one
@@ -301,7 +320,7 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session],
     else:
         server = ae.make_server(
             listening_socket.getsockname()[:2], evt_handlers=_handlers(context), ssl_context=tls_context(settings),
-            server_class=SharedSocketServer, listening_socket=listening_socket,
+            server_class=SharedSocketServer, listening_socket=listening_socket, held=gate.open_count,
         )
         threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
     allowed = list(settings.allowed_calling_ips)
