@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -137,21 +137,6 @@ class SeriesSelection:
         return self.chosen
 
 
-@dataclass(frozen=True, eq=False)
-class _Candidate:
-    """One series as :func:`select_series` weighs it: a :class:`SeriesDecision` to be, with why it
-    is unusable (``reason``, None when usable) and the typed error behind that reason."""
-
-    series_uid: str
-    series_number: int | None
-    description: str
-    slice_count: int
-    slice_spacing_mm: float | None
-    thickness: float | None
-    reason: str | None
-    error: type[UnusableImageError] | None
-
-
 def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = SeriesCriteria()) -> SeriesSelection:
     """Pick the thinnest usable axial CT series (then the one with most slices).
 
@@ -166,38 +151,37 @@ def select_series(slices: Sequence[SliceHeader], criteria: SeriesCriteria = Seri
         key = (h.sop_instance_uid, h.frame) if h.sop_instance_uid else (f"#{i}", None)
         groups.setdefault(h.series_uid, {}).setdefault(key, h)
 
-    candidates = []
+    found: list[SeriesDecision] = []  # each series weighed alone: reason None when usable
+    errors: dict[str, type[UnusableImageError]] = {}  # the typed error behind a series' reason
     for uid, by_key in groups.items():
         headers = list(by_key.values())
-        first = headers[0]
         numbers = [h.series_number for h in headers if h.series_number is not None]
         thickness = _median_thickness(headers)
         verdict = _rejection(headers, thickness, criteria)
-        candidates.append(_Candidate(
+        if isinstance(verdict, UnusableImageError):
+            errors[uid] = type(verdict)
+        found.append(SeriesDecision(
             series_uid=uid,
             series_number=numbers[0] if numbers else None,
-            description=first.series_description,
+            description=headers[0].series_description,
             slice_count=len(headers),
             slice_spacing_mm=_spacing_estimate(headers),
             thickness=thickness,
+            chosen=False,
             reason=None if verdict is None else str(verdict),
-            error=type(verdict) if isinstance(verdict, UnusableImageError) else None,
         ))
-    candidates.sort(key=lambda c: (c.series_number is None, c.series_number or 0, c.series_uid))
+    found.sort(key=lambda d: (d.series_number is None, d.series_number or 0, d.series_uid))
 
-    usable = [c for c in candidates if c.reason is None]
-    usable.sort(key=lambda c: (_effective_thickness(c), -c.slice_count, c.slice_spacing_mm or math.inf))
+    usable = [d for d in found if d.reason is None]
+    usable.sort(key=lambda d: (_effective_thickness(d), -d.slice_count, d.slice_spacing_mm or math.inf))
     best = usable[0] if usable else None
-    decisions = []
-    for c in candidates:
-        reason = c.reason
-        if best is not None and c is not best and reason is None:
-            reason = _beaten_by(c, best)
-        decisions.append(SeriesDecision(
-            series_uid=c.series_uid, series_number=c.series_number, description=c.description,
-            slice_count=c.slice_count, slice_spacing_mm=c.slice_spacing_mm, thickness=c.thickness,
-            chosen=c is best, reason=reason))
-    typed = [c.error for c in candidates if c.error is not None]
+    decisions = [
+        replace(d, chosen=True) if d is best
+        else replace(d, reason=_beaten_by(d, best)) if best is not None and d.reason is None
+        else d
+        for d in found
+    ]
+    typed = [errors[d.series_uid] for d in found if d.series_uid in errors]
     return SeriesSelection(chosen=best.series_uid if best else None, decisions=decisions,
                            error=typed[0] if best is None and typed else NoUsableSeriesError)
 
@@ -330,13 +314,13 @@ def _spacing_estimate(headers: list[SliceHeader]) -> float | None:
     return round(float(np.median(steps)), 4)
 
 
-def _effective_thickness(c: _Candidate) -> float:
+def _effective_thickness(c: SeriesDecision) -> float:
     """Thickness where recorded, else the slice spacing (what ranks series by sharpness)."""
     value = c.thickness if c.thickness is not None else c.slice_spacing_mm
     return math.inf if value is None else float(value)
 
 
-def _beaten_by(c: _Candidate, best: _Candidate) -> str:
+def _beaten_by(c: SeriesDecision, best: SeriesDecision) -> str:
     label = series_label(best.series_number)
     mine, theirs = _effective_thickness(c), _effective_thickness(best)
     if mine > theirs + THICKNESS_TOLERANCE_MM:
