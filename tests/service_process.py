@@ -169,3 +169,19 @@ def c_echo(port: int, calling_aet: str = "CHECK") -> int:
     status = int(assoc.send_c_echo().Status)
     assoc.release()
     return status
+
+
+def listener_children(parent_pid: int) -> set[int]:
+    """The pids of the DICOM listener processes (``--listen-fd``) started by ``parent_pid``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid == parent_pid and b"--listen-fd" in cmdline:
+            found.add(int(entry.name))
+    return found

@@ -20,7 +20,9 @@ from sqlalchemy import create_engine, func, select
 from app.db.models import Instance, Listener
 from tests.conftest import write_phantom_study
 from tests.deployment import Deployment, start_deployment
+from tests.harness_cpu import process_cpu_seconds
 from tests.service_process import c_echo, wait_for_state, wait_until
+from tests.service_process import listener_children as children_of
 from tests.test_faults import SMALL, files_of, push_at_once, push_like_a_pacs
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
@@ -42,18 +44,7 @@ def listener_children(deployment: Deployment) -> set[int]:
     """The pids of the `cttriage dicom` process's listener children."""
     proc = deployment.processes["dicom"].proc
     assert proc is not None
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if ppid == proc.pid and b"--listen-fd" in cmdline:
-            found.add(int(entry.name))
-    return found
+    return children_of(proc.pid)
 
 
 def receivers(deployment: Deployment, sop_uids: set[str]) -> dict[str, int]:
@@ -138,8 +129,9 @@ def test_a_listener_killed_mid_transfer_loses_nothing_acknowledged(deployment: D
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    seconds = process_cpu_seconds(pid)
+    assert seconds is not None, f"process {pid} is gone"
+    return seconds
 
 
 def test_a_listener_stopped_cleanly_leaves_the_others_serving(deployment: Deployment) -> None:

@@ -26,7 +26,7 @@ from app.lifecycle import queue_settled_studies
 from app.series_selection import SeriesCriteria
 from app.settings import Settings
 from tests.conftest import store_study_files, write_phantom_study
-from tests.service_process import API, embedded_service, wait_for_state
+from tests.service_process import API, embedded_service, listener_children, wait_for_state
 
 #: 40 slices 7 mm apart: 280 mm of chest, a complete series by the default rules (150 mm).
 SMALL = {"slices": 40, "rows": 128, "columns": 128, "pixel_spacing": 2.8, "slice_spacing": 7.0}
@@ -135,22 +135,6 @@ def _settle_gap(study: dict) -> float:  # type: ignore[type-arg]
     return (_when(job["created_at"]) - _when(study["last_received_at"])).total_seconds()
 
 
-def _listener_children(pid: int) -> set[int]:
-    children = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"--listen-fd" in cmdline:
-            children.add(int(entry.name))
-    return children
-
-
 @pytest.mark.slow
 def test_settle_rules_through_dicom_associations(tmp_path: Path) -> None:
     """One ``cttriage serve`` with two listener processes: a complete series in one association is
@@ -164,7 +148,7 @@ def test_settle_rules_through_dicom_associations(tmp_path: Path) -> None:
                           CTTRIAGE_SETTLE_AFTER_RELEASE_SECONDS=str(AFTER_RELEASE_SECONDS),
                           CTTRIAGE_DICOM_PROCESSES="2") as service:
         assert service.process.proc is not None
-        children = _listener_children(service.process.proc.pid)
+        children = listener_children(service.process.proc.pid)
         assert len(children) == 2, "cttriage serve runs two listener processes"
 
         def send(files: list[Path]) -> None:
