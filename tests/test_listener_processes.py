@@ -134,6 +134,28 @@ def cpu_seconds(pid: int) -> float:
     return seconds
 
 
+def test_open_idle_associations_cost_the_listeners_nothing(deployment: Deployment) -> None:
+    """A PACS may hold associations open between studies. pynetdicom's own association threads
+    poll every millisecond (four idle associations: about 38 % of a core); the listener's wait for
+    their socket or their DUL's events (app.dicom.event_driven), and still answer at once."""
+    ae = AE(ae_title="IDLE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assocs = [ae.associate("127.0.0.1", deployment.dicom_port, ae_title="CTTRIAGE") for _ in range(4)]
+    try:
+        assert all(assoc.is_established for assoc in assocs)
+        time.sleep(0.5)  # accepted and negotiated
+        children = listener_children(deployment)
+        before = {pid: cpu_seconds(pid) for pid in children}
+        time.sleep(3.0)
+        spent = sum(cpu_seconds(pid) - before[pid] for pid in children)
+        assert spent < 0.3, f"4 idle associations cost the listeners {spent:.2f} CPU s in 3 s"
+        assert [int(assoc.send_c_echo().Status) for assoc in assocs] == [0] * 4
+    finally:
+        for assoc in assocs:
+            assoc.release()
+    assert all(assoc.is_released for assoc in assocs)
+
+
 def test_a_listener_stopped_cleanly_leaves_the_others_serving(deployment: Deployment) -> None:
     """A child's clean stop closes its own descriptor of the shared socket, nothing more: the
     others keep accepting, and idle (no accept loop spinning on a socket shut down under it)."""

@@ -62,6 +62,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import mark_released
 from app.counters import ASSOCIATIONS_REFUSED, INSTANCES_TOO_LARGE, EventCounters
+from app.dicom.event_driven import EventDrivenRequestHandler
 from app.errors import STATUS_SUCCESS, TYPED_ERRORS, InstanceTooLargeError, dicom_status
 from app.liveness import ListenerHeartbeat, listener_name
 from app.receive import Origin, receive_instance
@@ -196,7 +197,22 @@ ACCEPT_PAUSE_PER_CONNECTION = 0.005
 MAX_ACCEPT_PAUSE = 0.05
 
 
-class SharedSocketServer(ThreadedAssociationServer):
+class ListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with event-driven associations (``app.dicom.event_driven``),
+    stopped by :meth:`shutdown` without pynetdicom's AE bookkeeping (which only
+    ``AE.start_server`` fills)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", EventDrivenRequestHandler)
+        super().__init__(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening descriptor."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class SharedSocketServer(ListenerServer):
     """pynetdicom's threaded server on a socket bound and listening already, shared by several
     listener processes (``app.dicom.listener_processes``): each accepts the connections it takes
     from the one backlog. The socket is non-blocking, so a process that loses the race for a
@@ -226,12 +242,6 @@ class SharedSocketServer(ThreadedAssociationServer):
 
     def server_activate(self) -> None:
         """Listening already (the parent called ``listen``)."""
-
-    def shutdown(self) -> None:
-        """Stop accepting and close this process's descriptor. (pynetdicom's own also takes the
-        server off its AE's list, which only ``AE.start_server`` puts servers on.)"""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
 
     def server_close(self) -> None:
         """Close this process's descriptor only. pynetdicom's ``shutdown(SHUT_RDWR)`` would act on
@@ -296,7 +306,7 @@ def address_allowed(address: str, allowed: list[str]) -> bool:
 
 
 def start_listener(settings: Settings, session_factory: sessionmaker[Session],
-                   listening_socket: socket.socket | None = None) -> ThreadedAssociationServer:
+                   listening_socket: socket.socket | None = None) -> ListenerServer:
     """Serve in background threads; the caller stops it with ``.shutdown()``. With
     ``listening_socket`` (one of several listener processes) it accepts on that socket instead
     of binding ``dicom_host:dicom_port`` itself."""
@@ -312,17 +322,18 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session],
                "max_associations": settings.dicom_max_associations,
                "max_associations_per_peer": settings.dicom_max_associations_per_peer},
     )
+    server: ListenerServer
     if listening_socket is None:
-        server = cast(ThreadedAssociationServer, ae.start_server(  # non-blocking: returns the server
-            (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=_handlers(context),
-            ssl_context=tls_context(settings),
+        server = cast(ListenerServer, ae.make_server(
+            (settings.dicom_host, settings.dicom_port), evt_handlers=_handlers(context),
+            ssl_context=tls_context(settings), server_class=ListenerServer,
         ))
     else:
-        server = ae.make_server(
+        server = cast(SharedSocketServer, ae.make_server(
             listening_socket.getsockname()[:2], evt_handlers=_handlers(context), ssl_context=tls_context(settings),
             server_class=SharedSocketServer, listening_socket=listening_socket, held=gate.open_count,
-        )
-        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+        ))
+    threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
     allowed = list(settings.allowed_calling_ips)
 
     def verify_request(request: socket.socket | tuple[bytes, socket.socket], client_address: tuple[str, int]) -> bool:
