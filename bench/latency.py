@@ -2,9 +2,10 @@
 
 A hand-run benchmark, not a test::
 
-    python bench/latency.py                      # both parts, about 6 minutes on 2 cores
+    python bench/latency.py                      # all three parts, about 7 minutes on 2 cores
     python bench/latency.py --part latency --slices 80
     python bench/latency.py --part ingest --slices 300 --repeat 3
+    python bench/latency.py --part idle
 
 **latency**: ``cttriage serve`` (the embedded default: SQLite, a supervised worker) is started
 twice, once with the default rules and once with the release rule switched off
@@ -22,6 +23,10 @@ before its answer, which the storescps do not do). Instances per second over the
 the first sender's start to the last one's exit; the page cache is written back before each
 timing. Ratios are within this run only: on the project's 2-core VMs absolute rates move by tens
 of percent between runs.
+
+**idle**: the CPU a server uses while 4 associations stay open and silent, pynetdicom's
+``storescp`` (its association threads poll every millisecond) beside ``cttriage dicom
+--processes 1`` (``app.dicom.event_driven``: they wait for their socket or their DUL's events).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ if str(ROOT) not in sys.path:  # run as a script: `python bench/latency.py`
 
 from bench.common import wait_echo, write_study  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
+from tests.harness_cpu import CpuWindow  # noqa: E402
 from tests.harness_servers import truncate_all  # noqa: E402
 from tests.service_process import API, ServiceProcess, cttriage, embedded_service  # noqa: E402
 
@@ -143,13 +149,13 @@ Launch = Callable[[Path, int], Iterator[None]]
 
 
 @contextmanager
-def _process(command: list[str], env: dict[str, str], log: Path, port: int) -> Iterator[None]:
+def _process(command: list[str], env: dict[str, str], log: Path, port: int) -> Iterator[ServiceProcess]:
     log.parent.mkdir(parents=True, exist_ok=True)
     process = ServiceProcess(command, env, log).start()
     try:
         wait_echo(port, CALLED_AET, process)
         time.sleep(2.0)  # every child of a multi-process listener up, not only the first
-        yield
+        yield process
     finally:
         process.stop()
 
@@ -233,9 +239,57 @@ def print_ingest(rates: dict[tuple[str, int], list[float]], slices: int, databas
     print(f"cttriage --processes 2 / pynetdicom storescp at 1 association: {ours2 / theirs:.2f}x")
 
 
+# --- idle associations -----------------------------------------------------------------------
+
+
+def idle_once(launch: Callable[[Path, int], Any], work: Path, associations: int, seconds: float) -> float:
+    """Percent of a core the server uses while ``associations`` Verification associations stay open
+    and silent (a PACS may hold its associations between studies)."""
+    from pynetdicom import AE
+
+    port = free_port()
+    with launch(work, port) as server:
+        ae = AE(ae_title="BENCH_IDLE")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assocs = [ae.associate("127.0.0.1", port, ae_title=CALLED_AET) for _ in range(associations)]
+        try:
+            if not all(assoc.is_established for assoc in assocs):
+                raise RuntimeError("an idle association was not accepted")
+            time.sleep(1.0)
+            window = CpuWindow({"server": [server]}).start()
+            time.sleep(seconds)
+            cpu, _, elapsed = window.end()
+        finally:
+            for assoc in assocs:
+                assoc.release()
+    return 100.0 * cpu["server"] / elapsed
+
+
+def run_idle(work: Path, associations: int, repeat: int) -> dict[str, list[float]]:
+    servers: dict[str, Callable[[Path, int], Any]] = {
+        "pynetdicom storescp": pynetdicom_storescp,
+        "cttriage --processes 1": cttriage_dicom(1, None),
+    }
+    usage: dict[str, list[float]] = {}
+    for i in range(repeat):
+        for name, launch in servers.items():
+            print(f"  idle: {name}, run {i + 1}", file=sys.stderr, flush=True)
+            run_dir = work / f"idle-{i}-{name.replace(' ', '_')}"
+            usage.setdefault(name, []).append(idle_once(launch, run_dir, associations, 5.0))
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return usage
+
+
+def print_idle(usage: dict[str, list[float]], associations: int) -> None:
+    print(f"\nidle: {associations} open, silent associations; server CPU in % of one core over 5 s, "
+          f"median of {len(next(iter(usage.values())))}")
+    for name, values in usage.items():
+        print(f"{name:<24} {statistics.median(values):>6.1f} %")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["all", "latency", "ingest"], default="all")
+    parser.add_argument("--part", choices=["all", "latency", "ingest", "idle"], default="all")
     parser.add_argument("--slices", type=int, default=0, help="latency: 80; ingest: 300 (in total)")
     parser.add_argument("--repeat", type=int, default=0, help="latency: 1; ingest: 3")
     parser.add_argument("--database-url", help="ingest: cttriage on this database (default: SQLite)")
@@ -253,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             slices = args.slices or 300
             rates = run_ingest(work, slices, args.repeat or 3, args.database_url)
             print_ingest(rates, slices, "PostgreSQL" if args.database_url else "SQLite")
+        if args.part in ("all", "idle"):
+            print_idle(run_idle(work, 4, args.repeat or 3), 4)
     return 0
 
 

@@ -10,6 +10,7 @@ fi
 "$PY" -m pip install -q -e '.[test]'
 # dcmtk: a real PACS-side DICOM client/node (storescu/storescp) for tests and manual checks;
 # dicom3tools: dciodvfy checks the SR, SEG and secondary capture we send back to the PACS;
+# orthanc: a real PACS (C-STORE, C-FIND/C-MOVE of priors, exports) for the integration tests;
 # docker-compose: validates docker-compose.yml (no Docker engine is needed for `config`);
 # chromium: the headless browser of tests/test_browser.py (Playwright drives Debian's build; never
 # `playwright install`, which downloads its own).
@@ -17,6 +18,7 @@ missing=()
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
+[ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null || echo "warning: could not install ${missing[*]}" >&2

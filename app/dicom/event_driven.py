@@ -191,10 +191,14 @@ class EventDrivenAssociation(Association):
                 self.wake.set()  # another message may be queued already
 
             if self.is_established and self.acse.is_release_requested():
+                # EVT_RELEASED before the A-RELEASE-RP, not after as in pynetdicom: the DUL, woken
+                # at once to send it, can see the peer close and fire EVT_CONN_CLOSE before this
+                # thread goes on, and the listener's release handler needs what the association
+                # delivered, which its close handler discards
+                evt.trigger(self, evt.EVT_RELEASED, {})
                 self.acse.send_release(is_response=True)
                 self.is_released = True
                 self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()
                 return
 
