@@ -310,11 +310,13 @@ def store_instance(
     calling_aet: str | None,
     own_objects: OwnObjectsPolicy = "store",
 ) -> StoredInstance:
-    """Record an instance whose bytes are being flushed, and commit once they are in place.
+    """Record an instance and commit once its bytes are durable under its UID path.
 
-    The file is placed (durable, under its UID path) inside the transaction, after the record's
-    statements: no committed row ever points at a missing file, and a record that fails leaves no
-    file behind (``incoming`` removes what it placed unless kept). The statements go through a Core
+    A new instance's file is placed before the transaction (nothing points at it until the record
+    commits), so the database's write lock is not held across fsyncs; a re-send's bytes replace the
+    ones a committed row points at inside the transaction, after the record's statements. No
+    committed row ever points at a missing file, and a record that fails leaves no new file behind
+    (``incoming`` removes what it placed unless kept). The statements go through a Core
     connection, as this is the C-STORE hot path. Raises typed errors. With ``own_objects`` "drop",
     an object cttriage wrote is neither kept nor recorded (reported as a duplicate: nothing new).
     """
@@ -323,6 +325,8 @@ def store_instance(
         log.debug("own object sent back, dropped", extra={"kind": received.created_by})
         return StoredInstance(received.study_uid, received.series_uid, received.sop_instance_uid, path, duplicate=True)
     engine: Engine = session_factory.kw["bind"]
+    # with SQLite the write lock is one for every listener process and thread
+    placed = incoming.place_if_new(path)
     try:
         with engine.begin() as connection:
             duplicate = record_instance(
@@ -334,7 +338,8 @@ def store_instance(
                 calling_aet=calling_aet,
                 now=utcnow(),
             )
-            incoming.place(path)
+            if not placed:
+                incoming.place(path)
     except (DataError, UnicodeEncodeError) as exc:
         # A value the database cannot store that cleaning missed: the same bytes would fail on
         # every retry, so they are refused as unreadable (quarantined), not "retry later".

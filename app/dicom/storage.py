@@ -116,6 +116,30 @@ class IncomingFile:
             self.discard()
             raise _storage_error(exc) from exc
 
+    def place_if_new(self, path: Path) -> bool:
+        """Make the bytes durable under ``path`` if nothing has that name yet (True); False leaves
+        them for :meth:`place` (a re-send). Raises StorageFullError or StorageWriteError.
+
+        A new name can be placed before its record is written: nothing points at it until the
+        record commits, and a record that fails removes it (:meth:`discard`)."""
+        if self._fd is None:
+            raise RuntimeError("the incoming file was already placed or discarded")
+        try:
+            _make_dirs_durable(path.parent)
+            inode = os.fstat(self._fd).st_ino
+            if not _link_if_absent(self._tmp, path):
+                return False
+            self._placed = (path, inode)
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)  # on a journalling file system this commits the link with the data
+            finally:
+                os.close(fd)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        return True
+
     def place(self, path: Path) -> None:
         """Make the bytes durable under ``path``; raises StorageFullError or StorageWriteError."""
         if self._fd is None:
