@@ -439,6 +439,9 @@ def test_database_unavailable_is_out_of_resources(start: Callable[..., Listener]
         session.execute(text("DROP TABLE instances"))
     assert listener_.store(series[:1]) == [STATUS_OUT_OF_RESOURCES]
     assert listener_.count(Study) == 0  # the whole record was rolled back
+    # the file, made durable under its name before the record's transaction, went with it
+    root = listener_.settings.storage_root
+    assert not list(root.rglob("*.dcm")) and not list((root / storage.INCOMING_DIR).iterdir())
     # the database comes back; the sender's retry is recorded
     Base.metadata.create_all(listener_.session_factory.kw["bind"])
     assert listener_.store(series) == [STATUS_SUCCESS] * len(series)
