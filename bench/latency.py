@@ -2,9 +2,9 @@
 
 A hand-run benchmark, not a test::
 
-    python bench/latency.py                      # all three parts, about 7 minutes on 2 cores
+    python bench/latency.py                      # all three parts, about 12 minutes on 2 cores
     python bench/latency.py --part latency --slices 80
-    python bench/latency.py --part ingest --slices 300 --repeat 3
+    python bench/latency.py --part ingest --slices 600 --repeat 3
     python bench/latency.py --part idle
 
 **latency**: ``cttriage serve`` (the embedded default: SQLite, a supervised worker) is started
@@ -15,7 +15,8 @@ the clock runs from its exit (the last instance answered) to the study's scored 
 API every 50 ms. The job's timestamps split it into settling, hand-over to the broker, waiting for
 a worker and processing, as the study page does.
 
-**ingest**: the same ``--slices`` in total, split into 1 or 4 studies sent at once by as many
+**ingest**: ``--slices`` in total (600 by default: shorter runs last a few seconds, too few on a
+2-core VM), split into 1 or 4 studies sent at once by as many
 ``storescu`` processes (one association each; dcmtk's compiled sender, so the sending side costs
 little CPU), against dcmtk's ``storescp --fork``, pynetdicom's ``storescp`` and ``cttriage dicom
 --processes 1`` and ``2`` (SQLite unless ``--database-url``; every instance fsynced and committed
@@ -290,7 +291,7 @@ def print_idle(usage: dict[str, list[float]], associations: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "latency", "ingest", "idle"], default="all")
-    parser.add_argument("--slices", type=int, default=0, help="latency: 80; ingest: 300 (in total)")
+    parser.add_argument("--slices", type=int, default=0, help="latency: 80; ingest: 600 in total")
     parser.add_argument("--repeat", type=int, default=0, help="latency: 1; ingest: 3")
     parser.add_argument("--database-url", help="ingest: cttriage on this database (default: SQLite)")
     parser.add_argument("--workdir", help="where studies and servers' files go (default: a temporary folder)")
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             slices = args.slices or 80
             print_latency(run_latency(work, slices, args.repeat or 1), slices)
         if args.part in ("all", "ingest"):
-            slices = args.slices or 300
+            slices = args.slices or 600
             rates = run_ingest(work, slices, args.repeat or 3, args.database_url)
             print_ingest(rates, slices, "PostgreSQL" if args.database_url else "SQLite")
         if args.part in ("all", "idle"):
