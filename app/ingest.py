@@ -325,7 +325,7 @@ def store_instance(
         log.debug("own object sent back, dropped", extra={"kind": received.created_by})
         return StoredInstance(received.study_uid, received.series_uid, received.sop_instance_uid, path, duplicate=True)
     engine: Engine = session_factory.kw["bind"]
-    # with SQLite the write lock is one for every listener process and thread
+    # outside the transaction, which holds the write lock (SQLite: one for every listener) to commit
     placed = incoming.place_if_new(path)
     try:
         with engine.begin() as connection:
@@ -339,7 +339,7 @@ def store_instance(
                 now=utcnow(),
             )
             if not placed:
-                incoming.place(path)
+                incoming.replace_existing(path)
     except (DataError, UnicodeEncodeError) as exc:
         # A value the database cannot store that cleaning missed: the same bytes would fail on
         # every retry, so they are refused as unreadable (quarantined), not "retry later".

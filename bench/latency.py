@@ -146,9 +146,6 @@ def print_latency(rows: list[dict[str, Any]], slices: int) -> None:
 # --- ingest ----------------------------------------------------------------------------------
 
 
-Launch = Callable[[Path, int], Iterator[None]]
-
-
 @contextmanager
 def _process(command: list[str], env: dict[str, str], log: Path, port: int) -> Iterator[ServiceProcess]:
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -116,12 +116,20 @@ class IncomingFile:
             self.discard()
             raise _storage_error(exc) from exc
 
+    def place(self, path: Path) -> None:
+        """Make the bytes durable under ``path``, a new name or a re-send's replacement."""
+        if not self.place_if_new(path):
+            self.replace_existing(path)
+
     def place_if_new(self, path: Path) -> bool:
         """Make the bytes durable under ``path`` if nothing has that name yet (True); False leaves
-        them for :meth:`place` (a re-send). Raises StorageFullError or StorageWriteError.
+        them for :meth:`replace_existing` (a re-send). Raises StorageFullError or StorageWriteError.
 
-        A new name can be placed before its record is written: nothing points at it until the
-        record commits, and a record that fails removes it (:meth:`discard`)."""
+        A new name first, then one fsync: on a journalling file system it commits the link with
+        the data, and the folder's fsync after it finds little left to do. Nothing points at the
+        new name before the record commits (a crash before leaves only an unrecorded file that a
+        re-send replaces), so it can be placed before the record is written; a record that fails
+        removes it (:meth:`discard`)."""
         if self._fd is None:
             raise RuntimeError("the incoming file was already placed or discarded")
         try:
@@ -131,36 +139,22 @@ class IncomingFile:
                 return False
             self._placed = (path, inode)
             fd, self._fd = self._fd, None
-            try:
-                os.fsync(fd)  # on a journalling file system this commits the link with the data
-            finally:
-                os.close(fd)
+            _fsync_and_close(fd)
             _fsync_dir(path.parent)
         except OSError as exc:
             raise _storage_error(exc) from exc
         return True
 
-    def place(self, path: Path) -> None:
-        """Make the bytes durable under ``path``; raises StorageFullError or StorageWriteError."""
+    def replace_existing(self, path: Path) -> None:
+        """Put the bytes in place of the file at ``path`` (a re-send: a committed row may point
+        there, so they must be durable before they replace the ones it points at). Raises
+        StorageFullError or StorageWriteError."""
         if self._fd is None:
             raise RuntimeError("the incoming file was already placed or discarded")
         try:
             fd, self._fd = self._fd, None
-            try:
-                _make_dirs_durable(path.parent)
-                inode = os.fstat(fd).st_ino
-                # A new name first, then one fsync: on a journalling file system it commits the
-                # link with the data, and the folder's fsync after it finds little left to do.
-                # Nothing points at the new name before the record commits, so a crash before the
-                # fsync leaves only an unrecorded file that a re-send replaces.
-                if _link_if_absent(self._tmp, path):
-                    self._placed = (path, inode)
-                    os.fsync(fd)
-                else:  # a re-send: a committed row may point here already; the bytes must be
-                    os.fsync(fd)  # durable before they replace the ones it points at
-                    os.replace(self._tmp, path)
-            finally:
-                os.close(fd)
+            _fsync_and_close(fd)
+            os.replace(self._tmp, path)
             _fsync_dir(path.parent)
         except OSError as exc:
             raise _storage_error(exc) from exc
@@ -245,6 +239,13 @@ def _storage_error(exc: OSError) -> StorageFullError | StorageWriteError:
     if exc.errno == errno.ENOSPC:
         return StorageFullError(f"storage full while writing an instance: {exc.strerror}")
     return StorageWriteError(f"could not write an instance: {exc.strerror}")
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
