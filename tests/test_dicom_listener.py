@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import queue
+import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,7 +31,9 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import standard_dimse_recv_handler, standard_pdu_sent_handler
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,9 +42,12 @@ from app import receive
 from app.db.models import Base, Instance, QuarantinedFile, Series, Study
 from app.db.session import make_session_factory
 from app.dicom import listener, storage
+from app.dicom.event_driven import EventDrivenAssociation, WholeReadSocket
 from app.dicom.listener import start_listener
 from app.errors import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from app.settings import Settings
+from models.phantom import PhantomSpec, phantom_volume
+from models.phantom_dicom import enhanced_dataset
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -245,6 +254,50 @@ def assert_stored(listener: Listener, paths: list[Path], transfer_syntax: str, c
     assert (series.modality, series.series_number) == ("CT", 3)
 
 
+@pytest.mark.parametrize(("level", "bound"), [(logging.WARNING, False), (logging.INFO, True)])
+def test_pynetdicom_logging_handlers_are_bound_only_where_they_log(level: int, bound: bool) -> None:
+    """pynetdicom's standard handlers format every PDU and DIMSE message (and copy each data set)
+    for its INFO and DEBUG lines: an acceptor association binds them only where those are logged,
+    and its own handlers always."""
+    logger = logging.getLogger("pynetdicom")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        assoc = EventDrivenAssociation(AE(), MODE_ACCEPTOR)
+    finally:
+        logger.setLevel(before)
+    try:
+        for event, standard in ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                                (evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
+            assert (standard in [handler for handler, _ in assoc.get_handlers(event)]) is bound
+        assert assoc.get_handlers(evt.EVT_C_STORE) == (evt.get_default_handler(evt.EVT_C_STORE), None)
+    finally:
+        assoc.dul._wake_reader.close()
+        assoc.dul._wake_writer.close()
+
+
+@pytest.mark.parametrize("read_chunk", [WholeReadSocket.READ_CHUNK, 1000])
+def test_a_pdu_is_read_whole_or_up_to_where_its_connection_closed(
+    read_chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PDU's body is read in as few calls as have data (growing past READ_CHUNK as it arrives,
+    never sized by the length the peer states); a connection closed mid-PDU gives what came."""
+    monkeypatch.setattr(WholeReadSocket, "READ_CHUNK", read_chunk)
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        events: queue.Queue[str] = queue.Queue()  # where pynetdicom's socket reports it is open
+        sock = WholeReadSocket(SimpleNamespace(dul=SimpleNamespace(event_queue=events)),  # type: ignore[arg-type]
+                               client_socket=ours)
+        body = bytes(range(256)) * 40
+        sender = threading.Thread(target=lambda: [peer.sendall(body[i:i + 999]) for i in range(0, len(body), 999)])
+        sender.start()
+        assert sock.recv(len(body)) == body
+        sender.join()
+        peer.sendall(body[:3000])
+        peer.shutdown(socket.SHUT_WR)
+        assert sock.recv(2**31) == body[:3000]  # a false length: what arrived, no 2 GiB buffer
+
+
 # --- verification --------------------------------------------------------------------------
 
 
@@ -298,6 +351,32 @@ def test_deflated_dataset_is_kept_deflated(start: Callable[..., Listener], serie
     stored, sent = pydicom.dcmread(row.path), pydicom.dcmread(series[0])
     assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
     assert stored.PixelData == sent.PixelData and stored.SOPInstanceUID == sent.SOPInstanceUID
+
+
+def test_enhanced_ct_frames_are_described_from_a_partly_read_header(
+    start: Callable[..., Listener], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A received header is read without its long elements (pixel data); an Enhanced CT's per-frame
+    functional groups are such an element, read from the received buffer when described: every
+    frame is recorded with its position."""
+    spec = PhantomSpec(rows=16, columns=16, pixel_spacing=20.0, slices=60, slice_spacing=5.0)
+    path = tmp_path / "enhanced.dcm"
+    enhanced_dataset(phantom_volume(spec), spec).save_as(path, enforce_file_format=True)
+    deferred: list[int] = []
+    read_deferred = pydicom.filereader.read_deferred_data_element
+
+    def reading_deferred(*args: Any) -> Any:
+        deferred.append(args[-1].tag)
+        return read_deferred(*args)
+
+    monkeypatch.setattr(pydicom.filereader, "read_deferred_data_element", reading_deferred)
+    listener_ = start()
+    storescu(listener_, "-xe", [path])
+    assert deferred == [0x52009230]  # PerFrameFunctionalGroupsSequence, when asked for; never the pixels
+    [row] = listener_.rows(Instance)
+    assert [h["frame"] for h in row.headers] == list(range(60))
+    assert len({h["position"][2] for h in row.headers}) == 60
+    assert dataset_bytes(Path(row.path)) == dataset_bytes(path)
 
 
 def test_resend_is_idempotent(start: Callable[..., Listener], series: list[Path]) -> None:

@@ -118,6 +118,29 @@ def test_incoming_file_is_kept_only_once_recorded(tmp_path: Path) -> None:
     assert not list((tmp_path / INCOMING_DIR).iterdir())
 
 
+def test_an_incoming_file_is_its_parts_in_order_whatever_each_write_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A received file is written as its header and data set, unjoined; a write the kernel cuts
+    short is resumed where it stopped."""
+    parts = (b"\x00" * 128 + b"DICM", bytes(range(256)) * 40, b"", b"tail")
+    writev = os.writev
+    calls: list[int] = []
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:
+        calls.append(len(buffers))
+        return writev(fd, [buffers[0][:100]])  # never more than 100 bytes of the first buffer
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    path = tmp_path / "placed.dcm"
+    with IncomingFile(tmp_path, *parts, min_free_bytes=0) as incoming:
+        assert incoming.size == sum(map(len, parts))
+        incoming.place(path)
+        incoming.keep()
+    assert path.read_bytes() == b"".join(parts)
+    assert len(calls) > len(parts) and calls[0] == 3  # the empty part is never handed over
+
+
 def test_storage_names_are_unique_and_stay_in_their_folder() -> None:
     """Retention deletes a study's folder: no two UIDs may share one, nor take a reserved name."""
     assert storage_name("1.2.840.113619.2.55.3") == "1.2.840.113619.2.55.3"  # well-formed: itself

@@ -208,7 +208,7 @@ def _store_uploaded(name: str | None, data: bytes, settings: SettingsDep, factor
         return ds, str(ds.file_meta.TransferSyntaxUID)
 
     try:
-        stored = receive_instance(data, decode, Origin(UPLOAD, name=name), settings, factory,
+        stored = receive_instance((data,), decode, Origin(UPLOAD, name=name), settings, factory,
                                   unreadable="not a readable DICOM Part 10 file")
     except QuarantinedError as exc:
         return UploadedFile(filename=name, stored=False, status="quarantined", error=str(exc))

@@ -15,6 +15,11 @@ events. The loops below are pynetdicom 3.0's (``DULServiceProvider.run_reactor``
 ``Association._run_reactor``, ``RequestHandler._create_association``) with the sleep replaced by
 those waits; pyproject pins pynetdicom to 3.0.x, and the listener tests exercise these loops
 (release, abort, timeouts, TLS, kill -9).
+
+Two more per-instance costs go the same way: pynetdicom's logging handlers, which format every
+PDU and message (and copy every data set) for log lines our logging configuration drops, are
+bound only where pynetdicom logs at INFO; and a PDU is read in as few ``recv`` calls as the
+kernel allows (:class:`WholeReadSocket`) instead of 4 KiB at a time.
 """
 
 from __future__ import annotations
@@ -29,8 +34,14 @@ from copy import deepcopy
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from pynetdicom import evt
+from pynetdicom import _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -174,6 +185,17 @@ class EventDrivenAssociation(Association):
         self.wake.set()
         super().kill()
 
+    def _bind_defaults(self) -> None:
+        """pynetdicom's default handlers, its logging ones only where they would log: they format
+        every PDU and message (and copy each data set) for its INFO and DEBUG lines."""
+        for event in evt._INTERVENTION_EVENTS:
+            self.bind(event, evt.get_default_handler(event))
+        if _config.LOG_HANDLER_LEVEL == "standard" and logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            self.bind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
+            self.bind(evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)
+            self.bind(evt.EVT_PDU_RECV, standard_pdu_recv_handler)
+            self.bind(evt.EVT_PDU_SENT, standard_pdu_sent_handler)
+
     def _run_reactor(self) -> None:
         """pynetdicom 3.0's acceptor loop, waiting on :attr:`wake` instead of sleeping 1 ms."""
         self._is_paused = False
@@ -227,6 +249,34 @@ class EventDrivenAssociation(Association):
                 return
 
 
+class WholeReadSocket(AssociationSocket):
+    """pynetdicom's socket, reading what a PDU needs in as few calls as the kernel allows.
+
+    pynetdicom reads at most 4 KiB per ``recv``: about 130 calls and as many appends for each
+    512x512 slice. Here each call asks for the rest of the PDU, up to :data:`READ_CHUNK` (the
+    peer states the length: a false one must not size an allocation)."""
+
+    READ_CHUNK = 1 << 20
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        received = bytearray(min(nr_bytes, self.READ_CHUNK))
+        view = memoryview(received)
+        count = 0
+        while count < nr_bytes:
+            if count == len(received):  # a PDU longer than READ_CHUNK: grow as it arrives
+                view.release()
+                received.extend(bytes(min(nr_bytes - count, self.READ_CHUNK)))
+                view = memoryview(received)
+            read = sock.recv_into(view[count:])
+            if not read:  # the connection was closed: what came so far, as pynetdicom returns
+                break
+            count += read
+        view.release()
+        del received[count:]
+        return received
+
+
 class EventDrivenRequestHandler(RequestHandler):
     """Serves each connection with an :class:`EventDrivenAssociation`."""
 
@@ -235,7 +285,7 @@ class EventDrivenRequestHandler(RequestHandler):
         assoc = EventDrivenAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        assoc.set_socket(WholeReadSocket(assoc, client_socket=self.request))
 
         server = cast(Any, self.server)
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size

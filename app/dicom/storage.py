@@ -10,6 +10,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from app.errors import StorageFullError, StorageWriteError
@@ -97,8 +98,9 @@ class IncomingFile:
     Raises StorageFullError or StorageWriteError.
     """
 
-    def __init__(self, root: Path, data: bytes, *, min_free_bytes: int) -> None:
-        self.size = len(data)
+    def __init__(self, root: Path, *parts: bytes, min_free_bytes: int) -> None:
+        """Write ``parts`` one after another (a file's header and its data set need no joining)."""
+        self.size = sum(len(part) for part in parts)
         self._tmp = root / INCOMING_DIR / f"{uuid.uuid4().hex}.tmp"
         self._fd: int | None = None  # open until place() or discard()
         self._placed: tuple[Path, int] | None = None  # path and inode of a file placed where none was
@@ -106,10 +108,10 @@ class IncomingFile:
         try:
             # Inside the try: a storage volume that is gone or failing (EIO, a stale NFS handle) is a
             # reason to retry later (out of resources), not a dataset we cannot understand.
-            ensure_free_space(root, len(data), min_free_bytes)
+            ensure_free_space(root, self.size, min_free_bytes)
             _make_dirs_durable(self._tmp.parent)
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            _write_all(self._fd, data)
+            _write_all(self._fd, parts)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
@@ -222,17 +224,22 @@ def _link_if_absent(tmp: Path, path: Path) -> bool:
 def _write_synced(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        _write_all(fd, data)
+        _write_all(fd, (data,))
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _write_all(fd: int, parts: Sequence[bytes]) -> None:
+    """Write every part, in order, in as few calls as the kernel allows."""
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
 
 
 def _storage_error(exc: OSError) -> StorageFullError | StorageWriteError:
