@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, QuarantinedFile, Series, Study, StudyState, utcnow
 from app.db.upsert import dialect_name, ignoring_insert, insert_ignore
+from app.db.write_gate import SqliteWriteGate
 from app.dicom.own_objects import OwnObjectsPolicy, created_by_cttriage, never_scored_reason
 from app.dicom.storage import (
     MAX_UID_LENGTH,
@@ -309,6 +311,7 @@ def store_instance(
     source: str,
     calling_aet: str | None,
     own_objects: OwnObjectsPolicy = "store",
+    write_gate: SqliteWriteGate | None = None,
 ) -> StoredInstance:
     """Record an instance and commit once its bytes are durable under its UID path.
 
@@ -317,7 +320,8 @@ def store_instance(
     ones a committed row points at inside the transaction, after the record's statements. No
     committed row ever points at a missing file, and a record that fails leaves no new file behind
     (``incoming`` removes what it placed unless kept). The statements go through a Core
-    connection, as this is the C-STORE hot path. Raises typed errors. With ``own_objects`` "drop",
+    connection, as this is the C-STORE hot path; with ``write_gate`` (SQLite) the transaction waits
+    its turn there, not in SQLite's busy sleeps. Raises typed errors. With ``own_objects`` "drop",
     an object cttriage wrote is neither kept nor recorded (reported as a duplicate: nothing new).
     """
     path = instance_path(storage_root, received.study_uid, received.series_uid, received.sop_instance_uid)
@@ -328,7 +332,7 @@ def store_instance(
     # outside the transaction, which holds the write lock (SQLite: one for every listener) to commit
     placed = incoming.place_if_new(path)
     try:
-        with engine.begin() as connection:
+        with write_gate.held() if write_gate is not None else nullcontext(), engine.begin() as connection:
             duplicate = record_instance(
                 connection,
                 received,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db.write_gate import SqliteWriteGate
 from app.dicom.storage import IncomingFile
 from app.errors import CtTriageError, InvalidDicomError, QuarantinedError
 from app.ingest import ReceivedInstance, StoredInstance, describe_instance, quarantine_bytes, store_instance
@@ -35,7 +36,8 @@ class Origin:
 
 
 def receive_instance(parts: Sequence[bytes], decode: Decode, origin: Origin, settings: Settings,
-                     session_factory: sessionmaker[Session], *, unreadable: str) -> StoredInstance:
+                     session_factory: sessionmaker[Session], *, unreadable: str,
+                     write_gate: SqliteWriteGate | None = None) -> StoredInstance:
     """Store one instance, a DICOM file in ``parts`` (written one after another), durably and
     record it. Raises typed errors only for what the receive itself names; unreadable bytes
     (whatever pydicom raises on them is ``unreadable`` with the exception's type, never its
@@ -46,7 +48,8 @@ def receive_instance(parts: Sequence[bytes], decode: Decode, origin: Origin, set
             received = _describe(decode, unreadable)
             return store_instance(incoming, received, storage_root=settings.storage_root,
                                   session_factory=session_factory, source=origin.source,
-                                  calling_aet=origin.calling_aet, own_objects=settings.own_objects)
+                                  calling_aet=origin.calling_aet, own_objects=settings.own_objects,
+                                  write_gate=write_gate)
     except InvalidDicomError as exc:  # retrying will not help: keep the bytes for an admin
         raise _quarantine(b"".join(parts), exc, origin, settings, session_factory) from exc
 

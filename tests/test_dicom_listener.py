@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import receive
 from app.db.models import Base, Instance, QuarantinedFile, Series, Study
 from app.db.session import make_session_factory
+from app.db.write_gate import SqliteWriteGate
 from app.dicom import listener, storage
 from app.dicom.event_driven import EventDrivenAssociation, WholeReadSocket
 from app.dicom.listener import start_listener
@@ -525,6 +526,23 @@ def test_database_unavailable_is_out_of_resources(start: Callable[..., Listener]
     Base.metadata.create_all(listener_.session_factory.kw["bind"])
     assert listener_.store(series) == [STATUS_SUCCESS] * len(series)
     assert listener_.count(Instance) == len(series)
+
+
+def test_records_on_sqlite_wait_their_turn_at_the_write_gate(start: Callable[..., Listener],
+                                                             series: list[Path]) -> None:
+    """With SQLite, a record transaction queues on the gate beside the database (what another
+    listener process would hold), not in SQLite's busy sleeps, and is answered once it is free."""
+    listener_ = start()
+    other_process = SqliteWriteGate(Path(listener_.session_factory.kw["bind"].url.database))
+    statuses: list[int] = []
+    with other_process.held():
+        sender = threading.Thread(target=lambda: statuses.extend(listener_.store(series[:1])))
+        sender.start()
+        time.sleep(1.0)
+        assert not statuses and listener_.count(Instance) == 0
+    sender.join(10)
+    other_process.close()
+    assert statuses == [STATUS_SUCCESS] and listener_.count(Instance) == 1
 
 
 def test_database_unreachable_is_out_of_resources(

@@ -64,6 +64,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import mark_released
 from app.counters import ASSOCIATIONS_REFUSED, INSTANCES_TOO_LARGE, EventCounters
+from app.db.write_gate import SqliteWriteGate, write_gate_for
 from app.dicom.event_driven import EventDrivenRequestHandler
 from app.errors import STATUS_SUCCESS, TYPED_ERRORS, InstanceTooLargeError, dicom_status
 from app.liveness import ListenerHeartbeat, listener_name
@@ -190,6 +191,8 @@ class ListenerContext:
     tally: _Tally = field(default_factory=_Tally, compare=False)
     counters: EventCounters | None = field(default=None, compare=False)
     gate: ConnectionGate | None = field(default=None, compare=False)
+    #: where this process's record transactions queue on a SQLite database (``app.db.write_gate``)
+    write_gate: SqliteWriteGate | None = field(default=None, compare=False)
 
     def count(self, name: str, label: str) -> None:
         if self.counters is not None:
@@ -318,7 +321,8 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session],
     ae = build_ae(settings)
     counters = EventCounters(session_factory)
     gate = ConnectionGate(ae, settings.dicom_max_associations, settings.dicom_max_associations_per_peer)
-    context = ListenerContext(settings, session_factory, counters=counters, gate=gate)
+    write_gate = write_gate_for(session_factory.kw["bind"])
+    context = ListenerContext(settings, session_factory, counters=counters, gate=gate, write_gate=write_gate)
     settings.storage_root.mkdir(parents=True, exist_ok=True)
     log.info(
         "DICOM listener starting",
@@ -360,6 +364,8 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session],
         stop_server()
         counters.stop()
         heartbeat.stop()
+        if write_gate is not None:
+            write_gate.close()
 
     server.verify_request = verify_request  # type: ignore[method-assign]  # socketserver's hook
     heartbeat = ListenerHeartbeat(session_factory, listener_name(settings.ae_title, settings.dicom_port),
@@ -456,7 +462,8 @@ def handle_store(event: Event, context: ListenerContext) -> int:
         file_meta = event.file_meta
         origin = Origin(SOURCE, calling_aet, str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "") or None)
         stored = receive_instance(_part10_parts(event, file_meta), lambda: _decoded(event, file_meta), origin,
-                                  context.settings, context.session_factory, unreadable="dataset cannot be decoded")
+                                  context.settings, context.session_factory, unreadable="dataset cannot be decoded",
+                                  write_gate=context.write_gate)
     except Exception as exc:
         if not isinstance(exc, TYPED_ERRORS):  # its message may quote element values: log the stack only
             log.error("unexpected error while storing an instance", extra={
