@@ -34,7 +34,7 @@ from copy import deepcopy
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from pynetdicom import _config, evt
+from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -186,15 +186,15 @@ class EventDrivenAssociation(Association):
         super().kill()
 
     def _bind_defaults(self) -> None:
-        """pynetdicom's default handlers, its logging ones only where they would log: they format
-        every PDU and message (and copy each data set) for its INFO and DEBUG lines."""
-        for event in evt._INTERVENTION_EVENTS:
-            self.bind(event, evt.get_default_handler(event))
-        if _config.LOG_HANDLER_LEVEL == "standard" and logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            self.bind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
-            self.bind(evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)
-            self.bind(evt.EVT_PDU_RECV, standard_pdu_recv_handler)
-            self.bind(evt.EVT_PDU_SENT, standard_pdu_sent_handler)
+        """pynetdicom's default handlers, less its logging ones where they would not log: they
+        format every PDU and message (and copy each data set) for its INFO and DEBUG lines."""
+        super()._bind_defaults()
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            for event, handler in ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                                   (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+                                   (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+                                   (evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
+                self.unbind(event, handler)
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0's acceptor loop, waiting on :attr:`wake` instead of sleeping 1 ms."""
