@@ -277,6 +277,31 @@ def test_pynetdicom_logging_handlers_are_bound_only_where_they_log(level: int, b
         assoc.dul._wake_writer.close()
 
 
+@pytest.mark.parametrize(("level", "bound"), [(logging.WARNING, False), (logging.INFO, True)])
+def test_associations_the_listener_accepts_bind_the_logging_handlers_only_where_they_log(
+    level: int, bound: bool, start: Callable[..., Listener]
+) -> None:
+    """The server binds pynetdicom's standard handlers itself and hands its bindings to every
+    association it accepts: unbinding them on the association alone would not keep them off."""
+    logger = logging.getLogger("pynetdicom")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        listener = start()
+    finally:
+        logger.setLevel(before)
+    assoc = listener.associate()
+    assert assoc.is_established
+    try:
+        [acceptor] = [t for t in threading.enumerate() if isinstance(t, EventDrivenAssociation)]
+        for event, standard in ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                                (evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
+            assert (standard in [handler for handler, _ in acceptor.get_handlers(event)]) is bound
+        assert acceptor.get_handlers(evt.EVT_C_STORE)[0].__name__ == "handle_store"
+    finally:
+        assoc.release()
+
+
 @pytest.mark.parametrize("read_chunk", [WholeReadSocket.READ_CHUNK, 1000])
 def test_a_pdu_is_read_whole_or_up_to_where_its_connection_closed(
     read_chunk: int, monkeypatch: pytest.MonkeyPatch

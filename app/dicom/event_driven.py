@@ -18,8 +18,10 @@ those waits; pyproject pins pynetdicom to 3.0.x, and the listener tests exercise
 
 Two more per-instance costs go the same way: pynetdicom's logging handlers, which format every
 PDU and message (and copy every data set) for log lines our logging configuration drops, are
-bound only where pynetdicom logs at INFO; and a PDU is read in as few ``recv`` calls as the
-kernel allows (:class:`WholeReadSocket`) instead of 4 KiB at a time.
+bound only where pynetdicom logs at INFO (:func:`unbind_unlogged_handlers`, on the server as well
+as the association: the server binds its own and hands them to each association it accepts);
+and a PDU is read in as few ``recv`` calls as the kernel allows (:class:`WholeReadSocket`)
+instead of 4 KiB at a time.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 if TYPE_CHECKING:
     from pynetdicom.ae import ApplicationEntity
@@ -55,6 +57,22 @@ log = logging.getLogger(__name__)
 #: The longest either thread waits without an event: the granularity of pynetdicom's timers.
 MAX_WAIT_SECONDS = 0.05
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+_STANDARD_LOGGING_HANDLERS = ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                              (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+                              (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+                              (evt.EVT_PDU_SENT, standard_pdu_sent_handler))
+
+
+def unbind_unlogged_handlers(owner: Association | AssociationServer) -> None:
+    """Unbind pynetdicom's standard logging handlers from an association or a server (which
+    hands its bindings to each association it accepts) unless pynetdicom logs at INFO: they
+    format every PDU and message, and copy each data set, for lines that would be dropped."""
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        return
+    for event, handler in _STANDARD_LOGGING_HANDLERS:
+        owner.unbind(event, handler)
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -186,15 +204,9 @@ class EventDrivenAssociation(Association):
         super().kill()
 
     def _bind_defaults(self) -> None:
-        """pynetdicom's default handlers, less its logging ones where they would not log: they
-        format every PDU and message (and copy each data set) for its INFO and DEBUG lines."""
+        """pynetdicom's default handlers, less its logging ones where they would not log."""
         super()._bind_defaults()
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            for event, handler in ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
-                                   (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
-                                   (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
-                                   (evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
-                self.unbind(event, handler)
+        unbind_unlogged_handlers(self)
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0's acceptor loop, waiting on :attr:`wake` instead of sleeping 1 ms."""

@@ -65,7 +65,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.assembly import mark_released
 from app.counters import ASSOCIATIONS_REFUSED, INSTANCES_TOO_LARGE, EventCounters
 from app.db.write_gate import SqliteWriteGate, write_gate_for
-from app.dicom.event_driven import EventDrivenRequestHandler
+from app.dicom.event_driven import EventDrivenRequestHandler, unbind_unlogged_handlers
 from app.errors import STATUS_SUCCESS, TYPED_ERRORS, InstanceTooLargeError, dicom_status
 from app.liveness import ListenerHeartbeat, listener_name
 from app.receive import Origin, receive_instance
@@ -213,6 +213,12 @@ class ListenerServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", EventDrivenRequestHandler)
         super().__init__(*args, **kwargs)
+
+    def _bind_defaults(self) -> None:
+        """pynetdicom's default handlers, less its logging ones where they would not log (each
+        accepted association is given the server's bindings)."""
+        super()._bind_defaults()
+        unbind_unlogged_handlers(self)
 
     def shutdown(self) -> None:
         """Stop accepting and close the listening descriptor."""
