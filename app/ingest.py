@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Executor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -312,14 +313,16 @@ def store_instance(
     calling_aet: str | None,
     own_objects: OwnObjectsPolicy = "store",
     write_gate: SqliteWriteGate | None = None,
+    syncer: Executor | None = None,
 ) -> StoredInstance:
     """Record an instance and commit once its bytes are durable under its UID path.
 
     A new instance's file is placed before the transaction (nothing points at it until the record
-    commits), so the database's write lock is not held across fsyncs; a re-send's bytes replace the
-    ones a committed row points at inside the transaction, after the record's statements. No
-    committed row ever points at a missing file, and a record that fails leaves no new file behind
-    (``incoming`` removes what it placed unless kept). The statements go through a Core
+    commits); with ``syncer`` its fsyncs run there while the record's statements execute, and the
+    commit waits for them. A re-send's bytes replace the ones a committed row points at inside the
+    transaction, after the record's statements. No committed row ever points at a file not yet
+    durable, and a record that fails leaves no new file behind (``incoming`` removes what it
+    placed unless kept). The statements go through a Core
     connection, as this is the C-STORE hot path; with ``write_gate`` (SQLite) the transaction waits
     its turn there, not in SQLite's busy sleeps. Raises typed errors. With ``own_objects`` "drop",
     an object cttriage wrote is neither kept nor recorded (reported as a duplicate: nothing new).
@@ -330,7 +333,7 @@ def store_instance(
         return StoredInstance(received.study_uid, received.series_uid, received.sop_instance_uid, path, duplicate=True)
     engine: Engine = session_factory.kw["bind"]
     # outside the transaction, which holds the write lock (SQLite: one for every listener) to commit
-    placed = incoming.place_if_new(path)
+    placed = incoming.place_if_new(path, syncer)
     try:
         with write_gate.held() if write_gate is not None else nullcontext(), engine.begin() as connection:
             duplicate = record_instance(
@@ -342,7 +345,9 @@ def store_instance(
                 calling_aet=calling_aet,
                 now=utcnow(),
             )
-            if not placed:
+            if placed:
+                incoming.wait_durable()
+            else:
                 incoming.replace_existing(path)
     except (DataError, UnicodeEncodeError) as exc:
         # A value the database cannot store that cleaning missed: the same bytes would fail on

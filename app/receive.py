@@ -10,6 +10,7 @@ maps once: the listener to a C-STORE status, the API to an HTTP problem.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from pydicom import Dataset
@@ -37,19 +38,19 @@ class Origin:
 
 def receive_instance(parts: Sequence[bytes], decode: Decode, origin: Origin, settings: Settings,
                      session_factory: sessionmaker[Session], *, unreadable: str,
-                     write_gate: SqliteWriteGate | None = None) -> StoredInstance:
+                     write_gate: SqliteWriteGate | None = None, syncer: Executor | None = None) -> StoredInstance:
     """Store one instance, a DICOM file in ``parts`` (written one after another), durably and
-    record it. Raises typed errors only for what the receive itself names; unreadable bytes
-    (whatever pydicom raises on them is ``unreadable`` with the exception's type, never its
-    message, which may quote element values) raise :class:`QuarantinedError` once kept in the
-    quarantine."""
+    record it (its fsyncs on ``syncer`` while the record is written, if given). Raises typed
+    errors only for what the receive itself names; unreadable bytes (whatever pydicom raises on
+    them is ``unreadable`` with the exception's type, never its message, which may quote element
+    values) raise :class:`QuarantinedError` once kept in the quarantine."""
     try:
         with IncomingFile(settings.storage_root, *parts, min_free_bytes=settings.min_free_bytes) as incoming:
             received = _describe(decode, unreadable)
             return store_instance(incoming, received, storage_root=settings.storage_root,
                                   session_factory=session_factory, source=origin.source,
                                   calling_aet=origin.calling_aet, own_objects=settings.own_objects,
-                                  write_gate=write_gate)
+                                  write_gate=write_gate, syncer=syncer)
     except InvalidDicomError as exc:  # retrying will not help: keep the bytes for an admin
         raise _quarantine(b"".join(parts), exc, origin, settings, session_factory) from exc
 

@@ -302,6 +302,19 @@ def test_associations_the_listener_accepts_bind_the_logging_handlers_only_where_
         assoc.release()
 
 
+def test_received_files_are_fsynced_on_the_listeners_syncer_threads(
+    start: Callable[..., Listener], series: list[Path]
+) -> None:
+    """The listener hands each placed file's fsyncs to its syncer (``IncomingFile.place_if_new``)
+    and records the instance meanwhile; the file is whole and recorded when success is answered."""
+    listener = start()
+    assert listener.store(series[:3]) == [0, 0, 0]
+    assert any(t.name.startswith("dicom-fsync") for t in threading.enumerate())
+    assert listener.count(Instance) == 3
+    for row in listener.rows(Instance):
+        assert Path(row.path).stat().st_size == row.size_bytes
+
+
 @pytest.mark.parametrize("read_chunk", [WholeReadSocket.READ_CHUNK, 1000])
 def test_a_pdu_is_read_whole_or_up_to_where_its_connection_closed(
     read_chunk: int, monkeypatch: pytest.MonkeyPatch

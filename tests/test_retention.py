@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Instance, Study, StudyState, utcnow
 from app.db.session import make_engine
+from app.dicom import storage
 from app.dicom.storage import (
     INCOMING_DIR,
     IncomingFile,
@@ -139,6 +143,75 @@ def test_an_incoming_file_is_its_parts_in_order_whatever_each_write_takes(
         incoming.keep()
     assert path.read_bytes() == b"".join(parts)
     assert len(calls) > len(parts) and calls[0] == 3  # the empty part is never handed over
+
+
+def _received(study: str, sop: str) -> ReceivedInstance:
+    return ReceivedInstance(
+        study_uid=study, series_uid=f"{study}.1", sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", series_number=1, series_description=None,
+        accession_number=None, study_date=None, study_description=None, patient_age=None, patient_sex=None,
+        headers=[])
+
+
+def test_a_record_commits_only_once_its_file_synced_on_the_syncer_is_durable(
+    sqlite_settings: Settings, sqlite_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener fsyncs a received file on a syncer thread while the record's statements run;
+    the commit waits for that fsync, so no committed row ever points at a file not yet durable."""
+    root = sqlite_settings.storage_root
+    synced = threading.Event()
+    release = threading.Event()
+    sync_placed = storage._sync_placed
+
+    def slow_sync(fd: int, folder: Path) -> None:
+        release.wait(10)
+        sync_placed(fd, folder)
+        synced.set()
+
+    monkeypatch.setattr(storage, "_sync_placed", slow_sync)
+
+    def rows() -> int:
+        with sqlite_factory() as session:
+            return session.execute(select(func.count()).select_from(Instance)).scalar_one()
+
+    stored: list[object] = []
+    with ThreadPoolExecutor(2) as syncer:
+        def receive() -> None:
+            with IncomingFile(root, b"DICM synced", min_free_bytes=0) as incoming:
+                stored.append(store_instance(incoming, _received("1.8", "1.8.1.1"), storage_root=root,
+                                             session_factory=sqlite_factory, source="test", calling_aet=None,
+                                             syncer=syncer))
+
+        receiver = threading.Thread(target=receive)
+        receiver.start()
+        time.sleep(0.5)  # the statements ran long since; the fsync is held back
+        assert receiver.is_alive() and rows() == 0 and not stored
+        release.set()
+        receiver.join(10)
+    assert synced.is_set() and rows() == 1 and len(stored) == 1
+    assert instance_path(root, "1.8", "1.8.1", "1.8.1.1").read_bytes() == b"DICM synced"
+
+
+def test_an_fsync_that_fails_on_the_syncer_fails_the_receive_and_leaves_nothing(
+    sqlite_settings: Settings, sqlite_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk error in the syncer's fsync is the receive's StorageWriteError (the sender retries):
+    nothing is recorded and the placed file goes again."""
+    root = sqlite_settings.storage_root
+
+    def failing_sync(fd: int, folder: Path) -> None:
+        os.close(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage, "_sync_placed", failing_sync)
+    with ThreadPoolExecutor(1) as syncer, pytest.raises(StorageWriteError, match="Input/output error"):
+        with IncomingFile(root, b"DICM lost", min_free_bytes=0) as incoming:
+            store_instance(incoming, _received("1.9", "1.9.1.1"), storage_root=root, session_factory=sqlite_factory,
+                           source="test", calling_aet=None, syncer=syncer)
+    with sqlite_factory() as session:
+        assert session.execute(select(func.count()).select_from(Instance)).scalar_one() == 0
+    assert not instance_path(root, "1.9", "1.9.1", "1.9.1.1").exists()
+    assert not list((root / INCOMING_DIR).iterdir())
 
 
 def test_storage_names_are_unique_and_stay_in_their_folder() -> None:

@@ -31,6 +31,7 @@ import traceback
 import zlib
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
@@ -193,6 +194,8 @@ class ListenerContext:
     gate: ConnectionGate | None = field(default=None, compare=False)
     #: where this process's record transactions queue on a SQLite database (``app.db.write_gate``)
     write_gate: SqliteWriteGate | None = field(default=None, compare=False)
+    #: the threads that fsync received files while their records are written (``IncomingFile``)
+    syncer: Executor | None = field(default=None, compare=False)
 
     def count(self, name: str, label: str) -> None:
         if self.counters is not None:
@@ -328,7 +331,10 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session],
     counters = EventCounters(session_factory)
     gate = ConnectionGate(ae, settings.dicom_max_associations, settings.dicom_max_associations_per_peer)
     write_gate = write_gate_for(session_factory.kw["bind"])
-    context = ListenerContext(settings, session_factory, counters=counters, gate=gate, write_gate=write_gate)
+    # one fsync at a time per association at most: threads are only made while none is idle
+    syncer = ThreadPoolExecutor(max_workers=settings.dicom_max_associations, thread_name_prefix="dicom-fsync")
+    context = ListenerContext(settings, session_factory, counters=counters, gate=gate, write_gate=write_gate,
+                              syncer=syncer)
     settings.storage_root.mkdir(parents=True, exist_ok=True)
     log.info(
         "DICOM listener starting",
@@ -368,6 +374,7 @@ def start_listener(settings: Settings, session_factory: sessionmaker[Session],
 
     def shutdown() -> None:
         stop_server()
+        syncer.shutdown()
         counters.stop()
         heartbeat.stop()
         if write_gate is not None:
@@ -469,7 +476,7 @@ def handle_store(event: Event, context: ListenerContext) -> int:
         origin = Origin(SOURCE, calling_aet, str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "") or None)
         stored = receive_instance(_part10_parts(event, file_meta), lambda: _decoded(event, file_meta), origin,
                                   context.settings, context.session_factory, unreadable="dataset cannot be decoded",
-                                  write_gate=context.write_gate)
+                                  write_gate=context.write_gate, syncer=context.syncer)
     except Exception as exc:
         if not isinstance(exc, TYPED_ERRORS):  # its message may quote element values: log the stack only
             log.error("unexpected error while storing an instance", extra={

@@ -11,6 +11,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from app.errors import StorageFullError, StorageWriteError
@@ -88,13 +89,17 @@ class IncomingFile:
     The bytes go into a temp file under ``<root>/.incoming`` at once, and the kernel is told to
     start writing them out without waiting (``posix_fadvise(DONTNEED)`` starts the writeback of
     dirty pages on Linux; PostgreSQL flushes its files the same way where ``sync_file_range`` is
-    missing). The caller then reads the header and records the instance while the disk works.
-    :meth:`place`, inside the caller's transaction, fsyncs the file (by then mostly done), renames
-    it to its UID path and fsyncs that folder; :meth:`keep` marks it as committed. When the ``with``
-    block ends, bytes not kept are removed again, so a failed record leaves no file without a row.
+    missing). The caller then reads the header while the disk works. :meth:`place_if_new` gives
+    the bytes their UID path and fsyncs them and that folder, on a ``syncer`` thread if given
+    (the fsync is mostly the journal's commit, a wait no earlier writeback shortens) while the
+    caller records the instance, which :meth:`wait_durable` ends before the commit; a re-send
+    goes through :meth:`replace_existing` instead. :meth:`keep` marks the bytes as committed. When
+    the ``with`` block ends, bytes not kept are removed again, so a failed record leaves no file
+    without a row.
 
-    No thread: one handed the write would wait for the GIL while the caller decodes headers,
-    delaying the disk write by a millisecond or more.
+    The write itself stays on the caller's thread: one handed the write would wait for the GIL
+    while the caller decodes headers. The fsyncs release the GIL at once, and the caller's
+    database statements release it too, so a syncer thread starts them without that wait.
     Raises StorageFullError or StorageWriteError.
     """
 
@@ -104,6 +109,7 @@ class IncomingFile:
         self._tmp = root / INCOMING_DIR / f"{uuid.uuid4().hex}.tmp"
         self._fd: int | None = None  # open until place() or discard()
         self._placed: tuple[Path, int] | None = None  # path and inode of a file placed where none was
+        self._syncing: Future[None] | None = None  # the placed file's fsyncs, running on a syncer
         self._kept = False
         try:
             # Inside the try: a storage volume that is gone or failing (EIO, a stale NFS handle) is a
@@ -123,7 +129,7 @@ class IncomingFile:
         if not self.place_if_new(path):
             self.replace_existing(path)
 
-    def place_if_new(self, path: Path) -> bool:
+    def place_if_new(self, path: Path, syncer: Executor | None = None) -> bool:
         """Make the bytes durable under ``path`` if nothing has that name yet (True); False leaves
         them for :meth:`replace_existing` (a re-send). Raises StorageFullError or StorageWriteError.
 
@@ -131,7 +137,11 @@ class IncomingFile:
         the data, and the folder's fsync after it finds little left to do. Nothing points at the
         new name before the record commits (a crash before leaves only an unrecorded file that a
         re-send replaces), so it can be placed before the record is written; a record that fails
-        removes it (:meth:`discard`)."""
+        removes it (:meth:`discard`).
+
+        With ``syncer`` the two fsyncs run there and this returns once the name is given: the
+        caller writes its record meanwhile (the disk's wait, about a millisecond per instance, no
+        longer adds to the CPU's) and calls :meth:`wait_durable` before it commits."""
         if self._fd is None:
             raise RuntimeError("the incoming file was already placed or discarded")
         try:
@@ -141,11 +151,24 @@ class IncomingFile:
                 return False
             self._placed = (path, inode)
             fd, self._fd = self._fd, None
-            _fsync_and_close(fd)
-            _fsync_dir(path.parent)
+            if syncer is None:
+                _sync_placed(fd, path.parent)
+            else:
+                self._syncing = syncer.submit(_sync_placed, fd, path.parent)
         except OSError as exc:
             raise _storage_error(exc) from exc
         return True
+
+    def wait_durable(self) -> None:
+        """Until the placed bytes and their name are on disk (at once unless a syncer has them).
+        Raises StorageWriteError (or StorageFullError) as the fsyncs did."""
+        syncing, self._syncing = self._syncing, None
+        if syncing is None:
+            return
+        try:
+            syncing.result()
+        except OSError as exc:
+            raise _storage_error(exc) from exc
 
     def replace_existing(self, path: Path) -> None:
         """Put the bytes in place of the file at ``path`` (a re-send: a committed row may point
@@ -176,6 +199,8 @@ class IncomingFile:
                 os.close(fd)
         if self._kept:
             return
+        with contextlib.suppress(Exception):  # the fsyncs' outcome no longer matters: it goes
+            self.wait_durable()
         with contextlib.suppress(OSError):
             self._tmp.unlink(missing_ok=True)
         if self._placed is not None:
@@ -246,6 +271,12 @@ def _storage_error(exc: OSError) -> StorageFullError | StorageWriteError:
     if exc.errno == errno.ENOSPC:
         return StorageFullError(f"storage full while writing an instance: {exc.strerror}")
     return StorageWriteError(f"could not write an instance: {exc.strerror}")
+
+
+def _sync_placed(fd: int, folder: Path) -> None:
+    """fsync a placed file (closing it), then the folder holding its name."""
+    _fsync_and_close(fd)
+    _fsync_dir(folder)
 
 
 def _fsync_and_close(fd: int) -> None:
