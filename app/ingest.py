@@ -333,7 +333,7 @@ def store_instance(
         return StoredInstance(received.study_uid, received.series_uid, received.sop_instance_uid, path, duplicate=True)
     engine: Engine = session_factory.kw["bind"]
     # outside the transaction, which holds the write lock (SQLite: one for every listener) to commit
-    placed = incoming.place_if_new(path, syncer)
+    placed = incoming.placed_at == path or incoming.place_if_new(path, syncer)
     try:
         with write_gate.held() if write_gate is not None else nullcontext(), engine.begin() as connection:
             duplicate = record_instance(

@@ -118,14 +118,23 @@ def is_multiframe(ds: Dataset) -> bool:
     return any(k in ds for k in _ENHANCED_GROUPS) or declared_frames(ds) not in (None, 1)
 
 
+def instance_uids(ds: Dataset) -> tuple[str, str, str]:
+    """The study, series and SOP instance UIDs of ``ds``, as its headers state them ("" where
+    absent or unreadable): the three keys that say where an instance is stored."""
+    # Some anonymisers blank SOPInstanceUID but keep the file meta copy.
+    sop_instance_uid = _str(_attr(ds, "SOPInstanceUID")) or _str(
+        _attr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID"))
+    return _str(_attr(ds, "StudyInstanceUID")), _str(_attr(ds, "SeriesInstanceUID")), sop_instance_uid
+
+
 def slice_headers(ds: Dataset) -> list[SliceHeader]:
     """One header per frame of ``ds``; reads attributes only and never decodes pixel data."""
     file_meta = getattr(ds, "file_meta", None)
+    study_uid, series_uid, sop_instance_uid = instance_uids(ds)
     common: dict[str, Any] = {
-        # Some anonymisers blank SOPInstanceUID but keep the file meta copy.
-        "sop_instance_uid": _str(_attr(ds, "SOPInstanceUID")) or _str(_attr(file_meta, "MediaStorageSOPInstanceUID")),
-        "study_uid": _str(_attr(ds, "StudyInstanceUID")),
-        "series_uid": _str(_attr(ds, "SeriesInstanceUID")),
+        "sop_instance_uid": sop_instance_uid,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
         "sop_class_uid": _str(_attr(ds, "SOPClassUID")),
         "modality": _str(_attr(ds, "Modality")).upper(),
         "series_number": _int_or_none(_attr(ds, "SeriesNumber")),

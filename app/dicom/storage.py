@@ -150,14 +150,20 @@ class IncomingFile:
             if not _link_if_absent(self._tmp, path):
                 return False
             self._placed = (path, inode)
-            fd, self._fd = self._fd, None
             if syncer is None:
+                fd, self._fd = self._fd, None
                 _sync_placed(fd, path.parent)
-            else:
-                self._syncing = syncer.submit(_sync_placed, fd, path.parent)
+            else:  # the syncer closes the file: once it has it, this no longer does
+                self._syncing = syncer.submit(_sync_placed, self._fd, path.parent)
+                self._fd = None
         except OSError as exc:
             raise _storage_error(exc) from exc
         return True
+
+    @property
+    def placed_at(self) -> Path | None:
+        """Where :meth:`place_if_new` gave the bytes a new name, if it did."""
+        return None if self._placed is None else self._placed[0]
 
     def wait_durable(self) -> None:
         """Until the placed bytes and their name are on disk (at once unless a syncer has them).
