@@ -98,8 +98,9 @@ class IncomingFile:
     without a row.
 
     The write itself stays on the caller's thread: one handed the write would wait for the GIL
-    while the caller decodes headers. The fsyncs release the GIL at once, and the caller's
-    database statements release it too, so a syncer thread starts them without that wait.
+    while the caller decodes headers. A syncer thread needs the GIL only to start its fsyncs,
+    which release it at once; the caller hands it over right after placing
+    (``app.receive._place_early``), or its database statements do.
     Raises StorageFullError or StorageWriteError.
     """
 
