@@ -41,7 +41,7 @@ def build_celery(settings: Settings) -> Celery:
         # Redis redelivers an unacknowledged task after this long; it must outlast a scoring.
         # Priorities 0 (first) .. 9 emulated with one Redis list per step (see app.priority).
         broker_transport_options=(
-            {"polling_interval": settings.embedded_broker_poll_seconds} if settings.embedded_broker else {
+            {} if settings.embedded_broker else {
                 "visibility_timeout": int(settings.processing_timeout_seconds) + 60,
                 "priority_steps": list(range(10)),
                 "sep": ":",

@@ -34,10 +34,6 @@ class Settings(BaseSettings):
     #: Prefix of every Redis key of this deployment, so several deployments (or test runs) can
     #: share one Redis database without taking each other's tasks.
     broker_key_prefix: str = ""
-    #: How often the embedded (SQLite) broker's consumers look for a task while none is waiting:
-    #: the longest a queued study waits for an idle worker (kombu's default is 1 s; a Redis
-    #: consumer is woken at once instead).
-    embedded_broker_poll_seconds: float = Field(0.2, gt=0)
     #: Refuse C-STORE with 0xA700 (out of resources) below this much free space.
     min_free_bytes: int = 512 * 1024 * 1024
 

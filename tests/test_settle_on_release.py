@@ -20,7 +20,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.assembly import mark_released, seconds_to_next_pass
-from app.broker import build_celery
 from app.db.models import Instance, Job, JobTrigger, Study, StudyState, utcnow
 from app.dicom.push import push_files
 from app.lifecycle import queue_settled_studies
@@ -137,17 +136,6 @@ def _settle_gap(study: dict) -> float:  # type: ignore[type-arg]
 
 
 @pytest.mark.slow
-def test_the_embedded_brokers_workers_look_for_a_task_every_poll_interval(tmp_path: Path) -> None:
-    """A released study's job waits for an idle worker at most one poll of the embedded (SQLite)
-    broker: kombu's transport, as the worker opens it, polls every ``embedded_broker_poll_seconds``
-    instead of its default second. A Redis broker is left to wake its consumers itself."""
-    embedded = build_celery(Settings(data_dir=tmp_path, embedded_broker_poll_seconds=0.2))
-    with embedded.connection_for_read() as connection:
-        assert connection.transport.polling_interval == 0.2
-    redis = build_celery(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0"))
-    assert "polling_interval" not in redis.conf.broker_transport_options
-
-
 def test_settle_rules_through_dicom_associations(tmp_path: Path) -> None:
     """One ``cttriage serve`` with two listener processes: a complete series in one association is
     queued within the quiet period of its release; a series split over two associations with a gap
