@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     #: Prefix of every Redis key of this deployment, so several deployments (or test runs) can
     #: share one Redis database without taking each other's tasks.
     broker_key_prefix: str = ""
+    #: How often a worker on the embedded (SQLite) broker looks for a task while none is waiting:
+    #: the longest a queued study waits for an idle worker (kombu's default is 1 s). A Redis
+    #: consumer is woken by the broker instead.
+    embedded_broker_poll_seconds: float = Field(0.2, gt=0)
     #: Refuse C-STORE with 0xA700 (out of resources) below this much free space.
     min_free_bytes: int = 512 * 1024 * 1024
 

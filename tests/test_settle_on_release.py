@@ -10,9 +10,12 @@ read back from the API.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -136,6 +139,35 @@ def _settle_gap(study: dict) -> float:  # type: ignore[type-arg]
 
 
 @pytest.mark.slow
+def test_a_worker_on_the_embedded_broker_looks_for_tasks_every_poll_interval(tmp_path: Path) -> None:
+    """A released study's job waits for an idle worker at most one poll of the embedded (SQLite)
+    broker: the worker's consumer sets its connection's poll to ``embedded_broker_poll_seconds``
+    (kombu's default is 1 s). A Redis worker has no such step: the broker wakes it."""
+    from worker.celery_app import create_celery
+
+    app = create_celery(Settings(data_dir=tmp_path, embedded_broker_poll_seconds=0.2))
+    [step] = [s for s in app.steps["consumer"] if s.__name__ == "PollBroker"]
+    with app.connection_for_read() as connection:
+        assert connection.transport.polling_interval == 1.0  # kombu's own
+        step(SimpleNamespace()).start(SimpleNamespace(connection=connection))
+        assert connection.transport.polling_interval == 0.2
+    redis = create_celery(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0"))
+    assert not [s for s in redis.steps["consumer"] if s.__name__ == "PollBroker"]
+
+
+def test_a_worker_imports_its_job_code_as_it_starts(tmp_path: Path) -> None:
+    """The first study after a worker (re)starts does not wait for the job code's imports (numpy,
+    scipy, torch: seconds): they happen at ``worker_process_init``, before any task arrives."""
+    script = ("import sys; from app.settings import Settings; from worker.celery_app import WorkerResources; "
+              "assert 'worker.jobs' not in sys.modules; "
+              f"WorkerResources(Settings(data_dir={str(tmp_path)!r})).warm_up(); "
+              "print('worker.jobs' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+
+
 def test_settle_rules_through_dicom_associations(tmp_path: Path) -> None:
     """One ``cttriage serve`` with two listener processes: a complete series in one association is
     queued within the quiet period of its release; a series split over two associations with a gap

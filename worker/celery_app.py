@@ -12,7 +12,7 @@ import logging
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery, Task
+from celery import Celery, Task, bootsteps
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,20 +48,40 @@ class WorkerResources:
         return load_networks(self.settings)
 
     def warm_up(self, **_signal: Any) -> None:
-        """Load the networks as the worker process starts (``worker_process_init``, sent by the
-        solo and prefork pools alike), so the first study after a (re)start is not slowed by
-        weights, CUDA start-up or compilation. A failure is logged here and reported by the jobs."""
+        """Load the job code and the networks as the worker process starts (``worker_process_init``,
+        sent by the solo and prefork pools alike), so the first study after a (re)start is not
+        slowed by imports (about 2 s: numpy, scipy, torch), weights, CUDA start-up or compilation.
+        A failure is logged here and reported by the jobs."""
         try:
+            import worker.jobs  # noqa: F401  (the tasks import it again: at no cost then)
+
             _ = self.networks
         except Exception as exc:
             log.error("networks could not be loaded at worker start", extra={"error": type(exc).__name__,
                                                                              "reason": str(exc)})
 
 
+def broker_poll_step(seconds: float) -> type[bootsteps.StartStopStep]:
+    """A consumer step that has the worker's broker connection look for a task every ``seconds``
+    while none is waiting. kombu's polling transports (the embedded SQLite broker) wait 1 s by
+    default, most of what a released study may take to be scored; their transport options cannot
+    carry it (the SQLAlchemy transport hands every option to ``create_engine``)."""
+
+    class PollBroker(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.connection:Connection",)
+
+        def start(self, c: Any) -> None:  # c: the worker's consumer; run again after a reconnect
+            c.connection.transport.polling_interval = seconds
+
+    return PollBroker
+
+
 def create_celery(settings: Settings, resources: WorkerResources | None = None) -> Celery:
     """The worker's app, with its tasks bound to ``resources`` (the worker entry point passes the
     ones it warms up at start)."""
     app = build_celery(settings)
+    if settings.embedded_broker:
+        app.steps["consumer"].add(broker_poll_step(settings.embedded_broker_poll_seconds))
     broker = Broker(settings, app)
     resources = resources or WorkerResources(settings)
 
