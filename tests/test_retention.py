@@ -244,14 +244,9 @@ def test_a_study_sent_again_after_its_files_were_purged_is_kept_and_scored_anew(
     root = sqlite_settings.storage_root
 
     def send(sop: str, when: datetime) -> None:
-        received = ReceivedInstance(
-            study_uid="1.7", series_uid="1.7.1", sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", series_number=1, series_description=None,
-            accession_number=None, study_date=None, study_description=None, patient_age=None, patient_sex=None,
-            headers=[])
         with IncomingFile(root, b"DICM " + sop.encode(), min_free_bytes=0) as incoming:
-            store_instance(incoming, received, storage_root=root, session_factory=sqlite_factory, source="test",
-                           calling_aet=None)
+            store_instance(incoming, _received("1.7", sop), storage_root=root, session_factory=sqlite_factory,
+                           source="test", calling_aet=None)
         with sqlite_factory.begin() as session:  # as if received then
             session.execute(update(Study).values(last_received_at=when))
 

@@ -57,8 +57,8 @@ class WorkerResources:
 
             _ = self.networks
         except Exception as exc:
-            log.error("networks could not be loaded at worker start", extra={"error": type(exc).__name__,
-                                                                             "reason": str(exc)})
+            log.error("job code or networks could not be loaded at worker start",
+                      extra={"error": type(exc).__name__, "reason": str(exc)})
 
 
 def broker_poll_step(seconds: float) -> type[bootsteps.StartStopStep]:

@@ -108,7 +108,7 @@ class IncomingFile:
         """Write ``parts`` one after another (a file's header and its data set need no joining)."""
         self.size = sum(len(part) for part in parts)
         self._tmp = root / INCOMING_DIR / f"{uuid.uuid4().hex}.tmp"
-        self._fd: int | None = None  # open until place() or discard()
+        self._fd: int | None = None  # open until placed (or handed to a syncer) or discarded
         self._placed: tuple[Path, int] | None = None  # path and inode of a file placed where none was
         self._syncing: Future[None] | None = None  # the placed file's fsyncs, running on a syncer
         self._kept = False
