@@ -47,6 +47,24 @@ def listener_children(deployment: Deployment) -> set[int]:
     return children_of(proc.pid)
 
 
+def serving_children(deployment: Deployment) -> set[int]:
+    """The listener children's pids once each serves: a child writes its heartbeat row once its
+    server runs, after its imports. A child still starting takes no association and spends CPU."""
+    engine = create_engine(deployment.env["CTTRIAGE_DATABASE_URL"])
+
+    def serving() -> set[int] | None:
+        children = listener_children(deployment)
+        with engine.connect() as conn:
+            names = conn.execute(select(Listener.name)).scalars().all()
+        beating = {int(name.rsplit(":", 1)[1]) for name in names}
+        return children if len(children) == 2 and children <= beating else None
+
+    try:
+        return wait_until(serving, 60, "both listener processes to serve")  # type: ignore[no-any-return]
+    finally:
+        engine.dispose()
+
+
 def receivers(deployment: Deployment, sop_uids: set[str]) -> dict[str, int]:
     """SOP Instance UID -> the pid of the process that recorded it."""
     engine = create_engine(deployment.env["CTTRIAGE_DATABASE_URL"])
@@ -54,14 +72,13 @@ def receivers(deployment: Deployment, sop_uids: set[str]) -> dict[str, int]:
         rows = conn.execute(select(Instance.sop_instance_uid, Instance.received_by)
                             .where(Instance.sop_instance_uid.in_(sop_uids))).all()
     engine.dispose()
-    return {uid: int(by.rsplit(":", 1)[1]) for uid, by in rows}
+    return {uid: int(str(by).rsplit(":", 1)[1]) for uid, by in rows}
 
 
 def test_both_listener_processes_receive(deployment: Deployment, tmp_path: Path) -> None:
     truth = write_phantom_study(tmp_path, seed=70, **SMALL)
     files = files_of(tmp_path)
-    children = listener_children(deployment)
-    assert len(children) == 2, children
+    children = serving_children(deployment)
     established = threading.Barrier(CONCURRENT_ASSOCIATIONS, timeout=60)
     statuses: list[int] = []
 
@@ -94,8 +111,7 @@ def test_both_listener_processes_receive(deployment: Deployment, tmp_path: Path)
 def test_a_listener_killed_mid_transfer_loses_nothing_acknowledged(deployment: Deployment, tmp_path: Path) -> None:
     truths = [write_phantom_study(tmp_path / str(i), seed=80 + i, severity_left=10.0 + 10 * i, **SMALL)
               for i in range(3)]
-    children = listener_children(deployment)
-    assert len(children) == 2, children
+    children = serving_children(deployment)
     engine = create_engine(deployment.env["CTTRIAGE_DATABASE_URL"])
 
     def recorded() -> int:
@@ -138,13 +154,13 @@ def test_open_idle_associations_cost_the_listeners_nothing(deployment: Deploymen
     """A PACS may hold associations open between studies. pynetdicom's own association threads
     poll every millisecond (four idle associations: about 38 % of a core); the listener's wait for
     their socket or their DUL's events (app.dicom.event_driven), and still answer at once."""
+    children = serving_children(deployment)  # a child still starting spends CPU on its imports
     ae = AE(ae_title="IDLE")
     ae.add_requested_context("1.2.840.10008.1.1")
     assocs = [ae.associate("127.0.0.1", deployment.dicom_port, ae_title="CTTRIAGE") for _ in range(4)]
     try:
         assert all(assoc.is_established for assoc in assocs)
         time.sleep(0.5)  # accepted and negotiated
-        children = listener_children(deployment)
         before = {pid: cpu_seconds(pid) for pid in children}
         time.sleep(3.0)
         spent = sum(cpu_seconds(pid) - before[pid] for pid in children)
@@ -167,16 +183,8 @@ def test_a_listener_stopped_cleanly_leaves_the_others_serving(deployment: Deploy
         now = listener_children(deployment)
         return now if len(now) == 2 and victim not in now else None
 
-    survivors = wait_until(replaced, 30, "the stopped listener to be replaced")
-    engine = create_engine(deployment.env["CTTRIAGE_DATABASE_URL"])
-
-    def serving() -> bool:  # its heartbeat row is written once its server runs: imports are over
-        with engine.connect() as conn:
-            names = conn.execute(select(Listener.name)).scalars().all()
-        return {int(name.rsplit(":", 1)[1]) for name in names} >= survivors
-
-    wait_until(serving, 60, "the new listener to serve")
-    engine.dispose()
+    wait_until(replaced, 30, "the stopped listener to be replaced")
+    survivors = serving_children(deployment)
     before = {pid: cpu_seconds(pid) for pid in survivors}
     time.sleep(3.0)
     spent = {pid: cpu_seconds(pid) - before[pid] for pid in survivors}
