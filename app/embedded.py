@@ -28,7 +28,7 @@ from app.parent_watch import exit_with_parent, parent_pid_from_env
 from app.prior_lookups import start_prior_lookups
 from app.security import check_configured_key, ensure_bootstrap_admin
 from app.settings import Settings
-from app.supervision import SupervisedProcess, child_environment
+from app.supervision import SupervisedProcess, child_environment, stop_all
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ def serve_embedded(settings: Settings, on_ready: Callable[[], object] | None = N
     finally:
         _set_stop_handlers(signal.SIG_IGN)  # a second signal must not cut the cleanup short
         stop.set()
+        stop_all([*listeners.children, worker])  # together: a worker finishing its task takes longest
         listeners.shutdown()
-        worker.stop()
         if assembler.is_alive():
             assembler.join(timeout=5)
 

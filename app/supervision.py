@@ -10,7 +10,8 @@ import logging
 import os
 import subprocess
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from app.parent_watch import PARENT_PID_ENV, STOP_GRACE_SECONDS
@@ -60,15 +61,31 @@ class SupervisedProcess:
         return self._proc.pid if self._proc is not None else None
 
     def stop(self, timeout: float = STOP_GRACE_SECONDS) -> None:
+        stop_all([self], timeout)
+
+    def _terminate(self) -> subprocess.Popen[bytes] | None:
+        """No more restarts, and SIGTERM to the running child; the child, if it still runs."""
         with self._lock:
             self._stop.set()
             proc = self._proc
-        if proc and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if proc is None or proc.poll() is not None:
+            return None
+        proc.terminate()
+        return proc
+
+
+def stop_all(children: Iterable[SupervisedProcess], timeout: float = STOP_GRACE_SECONDS) -> None:
+    """Stop ``children`` together: each gets SIGTERM before any is waited for, so the service's
+    stop takes as long as its slowest child (a worker finishing its task), not their sum; a
+    child still running ``timeout`` seconds after its SIGTERM is killed."""
+    deadline = time.monotonic() + timeout
+    running = [proc for proc in (child._terminate() for child in children) if proc is not None]
+    for proc in running:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def child_environment(settings: Settings) -> dict[str, str]:

@@ -20,7 +20,7 @@ import socket
 import sys
 
 from app.settings import Settings
-from app.supervision import SupervisedProcess, child_environment
+from app.supervision import SupervisedProcess, child_environment, stop_all
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,5 @@ class ListenerProcesses:
         log.info("DICOM listener processes starting", extra={"processes": len(self.children), "port": self.port})
 
     def shutdown(self) -> None:
-        for child in self.children:
-            child.stop()
+        stop_all(self.children)
         self.socket.close()
