@@ -25,7 +25,9 @@ the first sender's start to the last one's exit; the page cache is written back 
 senders' files read into it before each timing (these VMs reclaim idle page cache within
 minutes, and a sender reading from disk would time the disk, not the server). Ratios are
 within this run only: on the project's 2-core VMs absolute rates move by tens of percent
-between runs.
+between runs. Each rate is printed as median (min-max) over the runs, and each ratio with its
+range over the runs' pairs (a pair is measured minutes apart), so a reader sees how near the
+noise a target sits.
 
 **idle**: the CPU a server uses while 4 associations stay open and silent, pynetdicom's
 ``storescp`` (its association threads poll every millisecond) beside ``cttriage dicom
