@@ -12,12 +12,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from app.parent_watch import PARENT_PID_ENV, STOP_GRACE_SECONDS
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: How long a stop waits for a killed child to be gone.
+KILLED_REAP_SECONDS = 5.0
 
 
 @dataclass
@@ -85,7 +89,8 @@ def stop_all(children: Iterable[SupervisedProcess], timeout: float = STOP_GRACE_
             proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            with suppress(subprocess.TimeoutExpired):  # a child stuck in the kernel: do not hang the stop
+                proc.wait(KILLED_REAP_SECONDS)
 
 
 def child_environment(settings: Settings) -> dict[str, str]:
