@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 python3 -m ruff check .
 lint-imports  # the contracts in pyproject.toml [tool.importlinter]
-python3 -m mypy app worker models  # strict for models/ (pyproject.toml [tool.mypy])
+python3 -m mypy app worker models tests  # strict for models/ (pyproject.toml [tool.mypy])
 bash scripts/services.sh
 exec python3 -m pytest -q "$@"

@@ -450,6 +450,7 @@ def test_watcher_survives_an_exhausted_connection_pool(setup: Setup, monkeypatch
         watcher = WorklistWatcher(setup.factory, interval=0.05)
         changes = watcher.changes(heartbeat=2.0)
         first = await anext(changes)
+        assert first is not None  # the first yield is the generation, never a heartbeat
         await asyncio.sleep(0.3)  # the failing poll has come and gone
         assert calls["n"] > 2 and watcher._task is not None
         await asyncio.to_thread(setup.client.post, "/api/admin/studies/1.4/retry", headers=setup.admin)
@@ -465,6 +466,7 @@ def test_watcher_wakes_listeners_on_change_only(setup: Setup) -> None:
         watcher = WorklistWatcher(setup.factory, interval=0.05)
         changes = watcher.changes(heartbeat=0.5)
         first = await anext(changes)  # connected: load the worklist now
+        assert first is not None
         other = watcher.changes(heartbeat=0.5)
         assert await anext(other) == first and watcher.listeners == 2
         assert await asyncio.wait_for(anext(changes), 2) is None  # quiet: a heartbeat

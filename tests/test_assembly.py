@@ -60,6 +60,13 @@ def add(factory: sessionmaker[Session], item: ReceivedInstance, when_offset: flo
                                calling_aet="X", now=utcnow() + timedelta(seconds=when_offset))
 
 
+def job_row(session: Session, job_id: int) -> Job:
+    """The job's row (Session.get is Optional: a missing row fails the test)."""
+    job = session.get(Job, job_id)
+    assert job is not None
+    return job
+
+
 def study(factory: sessionmaker[Session], uid: str) -> Study:
     with factory() as session:
         return session.execute(select(Study).where(Study.study_uid == uid)).scalar_one()
@@ -94,12 +101,17 @@ def test_outbox_keeps_jobs_when_broker_is_down(factory: sessionmaker[Session]) -
 
     assert dispatch_pending_jobs(factory, broker_down) == 0
     with factory() as session:
-        assert session.get(Job, job_id).state == JobState.pending.value
+        assert job_row(session, job_id).state == JobState.pending.value
     sent: list[int] = []
-    assert dispatch_pending_jobs(factory, lambda j, p: sent.append(j) or f"task-{j}") == 1
+
+    def enqueue(job_id: int, _priority: int) -> str:
+        sent.append(job_id)
+        return f"task-{job_id}"
+
+    assert dispatch_pending_jobs(factory, enqueue) == 1
     assert sent == [job_id]
     with factory() as session:
-        job = session.get(Job, job_id)
+        job = job_row(session, job_id)
         assert job.state == JobState.enqueued.value and job.celery_task_id == f"task-{job_id}"
 
 
@@ -115,7 +127,7 @@ def test_new_instance_after_queueing_reopens_as_new_version(factory: sessionmake
     assert study(factory, "1.9.4").version == 2
     [job2] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
     with factory() as session:
-        assert session.get(Job, job2).study_version == 2
+        assert job_row(session, job2).study_version == 2
         assert session.execute(select(Study)).scalars().all().__len__() == 1  # never a duplicate row
 
 
@@ -154,8 +166,8 @@ def test_rescore_supersedes_pending_job(factory: sessionmaker[Session]) -> None:
     job2 = request_rescore(factory, "1.9.5")
     assert job2 is not None and job2 != job1
     with factory() as session:
-        assert session.get(Job, job1).state == JobState.superseded.value
-        assert session.get(Job, job2).study_version == 2
+        assert job_row(session, job1).state == JobState.superseded.value
+        assert job_row(session, job2).study_version == 2
     assert request_rescore(factory, "9.9.9") is None
 
 
@@ -182,7 +194,7 @@ def test_a_late_instance_while_a_worker_claims_the_job_is_never_lost(factory: se
     s = study(factory, "1.9.9")
     assert (s.state, s.version, s.instance_count) == (StudyState.receiving.value, 2, 2)
     with factory() as session:
-        assert session.get(Job, job_id).state == JobState.superseded.value
+        assert job_row(session, job_id).state == JobState.superseded.value
     [job2] = queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
     claimed = claim_job(factory, job2, worker="w", max_attempts=5)
     assert claimed is not None and claimed.study_version == 2
@@ -206,7 +218,7 @@ def test_a_job_that_never_finishes_fails_its_study_after_its_attempts(
         outcome = run_job(job_id, factory, settings, worker="w", networks=out_of_memory)
         assert (outcome.status, outcome.reason) == ("retry", "out of memory while scoring")
         with factory() as session:
-            job = session.get(Job, job_id)
+            job = job_row(session, job_id)
             assert (job.state, job.attempts, job.error) == (JobState.pending.value, attempt, outcome.reason)
         assert study(factory, "1.9.10").state == StudyState.processing.value
     # A worker that vanishes: the sweeper puts the job back after the processing timeout.
@@ -218,7 +230,7 @@ def test_a_job_that_never_finishes_fails_its_study_after_its_attempts(
     assert (s.state, s.reason_code) == (StudyState.failed.value, "AttemptsExhausted")
     assert s.reason is not None and "gave up after 3 attempts" in s.reason and "no worker finished it" in s.reason
     with factory() as session:
-        job = session.get(Job, job_id)
+        job = job_row(session, job_id)
         assert (job.state, job.attempts) == (JobState.failed.value, 3)
     assert run_job(job_id, factory, settings, worker="w").status == "skipped"  # and stays failed
     # A rescore is a new job with its own attempts.
@@ -233,7 +245,7 @@ def test_stale_jobs_go_back_to_the_outbox(factory: sessionmaker[Session]) -> Non
     assert requeue_stale_jobs(factory, timeout_seconds=60) == 0
     assert requeue_stale_jobs(factory, timeout_seconds=60, now=utcnow() + timedelta(seconds=61)) == 1
     with factory() as session:
-        assert session.get(Job, job_id).state == JobState.pending.value
+        assert job_row(session, job_id).state == JobState.pending.value
 
 
 def test_the_embedded_service_starts_by_releasing_jobs_its_last_stop_cut_off(factory: sessionmaker[Session]) -> None:
@@ -242,7 +254,7 @@ def test_the_embedded_service_starts_by_releasing_jobs_its_last_stop_cut_off(fac
     assert claim_job(factory, job_id, worker="w", max_attempts=5) is not None  # then the service stopped
     assert release_running_jobs(factory) == 1
     with factory() as session:
-        job = session.get(Job, job_id)
+        job = job_row(session, job_id)
         assert (job.state, job.error) == (JobState.pending.value, "re-queued: the service stopped while it ran")
     assert release_running_jobs(factory) == 0
 
@@ -258,7 +270,12 @@ def test_dispatch_uses_the_queue_priority_policy(factory: sessionmaker[Session])
     queue_settled_studies(factory, settle_seconds=0, now=utcnow() + timedelta(seconds=1))
     request_rescore(factory, "1.9.8")
     sent: dict[int, int] = {}
-    dispatch_pending_jobs(factory, lambda j, p: sent.__setitem__(j, p) or "t")
+
+    def enqueue(job_id: int, priority: int) -> str:
+        sent[job_id] = priority
+        return "t"
+
+    dispatch_pending_jobs(factory, enqueue)
     with factory() as session:
         by_study = {(uid, trigger): sent[job_id] for job_id, uid, trigger in session.execute(
             select(Job.id, Study.study_uid, Job.trigger).join(Study).where(Job.id.in_(list(sent))))}

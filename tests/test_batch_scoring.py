@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypedDict
 
 import nibabel as nib
 import numpy as np
@@ -21,7 +22,18 @@ from models.predictor import ThresholdPredictor
 from tests.conftest import SHARED_DATA, write_phantom_study
 from worker.batch_scoring import batch_items, score_all
 
-SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
+
+class Geometry(TypedDict):
+    """PhantomSpec's geometry fields, typed so that ``**SMALL`` type-checks."""
+
+    slices: int
+    rows: int
+    columns: int
+    pixel_spacing: float
+    slice_spacing: float
+
+
+SMALL: Geometry = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.2, "slice_spacing": 7.0}
 
 
 def write_nifti(path: Path, spec: PhantomSpec) -> dict:  # type: ignore[type-arg]

@@ -6,7 +6,7 @@ Screenshots go to the test's tmp folder (paths printed)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 
@@ -25,7 +25,9 @@ PATIENT = "BROWSER-PRIOR-1"
 
 def write_visit(folder: Path, accession: str, severity_left: float, seed: int, study_date: str) -> dict[str, Any]:
     """A phantom of PATIENT on ``study_date`` whose left lung has ``severity_left`` % lesions."""
-    truth = write_phantom(folder, PhantomSpec(severity_left=severity_left, severity_right=4.0, seed=seed, **SMALL),
+    # SMALL is a plain dict[str, float] (tests.test_end_to_end): its keys are PhantomSpec's geometry fields.
+    geometry = cast(dict[str, Any], SMALL)
+    truth = write_phantom(folder, PhantomSpec(severity_left=severity_left, severity_right=4.0, seed=seed, **geometry),
                           accession=accession, patient_id=PATIENT, patient_name="PRIOR^PATIENT")
     for path in study_files(folder):
         ds = pydicom.dcmread(path)

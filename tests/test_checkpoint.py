@@ -30,6 +30,7 @@ def tiny_multitask(seed: int = 0) -> MultitaskNet:
     net = MultitaskNet(MultitaskConfig(unet=TINY, hidden_features=8, pyramid_levels=2))
     for m in net.modules():  # running statistics must survive the round trip too
         if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.running_mean is not None and m.num_batches_tracked is not None
             m.running_mean.uniform_(-1, 1)
             m.num_batches_tracked.fill_(7)
     return net.eval()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -34,7 +34,11 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom._handlers import standard_dimse_recv_handler, standard_pdu_sent_handler
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time: no stub sees them
+    CTImageStorage,
+    MRImageStorage,
+    Verification,
+)
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,7 +47,7 @@ from app.db.models import Base, Instance, QuarantinedFile, Series, Study
 from app.db.session import make_session_factory
 from app.db.write_gate import SqliteWriteGate
 from app.dicom import listener, storage
-from app.dicom.event_driven import EventDrivenAssociation, WholeReadSocket
+from app.dicom.event_driven import EventDrivenAssociation, EventDrivenDUL, WholeReadSocket
 from app.dicom.listener import start_listener
 from app.errors import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from app.settings import Settings
@@ -59,6 +63,9 @@ PATIENT_ID = "PID-4711"
 BIRTH_DATE = "19580317"
 ECHOSCU = "/usr/bin/echoscu"
 STORESCU = "/usr/bin/storescu"
+#: What Association.get_handlers returns for an intervention event, and for a notification event.
+InterventionHandler = tuple[Callable[..., Any], list[Any] | None]
+NotificationHandlers = list[InterventionHandler]
 
 
 # --- instances -----------------------------------------------------------------------------
@@ -270,11 +277,13 @@ def test_pynetdicom_logging_handlers_are_bound_only_where_they_log(level: int, b
     try:
         for event, standard in ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
                                 (evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
-            assert (standard in [handler for handler, _ in assoc.get_handlers(event)]) is bound
+            handlers = cast(NotificationHandlers, assoc.get_handlers(event))
+            assert (standard in [handler for handler, _ in handlers]) is bound
         assert assoc.get_handlers(evt.EVT_C_STORE) == (evt.get_default_handler(evt.EVT_C_STORE), None)
     finally:
-        assoc.dul._wake_reader.close()
-        assoc.dul._wake_writer.close()
+        dul = cast(EventDrivenDUL, assoc.dul)  # EventDrivenAssociation makes its own DUL
+        dul._wake_reader.close()
+        dul._wake_writer.close()
 
 
 @pytest.mark.parametrize(("level", "bound"), [(logging.WARNING, False), (logging.INFO, True)])
@@ -296,8 +305,9 @@ def test_associations_the_listener_accepts_bind_the_logging_handlers_only_where_
         [acceptor] = [t for t in threading.enumerate() if isinstance(t, EventDrivenAssociation)]
         for event, standard in ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
                                 (evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
-            assert (standard in [handler for handler, _ in acceptor.get_handlers(event)]) is bound
-        assert acceptor.get_handlers(evt.EVT_C_STORE)[0].__name__ == "handle_store"
+            handlers = cast(NotificationHandlers, acceptor.get_handlers(event))
+            assert (standard in [handler for handler, _ in handlers]) is bound
+        assert cast(InterventionHandler, acceptor.get_handlers(evt.EVT_C_STORE))[0].__name__ == "handle_store"
     finally:
         assoc.release()
 
@@ -328,7 +338,12 @@ def test_a_pdu_is_read_whole_or_up_to_where_its_connection_closed(
         sock = WholeReadSocket(SimpleNamespace(dul=SimpleNamespace(event_queue=events)),  # type: ignore[arg-type]
                                client_socket=ours)
         body = bytes(range(256)) * 40
-        sender = threading.Thread(target=lambda: [peer.sendall(body[i:i + 999]) for i in range(0, len(body), 999)])
+
+        def send_in_pieces() -> None:
+            for i in range(0, len(body), 999):
+                peer.sendall(body[i:i + 999])
+
+        sender = threading.Thread(target=send_in_pieces)
         sender.start()
         assert sock.recv(len(body)) == body
         sender.join()
@@ -647,7 +662,7 @@ def test_logs_carry_no_patient_data(
         while not any(getattr(r, "stored", None) == len(series) for r in caplog.records):
             assert time.monotonic() < deadline, "no association summary logged"
             time.sleep(0.02)
-    summary = next(r for r in caplog.records if getattr(r, "stored", None) is not None)
+    summary: Any = next(r for r in caplog.records if getattr(r, "stored", None) is not None)  # has the log's extras
     assert (summary.levelno, summary.failed, summary.calling_aet) == (logging.INFO, 1, CALLING_AET)
     for record in caplog.records:
         logged = repr(record.__dict__)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # created at import time
 
 from app.dicom.listener import address_allowed
 from tests.test_dicom_listener import AE_TITLE, start  # noqa: F401 - the listener fixture

@@ -191,10 +191,15 @@ def _without_pixels(i: int, ds: pydicom.Dataset) -> pydicom.Dataset:
     return ds
 
 
+def _as_mr(i: int, ds: pydicom.Dataset) -> pydicom.Dataset:
+    ds.Modality = "MR"
+    return ds
+
+
 BAD_CASES: dict[str, tuple[Any, str]] = {
     "gap": (lambda i, ds: None if i in (20, 21) else ds, "gap"),
     "single_slice": (lambda i, ds: ds if i == 0 else None, "less than the 150.0 mm a chest needs: 1 slice"),
-    "not_ct": (lambda i, ds: (setattr(ds, "Modality", "MR") or ds), "not CT"),
+    "not_ct": (_as_mr, "not CT"),
     "no_pixels": (_without_pixels, "pixel data"),
 }
 

@@ -9,12 +9,12 @@ import dataclasses
 import io
 import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 import numpy as np
@@ -80,7 +80,7 @@ SMALL = {"slices": 40, "rows": 160, "columns": 160, "pixel_spacing": 2.25, "slic
 
 def headers_only(datasets: Sequence[Dataset]) -> list[Dataset]:
     """What the export reads from storage: the files' headers, no pixel data."""
-    out = []
+    out: list[Dataset] = []
     for ds in datasets:
         buffer = io.BytesIO()
         pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
@@ -128,7 +128,9 @@ def segment_frames(seg: Dataset, sources: Sequence[Dataset]) -> np.ndarray:
     ).astype(bool)
 
 
-STORAGE_LAYOUTS = {
+Transform = Callable[[list[Dataset]], list[Dataset]]
+StoredSlice = Callable[[np.ndarray, int], np.ndarray]
+STORAGE_LAYOUTS: dict[str, tuple[bool, Transform, StoredSlice]] = {
     # name: (flip_lr, transform of the written series, truth slice -> stored layout for instance i)
     "canonical": (False, list, lambda truth, i: truth[i]),
     "mirrored": (True, list, lambda truth, i: truth[i][:, ::-1]),
@@ -191,7 +193,7 @@ def test_seg_from_the_pipeline_masks_is_upsampled_to_the_mirrored_source() -> No
                 "lesions": phantom.lesions[..., ::-1] > 0}
 
     def dice(a: np.ndarray, b: np.ndarray) -> float:
-        return float(2 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b)))
+        return float(2 * np.count_nonzero(a & b) / max(1, int(np.count_nonzero(a) + np.count_nonzero(b))))
 
     assert dice(frames[..., 0], mirrored["right"]) > 0.9
     assert dice(frames[..., 1], mirrored["left"]) > 0.9
@@ -226,9 +228,16 @@ def parse_sr(ds: Dataset) -> hd.sr.Comprehensive3DSR:
     return hd.sr.srread(buffer)  # type: ignore[return-value]
 
 
+def report_content(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementReport:
+    """The report's content tree: srread builds a MeasurementReport for a TID 1500 document, but
+    ``content`` is annotated as the base ContentSequence."""
+    return cast(hd.sr.MeasurementReport, sr.content)
+
+
 def sr_measurements(sr: hd.sr.Comprehensive3DSR) -> dict[tuple[str, str], float]:
     """(tracking identifier, concept code value) -> value for every measurement of the report."""
-    groups = [*sr.content.get_image_measurement_groups(), *sr.content.get_volumetric_roi_measurement_groups()]
+    content = report_content(sr)
+    groups = [*content.get_image_measurement_groups(), *content.get_volumetric_roi_measurement_groups()]
     return {(str(g.tracking_identifier), m.name.value): float(m.value) for g in groups for m in g.get_measurements()}
 
 
@@ -267,8 +276,11 @@ def test_sr_of_a_threshold_result(written: Written) -> None:
     assert sr_texts(sr, codes.DCM.AlgorithmName) == {"cttriage threshold"}
     assert sr_texts(sr, codes.DCM.AlgorithmVersion) == {"threshold-1.0"}
     assert sr_codes(sr, codes.SCT.MeasurementMethod) == {codes.DCM.MorphologicalOperations.value}
-    references = [(g.tracking_identifier, g.referenced_segment[0].ReferencedSOPSequence[0])
-                  for g in sr.content.get_volumetric_roi_measurement_groups()]
+    references = []
+    for g in report_content(sr).get_volumetric_roi_measurement_groups():
+        segment = g.referenced_segment
+        assert segment is not None
+        references.append((g.tracking_identifier, segment[0].ReferencedSOPSequence[0]))
     assert {(name, ref.ReferencedSOPInstanceUID, int(ref.ReferencedSegmentNumber)) for name, ref in references} == {
         ("right lung", written.seg.sop_instance_uid, SEGMENT_RIGHT_LUNG),
         ("left lung", written.seg.sop_instance_uid, SEGMENT_LEFT_LUNG)}
@@ -339,7 +351,7 @@ def test_sr_of_a_network_result_carries_the_probability(written: Written) -> Non
     assert values[("study", COVID_PROBABILITY.value)] == pytest.approx(0.8312)
     assert sr_texts(sr, codes.DCM.AlgorithmName) == {"cttriage multitask-unet"}
     assert sr_codes(sr, codes.SCT.MeasurementMethod) == {codes.DCM.ArtificialIntelligence.value}
-    assert not sr.content.get_volumetric_roi_measurement_groups()  # no SEG given: plain groups
+    assert not report_content(sr).get_volumetric_roi_measurement_groups()  # no SEG given: plain groups
 
 
 def test_secondary_capture_of_the_projection(written: Written) -> None:
@@ -472,6 +484,7 @@ def test_a_node_that_takes_no_seg_and_only_implicit_vr_still_gets_the_sr_and_the
     for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
         pacs.add_supported_context(sop_class, [ImplicitVRLittleEndian])
     server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    assert server is not None  # block=False: the server runs in its own thread and is returned
     try:
         settings = sqlite_settings.model_copy(update={
             "export_enabled": True, "export_host": "127.0.0.1", "export_port": server.server_address[1],
@@ -506,12 +519,15 @@ class InProcessPacs:
     as received (for dciodvfy)."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.received = folder, []  # type: list[Dataset]
+        self.folder = folder
+        self.received: list[Dataset] = []
         folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title="PACS")
         for sop_class in (Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage):
             ae.add_supported_context(sop_class)
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        assert server is not None  # block=False: the server runs in its own thread and is returned
+        self.server = server
         self.port = self.server.server_address[1]
 
     def _store(self, event: Any) -> int:
@@ -538,6 +554,7 @@ def score_twice(settings: Any, factory: Any, folder: Path, between: Any = None) 
     truth = write_phantom_study(folder, severity_left=25.0, severity_right=6.0, seed=84, slices=36, rows=96,
                                 columns=96, pixel_spacing=3.6, slice_spacing=9.0)
     store_study_files(settings, factory, folder)
+    job_id: int | None  # the first scoring's job, then the rescore's (None if none was queued)
     [job_id] = queue_settled_studies(factory, 0.0, now=utcnow() + timedelta(seconds=5))
     assert run_job(job_id, factory, settings, worker="test", export=None).status == "scored"
     if between is not None:
@@ -632,7 +649,9 @@ def test_a_rescore_within_the_hold_sends_only_the_newest_result(
         assert {r.state for r in old} == {ExportState.superseded.value} and len(old) == 3
         assert all("superseded by result" in (r.last_error or "") for r in old)
         assert run_export(first, sqlite_factory, settings).sent == 0
-        assert reset_export(sqlite_factory, old[0].id).state == ExportState.superseded.value
+        reset = reset_export(sqlite_factory, old[0].id)
+        assert reset is not None
+        assert reset.state == ExportState.superseded.value
         still = run_export(second, sqlite_factory, settings)  # the newest one is held too
         assert (still.sent, still.pending) == (0, 3) and pacs.received == []
         with sqlite_factory.begin() as session:  # the hold is over

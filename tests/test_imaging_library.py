@@ -24,6 +24,7 @@ from models.phantom import PhantomSpec, phantom_volume
 from models.phantom_dicom import phantom_datasets
 from models.predictor import NetworkPredictor, Predictor, ThresholdPredictor, predictor_for
 from models.severity import lung_severity
+from models.torch_preprocessing import resample_inplane_torch
 from models.unet import UNetConfig
 from models.volume import hu_volume
 from worker.pipeline import score_volume
@@ -84,7 +85,8 @@ def test_threshold_prediction_is_on_its_grid() -> None:
     p = ThresholdPredictor(2.0).predict(phantom.hu, phantom.spacing)
     grid = (SPEC.slices, round(SPEC.rows * SPEC.pixel_spacing / 2.0), round(SPEC.columns * SPEC.pixel_spacing / 2.0))
     assert p.hu.shape == p.lung_labels.shape == p.lesions.shape == grid
-    assert (p.hu.dtype, p.lung_labels.dtype, p.lesions.dtype) == (np.int16, np.uint8, np.bool_)
+    assert (p.hu.dtype, p.lung_labels.dtype, p.lesions.dtype) == (
+        np.dtype(np.int16), np.dtype(np.uint8), np.dtype(np.bool_))
     assert p.spacing[1] == pytest.approx(2.0, abs=0.01) and p.spacing[0] == SPEC.slice_spacing
     assert p.identification is None and p.method == "threshold"
     assert p.severity == lung_severity(p.lung_labels, p.lesions, p.spacing)
@@ -96,7 +98,7 @@ def test_network_masks_come_on_the_grid_the_networks_computed_resampled_once(
 ) -> None:
     networks = multitask_only_networks(tmp_path)
     resamplings: list[tuple[int, ...]] = []
-    on_device = models.inference.resample_inplane_torch
+    on_device = resample_inplane_torch
 
     def counted(hu: torch.Tensor, *args: object) -> object:
         resamplings.append(tuple(hu.shape))

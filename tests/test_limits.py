@@ -142,13 +142,12 @@ def test_upload_size_limits_answer_413(setup: Setup, tmp_path: Path) -> None:  #
 
 @pytest.mark.parametrize("setup", ["sqlite"], indirect=True)
 def test_quarantine_quota_and_retention(setup: Setup, tmp_path: Path) -> None:  # noqa: F811
-    common = {"storage_root": setup.settings.storage_root, "min_free_bytes": 0, "session_factory": setup.factory,
-              "source": "upload", "max_total_bytes": 1500}
     with setup.factory() as session:
         held = sum(r.size_bytes for r in session.scalars(select(QuarantinedFile)) if r.path)
-    common["max_total_bytes"] = held + 1500
-    kept = quarantine_bytes(b"x" * 1000, "bad", **common)
-    dropped = quarantine_bytes(b"y" * 1000, "bad", **common)
+    kept = quarantine_bytes(b"x" * 1000, "bad", storage_root=setup.settings.storage_root, min_free_bytes=0,
+                            session_factory=setup.factory, source="upload", max_total_bytes=held + 1500)
+    dropped = quarantine_bytes(b"y" * 1000, "bad", storage_root=setup.settings.storage_root, min_free_bytes=0,
+                               session_factory=setup.factory, source="upload", max_total_bytes=held + 1500)
     with setup.factory() as session:
         rows = {r.id: r for r in session.scalars(select(QuarantinedFile))}
     assert Path(rows[kept].path).is_file()

@@ -133,6 +133,7 @@ def test_batchnorm_folding_keeps_the_outputs() -> None:
     net = LungSegmentationNet()
     for m in net.modules():  # non-trivial running statistics
         if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)

@@ -12,6 +12,7 @@ from pydicom.uid import CTImageStorage, JPEGBaseline8Bit
 from scipy import ndimage
 
 from models import phantom as ph
+from models.lungs_threshold import LEFT_LUNG, RIGHT_LUNG
 from models.phantom import PhantomSpec, phantom_volume
 from models.phantom_dicom import (
     PIXEL_PADDING_VALUE,
@@ -39,7 +40,7 @@ def test_truth_severity_close_to_target_and_counted_from_masks(left: float, righ
     assert t["severity_right"] == pytest.approx(right, abs=1.0)
     assert t["severity"] == max(t["severity_left"], t["severity_right"])
     ml = float(np.prod(p.spacing)) / 1000
-    for name, side in (("left", ph.LEFT_LUNG), ("right", ph.RIGHT_LUNG)):
+    for name, side in (("left", LEFT_LUNG), ("right", RIGHT_LUNG)):
         lung = p.lungs == side
         assert t[f"lung_volume_{name}_ml"] == pytest.approx(lung.sum() * ml)
         assert t[f"lesion_volume_{name}_ml"] == pytest.approx((lung & (p.lesions > 0)).sum() * ml)
@@ -67,7 +68,7 @@ def test_full_coverage_lungs_have_adult_volumes() -> None:
 def test_lungs_are_whole_in_volume_and_do_not_touch(diseased: ph.PhantomVolume) -> None:
     lungs = diseased.lungs
     assert not lungs[0].any() and not lungs[-1].any(), "margin below the bases and above the apices"
-    right, left = lungs == ph.RIGHT_LUNG, lungs == ph.LEFT_LUNG
+    right, left = lungs == RIGHT_LUNG, lungs == LEFT_LUNG
     assert not np.any(ndimage.binary_dilation(right, iterations=2) & left), "mediastinum between the lungs"
     cols = np.arange(lungs.shape[2])
     assert cols[left.any(axis=(0, 1))].min() > cols[right.any(axis=(0, 1))].max(), "patient left at high columns"
@@ -95,7 +96,7 @@ def test_airways_run_from_the_top_to_both_hila(diseased: ph.PhantomVolume) -> No
     top = np.nonzero(lumen[-1])
     assert top[0].size > 0, "trachea leaves the volume at the top"
     assert abs(top[1].mean() - (lumen.shape[2] - 1) / 2) < 3, "trachea in the midline"
-    for side in (ph.RIGHT_LUNG, ph.LEFT_LUNG):
+    for side in (RIGHT_LUNG, LEFT_LUNG):
         assert np.any(lumen & (diseased.lungs == side)), "main bronchus reaches the hilum"
 
 
@@ -194,7 +195,7 @@ def test_a_few_slices_still_cut_through_both_lungs(slices: int) -> None:
     """Short coverages (the single-slice and small-series tests) squash the lungs, never lose them."""
     phantom = ph.phantom_volume(ph.PhantomSpec(slices=slices, rows=64, columns=64, noise_hu=0.0))
     assert phantom.hu.shape == (slices, 64, 64)
-    for side in (ph.RIGHT_LUNG, ph.LEFT_LUNG):
+    for side in (RIGHT_LUNG, LEFT_LUNG):
         assert (phantom.lungs == side).any()
 
 

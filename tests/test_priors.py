@@ -126,6 +126,7 @@ def test_follow_up_is_compared_with_the_prior_and_another_person_is_not(
     assert trend(row.severity_change, sqlite_settings.trend_points) == "worse"
     # worse than at the prior: first within its band (CT-2), by the bonus
     assert row.severity_band == 2 and row.priority is not None
+    assert row.severity is not None
     assert row.priority == pytest.approx(priority_score(row.severity, None, worsening=True))
     # scoring the later study left the earlier one as it was
     after = study_row(factory, first["study_instance_uid"])
@@ -152,6 +153,7 @@ def test_a_prior_scored_late_fills_in_the_comparison(
     assert row.prior_study_uid == old["study_instance_uid"] and row.prior_days == 10
     assert row.severity_change == pytest.approx(-20.0, abs=3.0)
     assert trend(row.severity_change, settings.trend_points) == "better"
+    assert row.severity is not None
     assert row.priority == pytest.approx(priority_score(row.severity, None))
 
 

@@ -9,7 +9,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pydicom
@@ -39,7 +39,9 @@ ORTHANC_AET = "ORTHANC"
 
 
 def write_visit(folder: Path, patient_id: str, severity_left: float, seed: int, study_date: str) -> dict[str, Any]:
-    truth = write_phantom(folder, PhantomSpec(severity_left=severity_left, severity_right=4.0, seed=seed, **SMALL),
+    # SMALL is a plain dict[str, float] (tests.test_end_to_end): its keys are PhantomSpec's geometry fields.
+    geometry = cast(dict[str, Any], SMALL)
+    truth = write_phantom(folder, PhantomSpec(severity_left=severity_left, severity_right=4.0, seed=seed, **geometry),
                           accession=f"ACC{seed}", patient_id=patient_id)
     for path in study_files(folder):
         ds = pydicom.dcmread(path)
@@ -176,7 +178,12 @@ def test_lookup_outcomes_without_a_pacs(monkeypatch: pytest.MonkeyPatch, sqlite_
     ]
     moved: list[str] = []
     monkeypatch.setattr(prior_lookups, "find_ct_studies", lambda *_args: answers.pop(0))
-    monkeypatch.setattr(prior_lookups, "move_study", lambda _node, uid, _aet: moved.append(uid) or 40)
+
+    def move_study(_node: object, uid: str, _aet: str) -> int:
+        moved.append(uid)
+        return 40
+
+    monkeypatch.setattr(prior_lookups, "move_study", move_study)
     assert [look_up_one(sqlite_factory, settings) for _ in range(4)] == [True, True, True, False]
     with sqlite_factory() as session:
         rows = session.execute(select(PriorLookup).order_by(PriorLookup.id)).scalars().all()

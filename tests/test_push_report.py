@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]  # created at import time
 
 from app.cli import main
 from app.dicom.push import failure_summary, status_reason
@@ -25,6 +25,7 @@ def refusing_node(statuses: list[int], require_called_aet: bool = False) -> Iter
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, lambda _event: next(answered))])
+    assert server is not None  # block=False returns the running server
     try:
         yield port
     finally:

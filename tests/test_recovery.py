@@ -95,8 +95,12 @@ def test_an_unclaimed_enqueued_job_is_sent_again_with_backoff(factory: sessionma
     job_id = settled_job(factory, "1.8.4")
     sent: list[int] = []
 
+    def enqueue(job_id: int, _priority: int) -> str:
+        sent.append(job_id)
+        return f"t{len(sent)}"
+
     def relay() -> None:
-        assert dispatch_pending_jobs(factory, lambda j, p: sent.append(j) or f"t{len(sent)}") == 1
+        assert dispatch_pending_jobs(factory, enqueue) == 1
 
     def requeue(after: float) -> int:
         return requeue_stale_jobs(factory, PROCESSING_TIMEOUT, now=utcnow() + timedelta(seconds=after),
@@ -148,7 +152,7 @@ def test_settling_restarts_its_clock_after_the_assemblers_own_database_outage(
     settings = Settings(settle_seconds=30)
     add(factory, received("1.8.6", "1.8.6.1"), when_offset=-100)  # quiet for 100 s, through the outage
     broker = Broker(settings)
-    broker.enqueue_scoring = lambda _job_id, _priority: "t"  # type: ignore[method-assign]
+    broker.enqueue_scoring = lambda job_id, priority: "t"  # type: ignore[method-assign]
     assembler_pass(factory, broker, settings, resumed_at=utcnow() - timedelta(seconds=5))
     assert study(factory, "1.8.6").state == StudyState.receiving.value
     assembler_pass(factory, broker, settings, resumed_at=utcnow() - timedelta(seconds=31))

@@ -68,8 +68,9 @@ class Pacs:
         self.received: list[Dataset] = []
         ae = AE(ae_title=PACS_AET)
         ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", 0), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        assert server is not None  # block=False: the server runs in its own thread and is returned
+        self.server = server
         self.port = int(self.server.server_address[1])
 
     def _store(self, event: Any) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pydicom
@@ -20,8 +21,10 @@ from models.errors import NoUsableSeriesError
 from models.phantom import PhantomSpec, phantom_volume
 from models.phantom_dicom import PhantomStudy, enhanced_dataset, phantom_datasets, scout_dataset, thick_datasets
 
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+Orientation = tuple[float, float, float, float, float, float]
+
+AXIAL: Orientation = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+CORONAL: Orientation = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-dicom"
 
 BASE = SliceHeader(
@@ -45,14 +48,14 @@ BASE = SliceHeader(
 )
 
 
-def tilted(degrees: float) -> tuple[float, ...]:
+def tilted(degrees: float) -> Orientation:
     """An axial-ish plane rotated about x: its normal is ``degrees`` off the head-foot axis."""
     c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
     return (1.0, 0.0, 0.0, 0.0, c, s)
 
 
 def series(
-    number: int, n: int = 120, spacing: float = 1.5, orientation: tuple[float, ...] = AXIAL, **changes
+    number: int, n: int = 120, spacing: float = 1.5, orientation: Orientation = AXIAL, **changes
 ) -> list[SliceHeader]:
     """``n`` evenly spaced slices along the plane's normal, with ``changes`` applied to all.
 
@@ -67,7 +70,11 @@ def series(
             series_uid=f"1.2.840.{number}",
             series_number=number,
             orientation=orientation,
-            position=tuple(float(v) for v in np.array([-180.0, -180.0, -300.0]) + k * spacing * normal),
+            # Three coordinates: a 3-vector plus a multiple of the (3-vector) normal.
+            position=cast(
+                "tuple[float, float, float]",
+                tuple(float(v) for v in np.array([-180.0, -180.0, -300.0]) + k * spacing * normal),
+            ),
             slice_thickness=thickness,
             **changes,
         )
@@ -113,14 +120,15 @@ def _no_pixels(headers: list[SliceHeader]) -> list[SliceHeader]:
     return headers
 
 
-def _moved(headers: list[SliceHeader], dy: Sequence[float] = (), dz: Sequence[float] = ()) -> list[SliceHeader]:
+def _moved(headers: list[SliceHeader], dy: Iterable[float] = (), dz: Iterable[float] = ()) -> list[SliceHeader]:
     """Positions shifted by ``dy[k]`` and ``dz[k]`` mm (zeros where not given)."""
     dy = list(dy) or [0.0] * len(headers)
     dz = list(dz) or [0.0] * len(headers)
-    return [
-        replace(h, position=(h.position[0], h.position[1] + a, h.position[2] + b))
-        for h, a, b in zip(headers, dy, dz, strict=True)
-    ]
+    moved = []
+    for h, a, b in zip(headers, dy, dz, strict=True):
+        assert h.position is not None
+        moved.append(replace(h, position=(h.position[0], h.position[1] + a, h.position[2] + b)))
+    return moved
 
 
 def _sheared(headers: list[SliceHeader]) -> list[SliceHeader]:
@@ -231,7 +239,9 @@ def test_reason_if_none_lists_every_series() -> None:
     )
     assert select_series([]).reason_if_none() == "no usable series: the study has no image instances"
     unnumbered = select_series([replace(h, series_number=None) for h in series(4, n=3)])
-    assert unnumbered.reason_if_none().startswith("no usable series: series (no number) (covers 4.5 mm along")
+    reason = unnumbered.reason_if_none()
+    assert reason is not None
+    assert reason.startswith("no usable series: series (no number) (covers 4.5 mm along")
 
 
 def test_phantom_study_with_scout_thin_thick_and_enhanced_series() -> None:
@@ -270,6 +280,7 @@ def test_real_data_single_slices_and_short_series_are_rejected() -> None:
         sel = select_series(slice_headers(pydicom.dcmread(path)))
         assert sel.chosen is None
         reason = sel.reason_if_none()
+        assert reason is not None
         if "Chest" in path.name:
             assert "not axial" in reason, (path.name, reason)
         else:

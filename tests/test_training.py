@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -63,8 +64,11 @@ class Trained:
 
 
 def lesion_dice(model: MultitaskNet, series: list[PreparedSeries]) -> float:
-    return float(np.mean([dice(predict_series(model, s.image, torch.device("cpu"))[0] >= 0.2, s.lesions)
-                          for s in series]))
+    scores = []
+    for s in series:
+        assert s.lesions is not None  # segmentation series carry their lesion masks
+        scores.append(dice(predict_series(model, s.image, torch.device("cpu"))[0] >= 0.2, s.lesions))
+    return float(np.mean(scores))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +136,8 @@ def test_training_drives_the_loss_down_and_the_lesion_dice_up(trained: Trained) 
     assert np.mean(report.seg_losses[-5:]) < np.mean(report.seg_losses[:5])
     torch.manual_seed(0)
     untrained = lesion_dice(MultitaskNet(TINY_MULTITASK), trained.seg_series)
-    best = load_checkpoint(trained.model_dir / VERSION / "multitask.pt").module
+    # a multitask checkpoint rebuilds a MultitaskNet
+    best = cast(MultitaskNet, load_checkpoint(trained.model_dir / VERSION / "multitask.pt").module)
     after = lesion_dice(best, trained.seg_series)
     assert after > untrained + 0.15, (untrained, after)
     # The checkpoint is the best validation ROC AUC, labelled as synthetic.
@@ -194,6 +199,7 @@ def test_worker_scores_with_the_configured_phantom_weights(
     with sqlite_factory() as session:
         result = session.execute(select(Result).where(Result.job_id == job_id)).scalar_one()
         study = session.get(Study, result.study_id)
+    assert study is not None
     assert result.method == "multitask-spatial-1-phantom" == study.method
     assert result.model_version == metadata.version == study.model_version
     assert result.identification is not None and 0.0 <= result.identification <= 1.0

@@ -10,6 +10,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_mosmed_tree_converts_trains_and_evaluates(tmp_path: Path, capsys: pytes
 
 
 def test_too_many_unreadable_series_stop_before_training_naming_them(tmp_path: Path) -> None:
-    def broken() -> None:
+    def broken() -> NoReturn:
         raise OSError("truncated file")
 
     records = [SeriesRecord("bad-1", True, "covid", None, False, False, broken)]
@@ -131,7 +132,7 @@ class FakePredictor:
 
 
 def test_an_unreadable_series_is_counted_and_named_not_fatal() -> None:
-    def broken() -> None:
+    def broken() -> NoReturn:
         raise OSError("truncated file")
 
     good = phantom_records(2, seed=1)

@@ -138,6 +138,7 @@ def test_bf16_training_autocast_matches_fp32() -> None:
     assert float(torch.corrcoef(torch.stack([p16, p32]))[0, 1]) > 0.99
     assert np.abs(l16 - l32).max() < 0.01, (l16, l32)
     assert l16[-1] < l16[0]  # and it learns
+    assert g16 is not None and g32 is not None
     assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.85
 
 

@@ -14,7 +14,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from app.db.models import AuditEvent, Instance, QuarantinedFile
@@ -38,7 +38,7 @@ def _fresh(path: Path) -> Dataset:
     return ds
 
 
-def _explicit_le(ds: Dataset, meta_syntax: str = ExplicitVRLittleEndian, tail: bytes = b"") -> bytes:
+def _explicit_le(ds: Dataset, meta_syntax: UID = ExplicitVRLittleEndian, tail: bytes = b"") -> bytes:
     """Preamble, file meta naming ``meta_syntax``, then the dataset in explicit VR little endian
     (not deflated, whatever the meta says), then ``tail`` as raw bytes."""
     ds.file_meta.TransferSyntaxUID = meta_syntax
@@ -100,6 +100,7 @@ def test_bad_file_alone_is_quarantined_with_a_report(setup: Setup, tmp_path: Pat
         [kept] = session.scalars(select(QuarantinedFile).where(QuarantinedFile.original_name == f"{kind}.dcm"))
     assert kept.reason == line["error"]
     [audit] = _audit_rows(setup)
+    assert audit.detail is not None
     assert audit.study_uid is None and audit.detail.startswith("0 instances stored, 1 quarantined"), audit.detail
 
 
@@ -124,6 +125,7 @@ def test_zip_with_a_bad_member_stores_the_good_one(setup: Setup, tmp_path: Path,
         assert session.scalar(select(Instance.id).where(Instance.sop_instance_uid == good.SOPInstanceUID))
     [audit] = _audit_rows(setup)
     assert audit.study_uid == good.StudyInstanceUID, audit
+    assert audit.detail is not None
     assert audit.detail.startswith("1 instances stored, 1 quarantined"), audit.detail
 
 

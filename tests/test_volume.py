@@ -124,6 +124,7 @@ def test_enhanced_ct_multiframe_loads_like_the_classic_series(tiny, syntax: str)
     ds = _roundtrip(enhanced_dataset(tiny, spec))
     headers = slice_headers(ds)
     assert [h.frame for h in headers] == list(range(TINY.slices))
+    assert headers[3].position is not None
     assert headers[3].position[2] == pytest.approx(-350.0 + 3 * 5.0)
     assert headers[0].pixel_spacing == (5.6, 5.6) and headers[0].slice_thickness == 5.0
     assert headers[0].orientation == (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
