@@ -171,6 +171,12 @@ def c_echo(port: int, calling_aet: str = "CHECK") -> int:
     return status
 
 
+def listener_pid(name: str) -> int:
+    """The pid in a listener process's name (``app.liveness.listener_name``), which its heartbeat
+    row and the instances it records (``received_by``) carry."""
+    return int(name.rsplit(":", 1)[1])
+
+
 def listener_children(parent_pid: int) -> set[int]:
     """The pids of the DICOM listener processes (``--listen-fd``) started by ``parent_pid``."""
     found = set()

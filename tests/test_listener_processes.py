@@ -21,7 +21,7 @@ from app.db.models import Instance, Listener
 from tests.conftest import write_phantom_study
 from tests.deployment import Deployment, start_deployment
 from tests.harness_cpu import process_cpu_seconds
-from tests.service_process import c_echo, wait_for_state, wait_until
+from tests.service_process import c_echo, listener_pid, wait_for_state, wait_until
 from tests.service_process import listener_children as children_of
 from tests.test_faults import SMALL, files_of, push_at_once, push_like_a_pacs
 
@@ -56,7 +56,7 @@ def serving_children(deployment: Deployment) -> set[int]:
         children = listener_children(deployment)
         with engine.connect() as conn:
             names = conn.execute(select(Listener.name)).scalars().all()
-        beating = {int(name.rsplit(":", 1)[1]) for name in names}
+        beating = {listener_pid(name) for name in names}
         return children if len(children) == 2 and children <= beating else None
 
     try:
@@ -72,7 +72,7 @@ def receivers(deployment: Deployment, sop_uids: set[str]) -> dict[str, int]:
         rows = conn.execute(select(Instance.sop_instance_uid, Instance.received_by)
                             .where(Instance.sop_instance_uid.in_(sop_uids))).all()
     engine.dispose()
-    return {uid: int(str(by).rsplit(":", 1)[1]) for uid, by in rows}
+    return {uid: listener_pid(str(by)) for uid, by in rows}
 
 
 def test_both_listener_processes_receive(deployment: Deployment, tmp_path: Path) -> None:

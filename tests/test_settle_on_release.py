@@ -30,7 +30,7 @@ from app.lifecycle import queue_settled_studies
 from app.series_selection import SeriesCriteria
 from app.settings import Settings
 from tests.conftest import store_study_files, write_phantom_study
-from tests.service_process import API, embedded_service, listener_children, wait_for_state
+from tests.service_process import API, embedded_service, listener_children, listener_pid, wait_for_state
 
 #: 40 slices 7 mm apart: 280 mm of chest, a complete series by the default rules (150 mm).
 SMALL = {"slices": 40, "rows": 128, "columns": 128, "pixel_spacing": 2.8, "slice_spacing": 7.0}
@@ -229,5 +229,5 @@ def test_settle_rules_through_dicom_associations(tmp_path: Path) -> None:
             # received_by is None only for rows older than the column; these came through a listener
             receivers = cast("set[str]", set(conn.execute(select(Instance.received_by)).scalars()))
         engine.dispose()
-        pids = {int(name.rsplit(":", 1)[1]) for name in receivers}
+        pids = {listener_pid(name) for name in receivers}
         assert pids <= children and os.getpid() not in pids, (pids, children)
